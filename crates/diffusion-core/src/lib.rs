@@ -1,0 +1,68 @@
+//! Noise schedules, the forward process and reverse-process samplers for
+//! denoising diffusion models, generic over any [burn] backend.
+//!
+//! This crate does no I/O and names no backend. Bring your own model by
+//! implementing [`Denoiser`] (or pass a closure), pick a [`SamplerConfig`],
+//! and call [`sample`]:
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use burn::tensor::{Distribution, Int, Tensor};
+//! use diffusion_core::{sample, BackendNoise, NoiseSchedule, SamplerConfig, SamplerKind};
+//!
+//! type B = Flex;
+//! let device = Default::default();
+//!
+//! // The reference schedule: cosine, T = 500.
+//! let schedule = NoiseSchedule::reference();
+//!
+//! // A stand-in for a trained network: it predicts ε = 0.1·x_t. Any
+//! // `Fn(x_t, t, classes) -> ε` is a denoiser; so is a struct implementing
+//! // `Denoiser`, which may also say it predicts x0 or v instead.
+//! let model = |x: Tensor<B, 4>, _t: usize, _c: Option<Tensor<B, 1, Int>>| x.mul_scalar(0.1);
+//!
+//! // DDIM, 10 steps from t = T to t = 0, deterministic (η = 0).
+//! let mut sampler = SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 10).build::<B>(&schedule).unwrap();
+//!
+//! let x_t = Tensor::<B, 4>::random([4, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device);
+//! let x0 = sample(&model, sampler.as_mut(), x_t, None, &mut BackendNoise, |step, _x| {
+//!     // Called after every step: progress bars, animation frames.
+//!     assert!(step.t > step.t_next);
+//! });
+//! assert_eq!(x0.dims(), [4, 1, 28, 28]);
+//! ```
+//!
+//! Training uses [`ForwardProcess::noise`] to make x_t and
+//! [`Prediction::target`] for the regression target.
+//!
+//! Modules: [`schedule`] (ᾱ tables and how the end of a schedule is
+//! handled), [`forward`], [`prediction`] (ε, x0 and v), [`timesteps`]
+//! (spacings), [`sampler`] (the samplers), [`denoiser`] and [`mod@sample`].
+
+pub mod denoiser;
+pub mod forward;
+pub mod prediction;
+pub mod sample;
+pub mod sampler;
+pub mod schedule;
+pub mod timesteps;
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+pub use denoiser::Denoiser;
+pub use forward::ForwardProcess;
+pub use prediction::{Estimate, Prediction};
+pub use sample::{sample, BackendNoise, NoiseSource, StepInfo};
+pub use sampler::{Clip, Sampler, SamplerConfig, SamplerKind};
+pub use schedule::{NoiseSchedule, Schedule};
+pub use timesteps::Spacing;
+
+/// A schedule or sampler that cannot be built as configured.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CoreError {
+    #[error("invalid noise schedule: {0}")]
+    InvalidSchedule(String),
+    #[error("invalid sampler: {0}")]
+    InvalidSampler(String),
+}
