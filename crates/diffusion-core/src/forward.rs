@@ -43,8 +43,16 @@ impl<B: Backend> ForwardProcess<B> {
     /// - returns [B, C, H, W]
     pub fn noise(&self, x0: Tensor<B, 4>, t: Tensor<B, 1, Int>, eps: Tensor<B, 4>) -> Tensor<B, 4> {
         let n = t.dims()[0];
-        let sa = self.sqrt_alpha_bar.clone().select(0, t.clone()).reshape([n, 1, 1, 1]);
-        let sb = self.sqrt_one_minus_alpha_bar.clone().select(0, t).reshape([n, 1, 1, 1]);
+        let sa = self
+            .sqrt_alpha_bar
+            .clone()
+            .select(0, t.clone())
+            .reshape([n, 1, 1, 1]);
+        let sb = self
+            .sqrt_one_minus_alpha_bar
+            .clone()
+            .select(0, t)
+            .reshape([n, 1, 1, 1]);
         x0 * sa + eps * sb
     }
 }
@@ -61,9 +69,14 @@ mod tests {
         let fp = ForwardProcess::<TestBackend>::new(&s, &device);
         let x0 = tensor(&[0.5, -1.0], [2, 1, 1, 1]);
         let eps = tensor(&[1.0, 0.25], [2, 1, 1, 1]);
-        let t = Tensor::<TestBackend, 1, Int>::from_data(TensorData::new(vec![250i64, 1], [2]), &device);
+        let t = Tensor::<TestBackend, 1, Int>::from_data(
+            TensorData::new(vec![250i64, 1], [2]),
+            &device,
+        );
         let x_t = fp.noise(x0, t, eps);
-        let f = |t: usize, x0: f64, e: f64| s.alpha_bar(t).sqrt() * x0 + (1.0 - s.alpha_bar(t)).sqrt() * e;
+        let f = |t: usize, x0: f64, e: f64| {
+            s.alpha_bar(t).sqrt() * x0 + (1.0 - s.alpha_bar(t)).sqrt() * e
+        };
         let expect = [f(250, 0.5, 1.0) as f32, f(1, -1.0, 0.25) as f32];
         assert!(max_abs_diff(&x_t, &tensor(&expect, [2, 1, 1, 1])) < 1e-6);
     }

@@ -99,7 +99,9 @@ impl Prediction {
         match self {
             Prediction::Epsilon => estimate.eps.clone(),
             Prediction::Sample => estimate.x0.clone(),
-            Prediction::V => estimate.eps.clone().mul_scalar(sa) - estimate.x0.clone().mul_scalar(sb),
+            Prediction::V => {
+                estimate.eps.clone().mul_scalar(sa) - estimate.x0.clone().mul_scalar(sb)
+            }
         }
     }
 }
@@ -148,14 +150,22 @@ mod tests {
         let eps = tensor(&[0.5, 2.0], [1, 1, 1, 2]);
         let ab = Tensor::<TestBackend, 4>::full([1, 1, 1, 1], 0.64, &x0.device());
         let v = Prediction::V.target(x0, eps, ab);
-        assert!(max_abs_diff(&v, &tensor(&[0.8 * 0.5 - 0.6, 0.8 * 2.0 + 0.6], [1, 1, 1, 2])) < 1e-6);
+        assert!(
+            max_abs_diff(
+                &v,
+                &tensor(&[0.8 * 0.5 - 0.6, 0.8 * 2.0 + 0.6], [1, 1, 1, 2])
+            ) < 1e-6
+        );
     }
 
     #[test]
     fn clip_keeps_the_pair_consistent() {
         let a = 0.25; // √a = 0.5, √(1−a) ≈ 0.866
         let x_t = tensor(&[1.0, -0.2], [1, 1, 1, 2]);
-        let est = Estimate { x0: tensor(&[3.0, -0.5], [1, 1, 1, 2]), eps: tensor(&[0.0, 0.0], [1, 1, 1, 2]) };
+        let est = Estimate {
+            x0: tensor(&[3.0, -0.5], [1, 1, 1, 2]),
+            eps: tensor(&[0.0, 0.0], [1, 1, 1, 2]),
+        };
         let c = est.clip(x_t, a, -1.0, 1.0);
         assert!(max_abs_diff(&c.x0, &tensor(&[1.0, -0.5], [1, 1, 1, 2])) < 1e-7);
         let sb = 0.75f64.sqrt();

@@ -51,12 +51,19 @@ impl Schedule {
     /// end-to-end noise level.
     pub fn linear_ddpm(num_steps: usize) -> Self {
         let scale = 1000.0 / num_steps as f64;
-        Schedule::Linear { beta_start: 1e-4 * scale, beta_end: 0.02 * scale }
+        Schedule::Linear {
+            beta_start: 1e-4 * scale,
+            beta_end: 0.02 * scale,
+        }
     }
 
     /// Chen (2023)'s default sigmoid schedule (start −3, end 3, τ = 1).
     pub fn sigmoid_default() -> Self {
-        Schedule::Sigmoid { start: -3.0, end: 3.0, tau: 1.0 }
+        Schedule::Sigmoid {
+            start: -3.0,
+            end: 3.0,
+            tau: 1.0,
+        }
     }
 
     /// ᾱ(t) of the formula itself for t = 0..=T, before β clipping.
@@ -71,12 +78,19 @@ impl Schedule {
                 let f0 = f(0.0);
                 (0..=num_steps).map(|t| f(t as f64) / f0).collect()
             }
-            Schedule::Linear { beta_start, beta_end } => {
+            Schedule::Linear {
+                beta_start,
+                beta_end,
+            } => {
                 let mut out = Vec::with_capacity(num_steps + 1);
                 let mut acc = 1.0;
                 out.push(acc);
                 for t in 1..=num_steps {
-                    let frac = if num_steps == 1 { 0.0 } else { (t - 1) as f64 / (big_t - 1.0) };
+                    let frac = if num_steps == 1 {
+                        0.0
+                    } else {
+                        (t - 1) as f64 / (big_t - 1.0)
+                    };
                     acc *= 1.0 - (beta_start + frac * (beta_end - beta_start));
                     out.push(acc);
                 }
@@ -102,17 +116,18 @@ impl Schedule {
             return bad("the number of diffusion steps T must be at least 1".into());
         }
         match *self {
-            Schedule::Cosine { s } if !(s.is_finite() && s > 0.0) => {
-                bad(format!("cosine offset s must be positive and finite, got {s}"))
-            }
-            Schedule::Linear { beta_start, beta_end }
-                if !(beta_start > 0.0 && beta_end >= beta_start && beta_end < 1.0) =>
-            {
-                bad(format!("linear betas must satisfy 0 < start <= end < 1, got {beta_start}..{beta_end}"))
-            }
-            Schedule::Sigmoid { start, end, tau } if !(end > start && tau > 0.0) => {
-                bad(format!("sigmoid schedule needs end > start and tau > 0, got {start}, {end}, {tau}"))
-            }
+            Schedule::Cosine { s } if !(s.is_finite() && s > 0.0) => bad(format!(
+                "cosine offset s must be positive and finite, got {s}"
+            )),
+            Schedule::Linear {
+                beta_start,
+                beta_end,
+            } if !(beta_start > 0.0 && beta_end >= beta_start && beta_end < 1.0) => bad(format!(
+                "linear betas must satisfy 0 < start <= end < 1, got {beta_start}..{beta_end}"
+            )),
+            Schedule::Sigmoid { start, end, tau } if !(end > start && tau > 0.0) => bad(format!(
+                "sigmoid schedule needs end > start and tau > 0, got {start}, {end}, {tau}"
+            )),
             _ => Ok(()),
         }
     }
@@ -199,9 +214,16 @@ mod tests {
         let s = NoiseSchedule::reference();
         // SPEC.md: ᾱ(1) ≈ 0.9999126, ᾱ(250) ≈ 0.4938436, ᾱ(477) ≈ 0.0051305.
         // The formula, evaluated independently here in f64:
-        let f = |t: f64| ((std::f64::consts::PI / 2.0) * (t / 500.0 + 0.008) / 1.008).cos().powi(2);
+        let f = |t: f64| {
+            ((std::f64::consts::PI / 2.0) * (t / 500.0 + 0.008) / 1.008)
+                .cos()
+                .powi(2)
+        };
         for t in [1usize, 250, 477] {
-            assert!((s.alpha_bar(t) - f(t as f64) / f(0.0)).abs() < 1e-12, "t = {t}");
+            assert!(
+                (s.alpha_bar(t) - f(t as f64) / f(0.0)).abs() < 1e-12,
+                "t = {t}"
+            );
         }
         assert!((s.alpha_bar(1) - 0.9999126).abs() < 1e-7);
         assert!((s.alpha_bar(250) - 0.4938436).abs() < 1e-7);
@@ -219,17 +241,28 @@ mod tests {
         assert!((s.beta(500) - MAX_BETA).abs() < 1e-12);
         let expected = s.alpha_bar(499) * (1.0 - MAX_BETA);
         assert!((s.alpha_bar(500) - expected).abs() < 1e-20);
-        assert!(s.alpha_bar(500) > 9e-9 && s.alpha_bar(500) < 1.1e-8, "{}", s.alpha_bar(500));
+        assert!(
+            s.alpha_bar(500) > 9e-9 && s.alpha_bar(500) < 1.1e-8,
+            "{}",
+            s.alpha_bar(500)
+        );
     }
 
     #[test]
     fn all_schedules_start_at_one_and_decrease() {
-        for kind in [Schedule::default(), Schedule::linear_ddpm(500), Schedule::sigmoid_default()] {
+        for kind in [
+            Schedule::default(),
+            Schedule::linear_ddpm(500),
+            Schedule::sigmoid_default(),
+        ] {
             for steps in [10, 500, 1000] {
                 let s = NoiseSchedule::new(kind, steps).unwrap();
                 assert_eq!(s.alpha_bar(0), 1.0, "{kind:?}");
                 for t in 1..=steps {
-                    assert!(s.alpha_bar(t) < s.alpha_bar(t - 1), "{kind:?} T={steps} t={t}");
+                    assert!(
+                        s.alpha_bar(t) < s.alpha_bar(t - 1),
+                        "{kind:?} T={steps} t={t}"
+                    );
                     assert!(s.alpha_bar(t) > 0.0, "{kind:?} T={steps} t={t}");
                     assert!(s.beta(t) <= MAX_BETA + 1e-12);
                 }
@@ -249,7 +282,11 @@ mod tests {
             .map(|t| (1.0 - (1e-4 + (t - 1) as f64 / 999.0 * (0.02 - 1e-4))).ln())
             .sum();
         assert!((s.alpha_bar(1000).ln() - log_sum).abs() < 1e-9);
-        assert!((s.alpha_bar(1000) - 4.035e-5).abs() < 1e-7, "{}", s.alpha_bar(1000));
+        assert!(
+            (s.alpha_bar(1000) - 4.035e-5).abs() < 1e-7,
+            "{}",
+            s.alpha_bar(1000)
+        );
         for t in 1..=1000 {
             let beta = 1e-4 + (t - 1) as f64 / 999.0 * (0.02 - 1e-4);
             assert!((s.beta(t) - beta).abs() < 1e-12, "t = {t}");
@@ -268,7 +305,10 @@ mod tests {
         assert!((s.alpha_bar(50) - 0.5).abs() < 1e-12);
         let expect = |u: f64| (sig(3.0) - sig(6.0 * u - 3.0)) / (sig(3.0) - sig(-3.0));
         for t in [1usize, 10, 37, 90] {
-            assert!((s.alpha_bar(t) - expect(t as f64 / 100.0)).abs() < 1e-12, "t = {t}");
+            assert!(
+                (s.alpha_bar(t) - expect(t as f64 / 100.0)).abs() < 1e-12,
+                "t = {t}"
+            );
         }
         // The formula's ᾱ(T) is exactly 0, so the last β is clipped.
         assert!((s.beta(100) - MAX_BETA).abs() < 1e-9);
@@ -278,7 +318,22 @@ mod tests {
     fn invalid_schedules_are_refused() {
         assert!(NoiseSchedule::new(Schedule::default(), 0).is_err());
         assert!(NoiseSchedule::new(Schedule::Cosine { s: -1.0 }, 10).is_err());
-        assert!(NoiseSchedule::new(Schedule::Linear { beta_start: 0.1, beta_end: 0.01 }, 10).is_err());
-        assert!(NoiseSchedule::new(Schedule::Sigmoid { start: 3.0, end: -3.0, tau: 1.0 }, 10).is_err());
+        assert!(NoiseSchedule::new(
+            Schedule::Linear {
+                beta_start: 0.1,
+                beta_end: 0.01
+            },
+            10
+        )
+        .is_err());
+        assert!(NoiseSchedule::new(
+            Schedule::Sigmoid {
+                start: 3.0,
+                end: -3.0,
+                tau: 1.0
+            },
+            10
+        )
+        .is_err());
     }
 }

@@ -16,5 +16,9 @@ pub fn values(x: &Tensor<TestBackend, 4>) -> Vec<f32> {
 
 /// max |a − b| over all elements.
 pub fn max_abs_diff(a: &Tensor<TestBackend, 4>, b: &Tensor<TestBackend, 4>) -> f32 {
-    values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    values(a)
+        .iter()
+        .zip(values(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

@@ -36,7 +36,10 @@ impl Spacing {
         match self {
             Spacing::Reference => {
                 let stride = num_train_steps / steps;
-                let tau: Vec<usize> = (0..).map(|i| 1 + i * stride).take_while(|&t| t <= num_train_steps).collect();
+                let tau: Vec<usize> = (0..)
+                    .map(|i| 1 + i * stride)
+                    .take_while(|&t| t <= num_train_steps)
+                    .collect();
                 if steps < 2 || tau.len() < steps {
                     return Err(CoreError::InvalidSampler(format!(
                         "the reference spacing needs 2..={num_train_steps} steps, got {steps}"
@@ -46,7 +49,9 @@ impl Spacing {
             }
             Spacing::Trailing => {
                 let big_t = num_train_steps as f64;
-                Ok((0..=steps).map(|i| (big_t * (steps - i) as f64 / steps as f64).round() as usize).collect())
+                Ok((0..=steps)
+                    .map(|i| (big_t * (steps - i) as f64 / steps as f64).round() as usize)
+                    .collect())
             }
         }
     }
@@ -56,7 +61,9 @@ impl Spacing {
 /// strictly decreasing, and within 0..=T.
 pub fn validate(timesteps: &[usize], num_train_steps: usize) -> Result<(), CoreError> {
     if timesteps.len() < 2 {
-        return Err(CoreError::InvalidSampler("a timestep list needs at least two entries".into()));
+        return Err(CoreError::InvalidSampler(
+            "a timestep list needs at least two entries".into(),
+        ));
     }
     if timesteps[0] > num_train_steps {
         return Err(CoreError::InvalidSampler(format!(
@@ -65,7 +72,9 @@ pub fn validate(timesteps: &[usize], num_train_steps: usize) -> Result<(), CoreE
         )));
     }
     if timesteps.windows(2).any(|w| w[1] >= w[0]) {
-        return Err(CoreError::InvalidSampler(format!("timesteps must strictly decrease, got {timesteps:?}")));
+        return Err(CoreError::InvalidSampler(format!(
+            "timesteps must strictly decrease, got {timesteps:?}"
+        )));
     }
     Ok(())
 }
@@ -85,8 +94,14 @@ mod tests {
 
     #[test]
     fn trailing_spacing_spans_t_to_zero() {
-        assert_eq!(Spacing::Trailing.timesteps(500, 10).unwrap(), vec![500, 450, 400, 350, 300, 250, 200, 150, 100, 50, 0]);
-        assert_eq!(Spacing::Trailing.timesteps(500, 3).unwrap(), vec![500, 333, 167, 0]);
+        assert_eq!(
+            Spacing::Trailing.timesteps(500, 10).unwrap(),
+            vec![500, 450, 400, 350, 300, 250, 200, 150, 100, 50, 0]
+        );
+        assert_eq!(
+            Spacing::Trailing.timesteps(500, 3).unwrap(),
+            vec![500, 333, 167, 0]
+        );
         let all = Spacing::Trailing.timesteps(500, 500).unwrap();
         assert_eq!(all, (0..=500).rev().collect::<Vec<_>>());
     }

@@ -49,7 +49,8 @@ impl<B: Backend> Sampler<B> for Ddpm {
         let x0 = self.steps.estimate(i, &x, output, prediction).x0;
         let alpha = a / a_next;
         let beta = 1.0 - alpha;
-        let mean = x0.mul_scalar(a_next.sqrt() * beta / (1.0 - a)) + x.mul_scalar(alpha.sqrt() * (1.0 - a_next) / (1.0 - a));
+        let mean = x0.mul_scalar(a_next.sqrt() * beta / (1.0 - a))
+            + x.mul_scalar(alpha.sqrt() * (1.0 - a_next) / (1.0 - a));
         let var = self.variance(i);
         if var > 0.0 {
             add_noise(mean, noise, var.sqrt())

@@ -25,7 +25,10 @@ pub struct DpmSolverPp<B: Backend> {
 
 impl<B: Backend> DpmSolverPp<B> {
     pub(crate) fn new(steps: Steps) -> Self {
-        Self { steps, previous: None }
+        Self {
+            steps,
+            previous: None,
+        }
     }
 }
 

@@ -108,8 +108,18 @@ impl SamplerConfig {
     /// x̂0 to the data range [−1, 1].
     pub fn new(kind: SamplerKind, steps: usize) -> Self {
         match kind {
-            SamplerKind::Reference { .. } => Self { kind, steps, spacing: Spacing::Reference, clip: Clip::Off },
-            _ => Self { kind, steps, spacing: Spacing::Trailing, clip: Clip::Range(-1.0, 1.0) },
+            SamplerKind::Reference { .. } => Self {
+                kind,
+                steps,
+                spacing: Spacing::Reference,
+                clip: Clip::Off,
+            },
+            _ => Self {
+                kind,
+                steps,
+                spacing: Spacing::Trailing,
+                clip: Clip::Range(-1.0, 1.0),
+            },
         }
     }
 
@@ -131,7 +141,10 @@ impl SamplerConfig {
     }
 
     /// Builds the sampler for `schedule`.
-    pub fn build<B: Backend>(&self, schedule: &NoiseSchedule) -> Result<Box<dyn Sampler<B>>, CoreError> {
+    pub fn build<B: Backend>(
+        &self,
+        schedule: &NoiseSchedule,
+    ) -> Result<Box<dyn Sampler<B>>, CoreError> {
         let ts = self.spacing.timesteps(schedule.num_steps(), self.steps)?;
         self.build_with_timesteps(schedule, ts)
     }
@@ -146,7 +159,9 @@ impl SamplerConfig {
         timesteps::validate(&timesteps, schedule.num_steps())?;
         if let Clip::Range(lo, hi) = self.clip {
             if !(lo < hi) {
-                return Err(CoreError::InvalidSampler(format!("clip range must have lo < hi, got [{lo}, {hi}]")));
+                return Err(CoreError::InvalidSampler(format!(
+                    "clip range must have lo < hi, got [{lo}, {hi}]"
+                )));
             }
         }
         let steps = Steps::new(schedule, timesteps, self.clip);
@@ -154,11 +169,15 @@ impl SamplerConfig {
             if eta.is_finite() && eta >= 0.0 {
                 Ok(eta)
             } else {
-                Err(CoreError::InvalidSampler(format!("eta must be a finite number >= 0, got {eta}")))
+                Err(CoreError::InvalidSampler(format!(
+                    "eta must be a finite number >= 0, got {eta}"
+                )))
             }
         };
         Ok(match self.kind {
-            SamplerKind::Reference { eta } => Box::new(ReferenceSampler::new(steps, check_eta(eta)?)),
+            SamplerKind::Reference { eta } => {
+                Box::new(ReferenceSampler::new(steps, check_eta(eta)?))
+            }
             SamplerKind::Ddpm => Box::new(Ddpm::new(steps)),
             SamplerKind::Ddim { eta } => Box::new(Ddim::new(steps, check_eta(eta)?)),
             SamplerKind::DpmSolverPp => Box::new(DpmSolverPp::new(steps)),
@@ -178,7 +197,11 @@ pub(crate) struct Steps {
 impl Steps {
     pub(crate) fn new(schedule: &NoiseSchedule, timesteps: Vec<usize>, clip: Clip) -> Self {
         let alpha_bar = timesteps.iter().map(|&t| schedule.alpha_bar(t)).collect();
-        Self { timesteps, alpha_bar, clip }
+        Self {
+            timesteps,
+            alpha_bar,
+            clip,
+        }
     }
 
     /// (ᾱ at t[i], ᾱ at t[i+1]).
@@ -204,7 +227,11 @@ impl Steps {
 }
 
 /// Adds `scale · noise` to `x`, insisting that the noise was given.
-pub(crate) fn add_noise<B: Backend>(x: Tensor<B, 4>, noise: Option<Tensor<B, 4>>, scale: f64) -> Tensor<B, 4> {
+pub(crate) fn add_noise<B: Backend>(
+    x: Tensor<B, 4>,
+    noise: Option<Tensor<B, 4>>,
+    scale: f64,
+) -> Tensor<B, 4> {
     let z = noise.expect("this sampler step adds noise: pass `noise` when `needs_noise` is true");
     x + z.mul_scalar(scale)
 }
