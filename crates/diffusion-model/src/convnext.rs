@@ -1,0 +1,108 @@
+//! The ConvNeXt block of the reference (SPEC.md, "ConvNeXt block").
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::gelu;
+
+use crate::class_embedding::ClassCondition;
+
+/// Builds a [`ConvNeXtBlock`].
+#[derive(Config, Debug)]
+pub struct ConvNeXtConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Width of the time and class embeddings, E.
+    pub embed_dim: usize,
+    /// Hidden width multiplier m (hidden = out·m).
+    #[config(default = 3)]
+    pub mult: usize,
+    /// Whether the block has a class projection (false for unconditional models).
+    #[config(default = true)]
+    pub conditional: bool,
+}
+
+/// h = dwconv7x7(x) + Linear(SiLU(t_emb)) [+ Linear(SiLU(c_emb))];
+/// h = Conv3x3(GELU(Conv3x3(GN(h)))) with a GroupNorm between;
+/// return h + shortcut(x).
+#[derive(Module, Debug)]
+pub struct ConvNeXtBlock<B: Backend> {
+    /// Depthwise 7x7 conv (groups = in, padding 3).
+    pub depthwise: Conv2d<B>,
+    /// Linear(E → in) of SiLU(time embedding).
+    pub time_proj: Linear<B>,
+    /// Linear(E → in) of SiLU(class embedding).
+    pub class_proj: Option<Linear<B>>,
+    pub norm1: GroupNorm<B>,
+    /// Conv 3x3, in → out·m.
+    pub conv1: Conv2d<B>,
+    pub norm2: GroupNorm<B>,
+    /// Conv 3x3, out·m → out.
+    pub conv2: Conv2d<B>,
+    /// 1x1 conv when in ≠ out; identity otherwise.
+    pub shortcut: Option<Conv2d<B>>,
+}
+
+impl ConvNeXtConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> ConvNeXtBlock<B> {
+        let (cin, cout, hidden) = (
+            self.in_channels,
+            self.out_channels,
+            self.out_channels * self.mult,
+        );
+        let pad = |p| PaddingConfig2d::Explicit(p, p, p, p);
+        ConvNeXtBlock {
+            depthwise: Conv2dConfig::new([cin, cin], [7, 7])
+                .with_groups(cin)
+                .with_padding(pad(3))
+                .init(device),
+            time_proj: LinearConfig::new(self.embed_dim, cin).init(device),
+            class_proj: self
+                .conditional
+                .then(|| LinearConfig::new(self.embed_dim, cin).init(device)),
+            norm1: GroupNormConfig::new(1, cin).init(device),
+            conv1: Conv2dConfig::new([cin, hidden], [3, 3])
+                .with_padding(pad(1))
+                .init(device),
+            norm2: GroupNormConfig::new(1, hidden).init(device),
+            conv2: Conv2dConfig::new([hidden, cout], [3, 3])
+                .with_padding(pad(1))
+                .init(device),
+            shortcut: (cin != cout).then(|| Conv2dConfig::new([cin, cout], [1, 1]).init(device)),
+        }
+    }
+}
+
+impl<B: Backend> ConvNeXtBlock<B> {
+    /// # Shapes
+    /// - `x`: [B, in, H, W]
+    /// - `time`: SiLU(time embedding), [B, E]
+    /// - `class`: SiLU(class embedding) [B, E] and its mask, or `None`
+    /// - returns [B, out, H, W]
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        time: &Tensor<B, 2>,
+        class: Option<&ClassCondition<B>>,
+    ) -> Tensor<B, 4> {
+        let [b, c, _, _] = x.dims();
+        let mut h = self.depthwise.forward(x.clone());
+        let mut cond = self.time_proj.forward(time.clone()); // [B, in]
+        if let (Some(proj), Some(class)) = (&self.class_proj, class) {
+            let mut term = proj.forward(class.silu_embedding.clone());
+            if let Some(mask) = &class.mask {
+                term = term * mask.clone(); // [B, in] · [B, 1]: drops the term for "no class"
+            }
+            cond = cond + term;
+        }
+        h = h + cond.reshape([b, c, 1, 1]);
+        let h = self.conv1.forward(self.norm1.forward(h));
+        let h = self.conv2.forward(self.norm2.forward(gelu(h)));
+        let skip = match &self.shortcut {
+            Some(conv) => conv.forward(x),
+            None => x,
+        };
+        h + skip
+    }
+}
