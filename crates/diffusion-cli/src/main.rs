@@ -1,1 +1,70 @@
-fn main() {}
+//! `diffusion`: train and sample class-conditional diffusion models.
+//!
+//! Usually run through `cargo xtask train|sample`, which builds this binary
+//! with the right backend feature. Errors are printed as one line and give
+//! a non-zero exit status.
+
+mod backend;
+mod checkpoint;
+mod config;
+mod data;
+mod font;
+mod fsutil;
+mod grid;
+mod npy;
+mod progress;
+mod sample;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+/// Train and sample class-conditional diffusion models (MNIST by default)
+/// on cuda, wgpu or the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "diffusion", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a model and write a run directory (config, checkpoints,
+    /// metrics, a sample grid per epoch).
+    Train(train::TrainArgs),
+    /// Draw samples from a trained run: a PNG grid, optionally a GIF of the
+    /// reverse process and a .npy of the samples.
+    Sample(sample::SampleArgs),
+    /// Fetch a data set (MNIST or Fashion-MNIST) from its canonical mirrors.
+    Download(data::DownloadArgs),
+}
+
+fn main() {
+    // A panic inside a library (a device that cannot start, say) becomes one
+    // line instead of a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        let msg = msg.lines().next().unwrap_or(msg);
+        eprintln!("error: internal failure: {msg}");
+    }));
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Sample(args) => sample::run(args),
+        Command::Download(args) => data::download(args),
+    };
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            let text = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {text}");
+            1
+        }
+    };
+    std::process::exit(code);
+}

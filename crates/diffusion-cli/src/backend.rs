@@ -1,0 +1,83 @@
+//! The backends compiled into this binary, and running generic code on one.
+//!
+//! This is the only place in the workspace that names a concrete backend.
+
+use anyhow::Result;
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+
+#[cfg(not(any(feature = "cpu", feature = "cuda", feature = "wgpu")))]
+compile_error!("enable at least one backend feature of diffusion-cli: cpu, cuda or wgpu");
+
+/// A backend this binary was built with (`--backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// NVIDIA GPUs through CUDA (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda,
+    /// Any GPU through wgpu: Vulkan, Metal, DX12 (feature `wgpu`).
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+    /// burn's Flex CPU backend: pure Rust, SIMD, all cores (feature `cpu`).
+    #[cfg(feature = "cpu")]
+    Cpu,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => "cuda",
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => "wgpu",
+            #[cfg(feature = "cpu")]
+            BackendKind::Cpu => "cpu",
+        }
+    }
+
+    /// `--backend` if given; else, among the compiled backends, cuda when
+    /// an NVIDIA driver is present, then wgpu, then cpu. Says which.
+    pub fn resolve(flag: Option<BackendKind>) -> BackendKind {
+        if let Some(b) = flag {
+            return b;
+        }
+        let compiled: Vec<BackendKind> =
+            <BackendKind as clap::ValueEnum>::value_variants().to_vec();
+        let nvidia = std::path::Path::new("/dev/nvidiactl").exists();
+        let pick = compiled
+            .iter()
+            .copied()
+            .find(|b| b.name() != "cuda" || nvidia)
+            .unwrap_or(compiled[0]);
+        let names: Vec<&str> = compiled.iter().map(|b| b.name()).collect();
+        eprintln!(
+            "diffusion: no --backend given; using {} (compiled in: {})",
+            pick.name(),
+            names.join(", ")
+        );
+        pick
+    }
+}
+
+/// Work that runs on any autodiff backend (inference code uses
+/// `B::InnerBackend`).
+pub trait Task {
+    type Output;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `task` on the chosen backend's default device.
+pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
+    match kind {
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => {
+            task.run::<Autodiff<burn_cuda::Cuda>>(burn_cuda::CudaDevice::default())
+        }
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => {
+            task.run::<Autodiff<burn_wgpu::Wgpu>>(burn_wgpu::WgpuDevice::default())
+        }
+        #[cfg(feature = "cpu")]
+        BackendKind::Cpu => task.run::<Autodiff<burn::backend::Flex>>(Default::default()),
+    }
+}

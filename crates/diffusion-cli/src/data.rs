@@ -1,0 +1,89 @@
+//! Finding, loading and downloading the training data.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use diffusion_data::{DatasetName, ImageSet, Split};
+
+use crate::progress;
+
+/// `diffusion download`.
+#[derive(Debug, clap::Args)]
+pub struct DownloadArgs {
+    /// Which data set.
+    #[arg(value_enum, default_value = "mnist")]
+    pub dataset: DatasetArg,
+    /// Folder to put the four IDX files in (default: data/<dataset>).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// clap's view of the data sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatasetArg {
+    Mnist,
+    FashionMnist,
+}
+
+impl From<DatasetArg> for DatasetName {
+    fn from(d: DatasetArg) -> Self {
+        match d {
+            DatasetArg::Mnist => DatasetName::Mnist,
+            DatasetArg::FashionMnist => DatasetName::FashionMnist,
+        }
+    }
+}
+
+/// The folder a data set is read from: `--data-dir`, else the bundled
+/// MNIST, else `data/<name>` under the current directory.
+pub fn resolve_dir(name: DatasetName, dir: Option<&Path>) -> PathBuf {
+    match (dir, name) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, DatasetName::Mnist) => diffusion_data::bundled_mnist_dir(),
+        (None, other) => PathBuf::from("data").join(other.to_string()),
+    }
+}
+
+/// Loads a split, downloading the data set first when it is missing and no
+/// folder was given explicitly. Prints the loader's warnings.
+pub fn load(name: DatasetName, dir: Option<&Path>, split: Split) -> Result<ImageSet> {
+    let folder = resolve_dir(name, dir);
+    if dir.is_none() && !diffusion_data::is_present(&folder) {
+        eprintln!("{name} is not in {}; downloading it", folder.display());
+        fetch(name, &folder)?;
+    }
+    let set = diffusion_data::load_split(&folder, split)?;
+    for warning in &set.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(set)
+}
+
+fn fetch(name: DatasetName, folder: &Path) -> Result<()> {
+    let bar = progress::bar(0, "bytes");
+    let mirrors = diffusion_data::canonical_mirrors(name);
+    diffusion_data::download(name, folder, &mirrors, &mut |p| {
+        if let Some(total) = p.total {
+            bar.set_length(total);
+        }
+        bar.set_position(p.downloaded);
+        bar.set_message(p.file.clone());
+    })
+    .with_context(|| format!("downloading {name} into {}", folder.display()))?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+pub fn download(args: DownloadArgs) -> Result<i32> {
+    let name: DatasetName = args.dataset.into();
+    let folder = args
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from("data").join(name.to_string()));
+    if diffusion_data::is_present(&folder) {
+        println!("{name} is already in {}", folder.display());
+        return Ok(0);
+    }
+    fetch(name, &folder)?;
+    println!("{name} downloaded and verified into {}", folder.display());
+    Ok(0)
+}

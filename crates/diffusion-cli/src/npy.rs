@@ -1,0 +1,175 @@
+//! NumPy .npy files of f32 arrays (format version 1.0/2.0, C order), so that
+//! noise and samples can be exchanged with other implementations.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::fsutil::write_bytes_atomically;
+
+/// An f32 array and its shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Array {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Writes `data` of `shape` as a little-endian f32 .npy file.
+pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    assert_eq!(
+        shape.iter().product::<usize>(),
+        data.len(),
+        "npy shape and data disagree"
+    );
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+    // Magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut bytes = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    write_bytes_atomically(path, &bytes)
+}
+
+/// Reads a .npy file of little-endian f32 (or f64, converted) in C order.
+pub fn read(path: &Path) -> Result<Array> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("{}: cannot read the .npy file", path.display()))?;
+    parse(&bytes).with_context(|| format!("{}: not a usable .npy file", path.display()))
+}
+
+fn parse(bytes: &[u8]) -> Result<Array> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        bail!("missing the \\x93NUMPY magic; save it with numpy.save");
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => bail!("unsupported .npy format version {v}"),
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .context("truncated or non-text header")?;
+    let descr = dict_value(header, "descr").context("header has no 'descr'")?;
+    let width = match descr.trim_matches(|c| c == '\'' || c == '"') {
+        "<f4" | "|f4" | "f4" => 4,
+        "<f8" | "f8" => 8,
+        other => bail!("dtype {other} is not supported; save float32 (astype(np.float32))"),
+    };
+    if dict_value(header, "fortran_order")
+        .map(|v| v.trim() == "True")
+        .unwrap_or(false)
+    {
+        bail!("Fortran-ordered arrays are not supported; save np.ascontiguousarray(a)");
+    }
+    let shape_text = dict_value(header, "shape").context("header has no 'shape'")?;
+    let shape: Vec<usize> = shape_text
+        .trim_matches(|c| c == '(' || c == ')')
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>())
+        .collect::<Result<_, _>>()
+        .context("unreadable shape")?;
+    let count: usize = shape.iter().product();
+    let body = &bytes[start + header_len..];
+    if body.len() != count * width {
+        bail!(
+            "shape {shape:?} needs {} bytes of data, the file has {}",
+            count * width,
+            body.len()
+        );
+    }
+    let data = if width == 4 {
+        body.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    } else {
+        body.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect()
+    };
+    Ok(Array { shape, data })
+}
+
+/// The raw text of `key`'s value in the header's Python dict literal.
+fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
+    let at = header.find(&format!("'{key}'"))?;
+    let rest = header[at + key.len() + 2..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
+    let end = if rest.starts_with('(') {
+        rest.find(')')? + 1
+    } else {
+        rest.find(',').unwrap_or(rest.len())
+    };
+    Some(&rest[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_header_alignment() {
+        let dir = std::env::temp_dir().join(format!("npy-test-{}", std::process::id()));
+        let path = dir.join("a.npy");
+        let data: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        write(&path, &[2, 1, 3, 4], &data).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + header_len) % 64, 0);
+        assert_eq!(
+            read(&path).unwrap(),
+            Array {
+                shape: vec![2, 1, 3, 4],
+                data
+            }
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn numpy_written_header_is_read() {
+        // np.save(f, np.array([1.5, -2.0], dtype=np.float32)) writes this header.
+        let mut bytes =
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+                .to_vec();
+        bytes.resize(10 + 0x76 - 1, b' ');
+        bytes.push(b'\n');
+        bytes.extend_from_slice(&1.5f32.to_le_bytes());
+        bytes.extend_from_slice(&(-2.0f32).to_le_bytes());
+        assert_eq!(
+            parse(&bytes).unwrap(),
+            Array {
+                shape: vec![2],
+                data: vec![1.5, -2.0]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_files_are_explained() {
+        assert!(parse(b"hello").unwrap_err().to_string().contains("magic"));
+        let bytes =
+            b"\x93NUMPY\x01\x00\x3a\x00{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }\n"
+                .to_vec();
+        assert!(parse(&bytes).unwrap_err().to_string().contains("float32"));
+    }
+}

@@ -1,0 +1,328 @@
+//! `diffusion sample`: draw images from a trained run.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
+use diffusion_core::{sample, BackendNoise, NoiseSchedule, SamplerConfig};
+use diffusion_model::UNet;
+
+use crate::backend::{dispatch, BackendKind, Task};
+use crate::checkpoint;
+use crate::config::{sampler_from_flags, RunConfig, SamplerName, Weights};
+use crate::grid::{write_png, GifWriter, GridLayout};
+use crate::npy;
+use crate::progress;
+
+/// `diffusion sample` flags. Flags left out take the run's defaults.
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Run directory written by `train`.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub checkpoint: PathBuf,
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerName>,
+    /// Number of denoising steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Noise level of the reference and DDIM samplers (DDIM: 0 = deterministic, 1 = DDPM).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Clamp x̂0 to [-1, 1] at each step (true/false; default per sampler).
+    #[arg(long)]
+    pub clip: Option<bool>,
+    /// Classes to draw, cycled over the images: "0,3,7" or "all".
+    #[arg(long, default_value = "all")]
+    pub classes: String,
+    /// Number of images (default 81, or the count in --noise).
+    #[arg(long)]
+    pub n: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Which weights: the EMA or the raw model (default: the run's choice).
+    #[arg(long, value_enum)]
+    pub weights: Option<Weights>,
+    /// Grid PNG to write (default: RUN_DIR/samples/grid.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the reverse trajectory as an animated GIF (one frame per step).
+    #[arg(long)]
+    pub gif: Option<PathBuf>,
+    /// Also write the final samples as a .npy of f32 [n, c, h, w].
+    #[arg(long)]
+    pub npy: Option<PathBuf>,
+    /// Start from this noise (.npy, f32 [n, c, h, w]) instead of drawing it.
+    #[arg(long)]
+    pub noise: Option<PathBuf>,
+}
+
+/// Parses "all" or a comma-separated class list.
+pub fn parse_classes(text: &str, num_classes: Option<usize>) -> Result<Option<Vec<usize>>> {
+    let Some(n) = num_classes else {
+        if text != "all" {
+            bail!("--classes: this model is unconditional; leave --classes out");
+        }
+        return Ok(None);
+    };
+    if text == "all" {
+        return Ok(Some((0..n).collect()));
+    }
+    let list: Vec<usize> = text
+        .split(',')
+        .map(|s| s.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| {
+            format!("--classes {text}: use a comma-separated list like 0,3,7, or all")
+        })?;
+    if list.is_empty() {
+        bail!("--classes: give at least one class");
+    }
+    if let Some(bad) = list.iter().find(|&&c| c >= n) {
+        bail!(
+            "--classes: class {bad} does not exist; the model has classes 0..{}",
+            n - 1
+        );
+    }
+    Ok(Some(list))
+}
+
+pub fn run(args: SampleArgs) -> Result<i32> {
+    let backend = BackendKind::resolve(args.backend);
+    let config = RunConfig::load(&args.checkpoint)?;
+    let (ckpt_dir, state) = checkpoint::latest(&args.checkpoint)?;
+    let sampler = sampler_from_flags(
+        &config.sampler,
+        args.sampler,
+        args.steps,
+        args.eta,
+        args.clip,
+    );
+    let classes = parse_classes(&args.classes, config.model.num_classes)?;
+    let noise = match &args.noise {
+        Some(path) => {
+            let array = npy::read(path)?;
+            let m = &config.model;
+            let want = [m.image_channels, m.image_size, m.image_size];
+            if array.shape.len() != 4 || array.shape[1..] != want {
+                bail!(
+                    "{}: noise of shape {:?} does not fit the model; need [n, {}, {}, {}]",
+                    path.display(),
+                    array.shape,
+                    want[0],
+                    want[1],
+                    want[2]
+                );
+            }
+            if args.n.is_some_and(|n| n != array.shape[0]) {
+                bail!(
+                    "--n {} disagrees with the {} images in {}",
+                    args.n.unwrap(),
+                    array.shape[0],
+                    path.display()
+                );
+            }
+            Some(array)
+        }
+        None => None,
+    };
+    let n = noise.as_ref().map(|a| a.shape[0]).or(args.n).unwrap_or(81);
+    if n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let weights = args.weights.unwrap_or(config.sample_weights);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.checkpoint.join("samples").join("grid.png"));
+    let task = SampleTask {
+        config,
+        ckpt_dir,
+        sampler,
+        classes,
+        n,
+        seed: args.seed,
+        weights,
+        noise,
+        out,
+        gif: args.gif,
+        npy: args.npy,
+    };
+    eprintln!(
+        "sampling {n} images from step {} of {} ({:?} weights)",
+        state.step,
+        args.checkpoint.display(),
+        weights
+    );
+    dispatch(backend, task)
+}
+
+struct SampleTask {
+    config: RunConfig,
+    ckpt_dir: PathBuf,
+    sampler: SamplerConfig,
+    classes: Option<Vec<usize>>,
+    n: usize,
+    seed: u64,
+    weights: Weights,
+    noise: Option<npy::Array>,
+    out: PathBuf,
+    gif: Option<PathBuf>,
+    npy: Option<PathBuf>,
+}
+
+impl Task for SampleTask {
+    type Output = i32;
+
+    fn run<AB: AutodiffBackend>(self, device: AB::Device) -> Result<i32> {
+        type B<AB> = <AB as AutodiffBackend>::InnerBackend;
+        let file = match self.weights {
+            Weights::Ema => checkpoint::EMA,
+            Weights::Model => checkpoint::MODEL,
+        };
+        let model: UNet<B<AB>> =
+            checkpoint::load_unet(&self.config.model, &self.ckpt_dir.join(file), &device)?;
+        let schedule = NoiseSchedule::new(self.config.schedule, self.config.model.num_steps)?;
+        let m = &self.config.model;
+        let shape = [self.n, m.image_channels, m.image_size, m.image_size];
+        B::<AB>::seed(&device, self.seed);
+        let x = match &self.noise {
+            Some(a) => Tensor::from_data(TensorData::new(a.data.clone(), shape), &device),
+            None => Tensor::<B<AB>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device),
+        };
+        let labels: Vec<Option<usize>> = (0..self.n)
+            .map(|i| self.classes.as_ref().map(|c| c[i % c.len()]))
+            .collect();
+        let layout = GridLayout::new(self.n, m.image_channels, m.image_size, m.image_size);
+        let mut gif = self
+            .gif
+            .as_ref()
+            .map(|_| GifWriter::new(layout, labels.clone()));
+        let started = Instant::now();
+        let out = run_sampler(
+            &model,
+            &schedule,
+            &self.sampler,
+            x,
+            &labels,
+            &device,
+            gif.as_mut(),
+        )?;
+        let secs = started.elapsed().as_secs_f64();
+        let values = out
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data");
+        write_png(&self.out, &layout, &values, &labels)?;
+        println!(
+            "wrote {} ({} images, {} steps of {:?}, {secs:.1} s)",
+            self.out.display(),
+            self.n,
+            self.sampler.steps,
+            self.sampler.kind
+        );
+        if let (Some(path), Some(gif)) = (&self.gif, &gif) {
+            gif.write(path)?;
+            println!("wrote {} ({} frames)", path.display(), gif.len());
+        }
+        if let Some(path) = &self.npy {
+            npy::write(path, &shape, &values)?;
+            println!("wrote {} (f32 {:?})", path.display(), shape);
+        }
+        Ok(0)
+    }
+}
+
+/// Runs a sampler with a progress bar; with `gif`, records the start noise
+/// and x after every step as frames.
+fn run_sampler<B: Backend>(
+    model: &UNet<B>,
+    schedule: &NoiseSchedule,
+    config: &SamplerConfig,
+    x: Tensor<B, 4>,
+    labels: &[Option<usize>],
+    device: &B::Device,
+    mut gif: Option<&mut GifWriter>,
+) -> Result<Tensor<B, 4>> {
+    let mut sampler = config.build::<B>(schedule)?;
+    let classes = labels.first().copied().flatten().map(|_| {
+        let ids: Vec<i32> = labels.iter().map(|l| l.unwrap_or(0) as i32).collect();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [labels.len()]), device)
+    });
+    if let Some(g) = gif.as_deref_mut() {
+        g.push(
+            &x.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("f32 data"),
+        );
+    }
+    let bar = progress::bar(sampler.num_steps() as u64, "steps");
+    let out = sample(
+        model,
+        sampler.as_mut(),
+        x,
+        classes,
+        &mut BackendNoise,
+        |step, x| {
+            bar.set_position(step.index as u64 + 1);
+            bar.set_message(format!("t = {}", step.t_next));
+            if let Some(g) = gif.as_deref_mut() {
+                g.push(
+                    &x.clone()
+                        .into_data()
+                        .convert::<f32>()
+                        .to_vec::<f32>()
+                        .expect("f32 data"),
+                );
+            }
+        },
+    );
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// The grid drawn after each epoch of training.
+pub struct PreviewRequest<'a> {
+    pub sampler: &'a SamplerConfig,
+    pub n: usize,
+    pub seed: u64,
+    /// Image channels and (square) size.
+    pub channels: usize,
+    pub size: usize,
+    pub num_classes: Option<usize>,
+}
+
+/// Samples a fixed-seed preview grid (classes 0, 1, 2, … in turn) with
+/// `model` and writes it to `path`.
+pub fn preview_grid<B: Backend>(
+    model: &UNet<B>,
+    schedule: &NoiseSchedule,
+    request: &PreviewRequest<'_>,
+    path: &Path,
+    device: &B::Device,
+) -> Result<()> {
+    let labels: Vec<Option<usize>> = (0..request.n)
+        .map(|i| request.num_classes.map(|c| i % c))
+        .collect();
+    let shape = [request.n, request.channels, request.size, request.size];
+    B::seed(device, request.seed ^ 0x5EED);
+    let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let out = run_sampler(model, schedule, request.sampler, x, &labels, device, None)?;
+    let values = out
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data");
+    write_png(
+        path,
+        &GridLayout::new(request.n, request.channels, request.size, request.size),
+        &values,
+        &labels,
+    )
+}

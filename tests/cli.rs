@@ -1,0 +1,328 @@
+//! End-to-end tests of the `diffusion` binary on the bundled MNIST, with the
+//! tiny preset (a very small U-Net on 512 images; seconds on a CPU).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffusion"));
+    cmd.env("NO_COLOR", "1");
+    cmd
+}
+
+/// A fresh scratch folder under the target directory.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("the diffusion binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "a panic: {stderr}");
+    out
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "command failed: {text}");
+    text
+}
+
+/// The error line of a command that must fail: exactly one non-empty line
+/// starting with "error:" (clap's usage errors included), non-zero exit.
+fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(!out.status.success(), "command should fail");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "want one error line, got: {stderr}");
+    errors[0].to_string()
+}
+
+fn train_tiny(dir: &Path, extra: &[&str]) -> String {
+    ok(bin()
+        .args(["train", "--backend", "cpu", "--preset", "tiny", "--out"])
+        .arg(dir)
+        .args(extra))
+}
+
+/// One tiny run shared by the tests that only read it.
+fn trained_run() -> &'static Path {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = scratch("tiny-run").join("run");
+        train_tiny(&dir, &["--seed", "1"]);
+        dir
+    })
+}
+
+#[test]
+fn tiny_preset_trains_with_falling_loss_and_writes_its_files() {
+    let run = trained_run();
+    for file in [
+        "config.json",
+        "metrics.csv",
+        "checkpoints/latest.json",
+        "samples/epoch-001.png",
+        "samples/epoch-002.png",
+    ] {
+        assert!(run.join(file).is_file(), "missing {file}");
+    }
+    let latest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap(),
+    )
+    .unwrap();
+    // 512 images / batch 32 = 16 steps an epoch, 2 epochs.
+    assert_eq!(latest["state"]["step"], 32);
+    assert_eq!(latest["state"]["finished"], true);
+    let ckpt = run
+        .join("checkpoints")
+        .join(latest["dir"].as_str().unwrap());
+    for file in ["model.mpk", "ema.mpk", "optimizer.mpk"] {
+        assert!(ckpt.join(file).is_file(), "missing checkpoint file {file}");
+    }
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("step,epoch,loss,lr,img_per_s,elapsed_s"));
+    let losses: Vec<f64> = lines
+        .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 32, "one row a step in the tiny preset");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&losses[..8]), mean(&losses[24..]));
+    assert!(
+        last < 0.8 * first,
+        "loss should fall: first 8 steps {first:.4}, last 8 {last:.4}"
+    );
+}
+
+#[test]
+fn sample_writes_png_gif_and_npy_of_the_right_size() {
+    let run = trained_run();
+    let out = scratch("sample");
+    let (png, gif, npy) = (
+        out.join("grid.png"),
+        out.join("trajectory.gif"),
+        out.join("samples.npy"),
+    );
+    ok(bin()
+        .args([
+            "sample",
+            "--backend",
+            "cpu",
+            "--n",
+            "10",
+            "--steps",
+            "6",
+            "--classes",
+            "0,3,7",
+            "--checkpoint",
+        ])
+        .arg(run)
+        .arg("--out")
+        .arg(&png)
+        .arg("--gif")
+        .arg(&gif)
+        .arg("--npy")
+        .arg(&npy));
+    // 10 images in rows of ceil(√10) = 4: each cell is 28·3 + 4 px wide and
+    // 28·3 + (7·2 + 4) label + 4 px high, plus a 4 px border.
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (4 * 88 + 4, 3 * 106 + 4));
+    // One frame for the start noise and one per step.
+    let mut decoder = gif::DecodeOptions::new()
+        .read_info(std::fs::File::open(&gif).unwrap())
+        .unwrap();
+    let mut frames = 0;
+    while decoder.read_next_frame().unwrap().is_some() {
+        frames += 1;
+    }
+    assert_eq!(frames, 7);
+    let bytes = std::fs::read(&npy).unwrap();
+    let header = String::from_utf8_lossy(&bytes[10..128]);
+    assert!(header.contains("'shape': (10, 1, 28, 28)"), "{header}");
+    assert_eq!(bytes.len(), 128 + 10 * 28 * 28 * 4);
+}
+
+#[test]
+fn given_noise_and_seed_make_sampling_repeatable() {
+    let run = trained_run();
+    let out = scratch("repeat");
+    let sample = |name: &str| {
+        let path = out.join(name);
+        ok(bin()
+            .args([
+                "sample",
+                "--backend",
+                "cpu",
+                "--n",
+                "4",
+                "--sampler",
+                "ddpm",
+                "--steps",
+                "5",
+                "--seed",
+                "3",
+                "--checkpoint",
+            ])
+            .arg(run)
+            .arg("--out")
+            .arg(out.join(format!("{name}.png")))
+            .arg("--npy")
+            .arg(&path));
+        std::fs::read(path).unwrap()
+    };
+    assert_eq!(sample("a.npy"), sample("b.npy"));
+    // Feeding the start noise back through --noise is accepted and checked.
+    let first = out.join("a.npy");
+    ok(bin()
+        .args(["sample", "--backend", "cpu", "--steps", "3", "--checkpoint"])
+        .arg(run)
+        .arg("--out")
+        .arg(out.join("c.png"))
+        .arg("--noise")
+        .arg(&first));
+}
+
+#[test]
+fn stopped_and_resumed_run_ends_with_the_same_weights() {
+    let root = scratch("resume");
+    let (whole, split) = (root.join("whole"), root.join("split"));
+    train_tiny(&whole, &["--seed", "9"]);
+    let text = train_tiny(&split, &["--seed", "9", "--stop-after", "11"]);
+    assert!(text.contains("stopped at step 11"), "{text}");
+    ok(bin()
+        .args(["train", "--backend", "cpu", "--resume"])
+        .arg(&split));
+    // Same weights give the same samples, bit for bit (raw and EMA weights).
+    for weights in ["model", "ema"] {
+        let draw = |run: &Path| {
+            let npy = root.join(format!(
+                "{}-{weights}.npy",
+                run.file_name().unwrap().to_string_lossy()
+            ));
+            ok(bin()
+                .args([
+                    "sample",
+                    "--backend",
+                    "cpu",
+                    "--n",
+                    "6",
+                    "--steps",
+                    "4",
+                    "--weights",
+                    weights,
+                    "--checkpoint",
+                ])
+                .arg(run)
+                .arg("--out")
+                .arg(root.join("grid.png"))
+                .arg("--npy")
+                .arg(&npy));
+            std::fs::read(npy).unwrap()
+        };
+        assert!(
+            draw(&whole) == draw(&split),
+            "{weights} weights differ after resuming"
+        );
+    }
+    // The metrics of the resumed run have each step once.
+    let csv = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=32).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_input_gives_one_error_line() {
+    let root = scratch("errors");
+    // Bad flags.
+    let e = fails(bin().args(["train", "--backend", "cpu", "--preset", "huge"]));
+    assert!(e.contains("huge"), "{e}");
+    let e = fails(
+        bin()
+            .args([
+                "train",
+                "--backend",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--lr",
+                "-1",
+                "--out",
+            ])
+            .arg(root.join("r0")),
+    );
+    assert!(e.contains("--lr"), "{e}");
+    // A missing checkpoint.
+    let e = fails(
+        bin()
+            .args(["sample", "--backend", "cpu", "--checkpoint"])
+            .arg(root.join("nothing")),
+    );
+    assert!(e.contains("config.json"), "{e}");
+    // A corrupt checkpoint: a real run whose weights file is overwritten.
+    let run = root.join("corrupt");
+    train_tiny(&run, &["--epochs", "1"]);
+    let latest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap(),
+    )
+    .unwrap();
+    let weights = run
+        .join("checkpoints")
+        .join(latest["dir"].as_str().unwrap())
+        .join("ema.mpk");
+    std::fs::write(&weights, b"not a checkpoint").unwrap();
+    let e = fails(
+        bin()
+            .args(["sample", "--backend", "cpu", "--checkpoint"])
+            .arg(&run),
+    );
+    assert!(e.contains("ema.mpk"), "{e}");
+    // Training into a folder that already holds a run would lose work.
+    let e = fails(
+        bin()
+            .args(["train", "--backend", "cpu", "--preset", "tiny", "--out"])
+            .arg(&run),
+    );
+    assert!(e.contains("--resume"), "{e}");
+    // A data folder with broken files.
+    let data = root.join("broken-data");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(data.join(f), b"\x00\x00\x08\x03garbage").unwrap();
+    }
+    let e = fails(
+        bin()
+            .args([
+                "train",
+                "--backend",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--out")
+            .arg(root.join("r1")),
+    );
+    assert!(e.contains("train-images-idx3-ubyte"), "{e}");
+}
