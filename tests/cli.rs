@@ -77,16 +77,12 @@ fn tiny_preset_trains_with_falling_loss_and_writes_its_files() {
     ] {
         assert!(run.join(file).is_file(), "missing {file}");
     }
-    let latest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap(),
-    )
-    .unwrap();
+    let latest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap()).unwrap();
     // 512 images / batch 32 = 16 steps an epoch, 2 epochs.
     assert_eq!(latest["state"]["step"], 32);
     assert_eq!(latest["state"]["finished"], true);
-    let ckpt = run
-        .join("checkpoints")
-        .join(latest["dir"].as_str().unwrap());
+    let ckpt = run.join("checkpoints").join(latest["dir"].as_str().unwrap());
     for file in ["model.mpk", "ema.mpk", "optimizer.mpk"] {
         assert!(ckpt.join(file).is_file(), "missing checkpoint file {file}");
     }
@@ -201,9 +197,7 @@ fn stopped_and_resumed_run_ends_with_the_same_weights() {
     train_tiny(&whole, &["--seed", "9"]);
     let text = train_tiny(&split, &["--seed", "9", "--stop-after", "11"]);
     assert!(text.contains("stopped at step 11"), "{text}");
-    ok(bin()
-        .args(["train", "--backend", "cpu", "--resume"])
-        .arg(&split));
+    ok(bin().args(["train", "--backend", "cpu", "--resume"]).arg(&split));
     // Same weights give the same samples, bit for bit (raw and EMA weights).
     for weights in ["model", "ema"] {
         let draw = |run: &Path| {
@@ -260,8 +254,7 @@ fn bad_input_gives_one_error_line() {
                 "cpu",
                 "--preset",
                 "tiny",
-                "--lr",
-                "-1",
+                "--lr=-1",
                 "--out",
             ])
             .arg(root.join("r0")),
@@ -277,10 +270,8 @@ fn bad_input_gives_one_error_line() {
     // A corrupt checkpoint: a real run whose weights file is overwritten.
     let run = root.join("corrupt");
     train_tiny(&run, &["--epochs", "1"]);
-    let latest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap(),
-    )
-    .unwrap();
+    let latest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap()).unwrap();
     let weights = run
         .join("checkpoints")
         .join(latest["dir"].as_str().unwrap())
@@ -312,14 +303,7 @@ fn bad_input_gives_one_error_line() {
     }
     let e = fails(
         bin()
-            .args([
-                "train",
-                "--backend",
-                "cpu",
-                "--preset",
-                "tiny",
-                "--data-dir",
-            ])
+            .args(["train", "--backend", "cpu", "--preset", "tiny", "--data-dir"])
             .arg(&data)
             .arg("--out")
             .arg(root.join("r1")),

@@ -29,8 +29,7 @@ impl Backend {
     /// driver is installed (Mesa's lavapipe, a CPU emulation, does not
     /// count: the cpu backend is much faster than it); else cpu.
     pub fn detect() -> (Backend, String) {
-        if Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia/version").exists()
-        {
+        if Path::new("/dev/nvidiactl").exists() || Path::new("/proc/driver/nvidia/version").exists() {
             return (Backend::Cuda, "an NVIDIA driver is present".into());
         }
         if let Some(icd) = hardware_vulkan_icd() {
@@ -56,8 +55,7 @@ fn hardware_vulkan_icd() -> Option<String> {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            let software =
-                name.contains("lvp") || name.contains("swiftshader") || name.contains("lavapipe");
+            let software = name.contains("lvp") || name.contains("swiftshader") || name.contains("lavapipe");
             if name.ends_with(".json") && !software {
                 return Some(name);
             }

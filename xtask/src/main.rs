@@ -114,16 +114,10 @@ mod tests {
     #[test]
     fn backend_flag_is_taken_out_of_the_arguments() {
         let mut args = strings(&["--epochs", "2", "--backend", "cpu", "--seed", "1"]);
-        assert_eq!(
-            take_flag(&mut args, "--backend").unwrap(),
-            Some("cpu".into())
-        );
+        assert_eq!(take_flag(&mut args, "--backend").unwrap(), Some("cpu".into()));
         assert_eq!(args, strings(&["--epochs", "2", "--seed", "1"]));
         let mut args = strings(&["--backend=wgpu"]);
-        assert_eq!(
-            take_flag(&mut args, "--backend").unwrap(),
-            Some("wgpu".into())
-        );
+        assert_eq!(take_flag(&mut args, "--backend").unwrap(), Some("wgpu".into()));
         assert!(args.is_empty());
         let mut args = strings(&["--backend"]);
         assert!(take_flag(&mut args, "--backend").is_err());

@@ -41,8 +41,7 @@ impl BackendKind {
         if let Some(b) = flag {
             return b;
         }
-        let compiled: Vec<BackendKind> =
-            <BackendKind as clap::ValueEnum>::value_variants().to_vec();
+        let compiled: Vec<BackendKind> = <BackendKind as clap::ValueEnum>::value_variants().to_vec();
         let nvidia = std::path::Path::new("/dev/nvidiactl").exists();
         let pick = compiled
             .iter()
@@ -70,13 +69,9 @@ pub trait Task {
 pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
     match kind {
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => {
-            task.run::<Autodiff<burn_cuda::Cuda>>(burn_cuda::CudaDevice::default())
-        }
+        BackendKind::Cuda => task.run::<Autodiff<burn_cuda::Cuda>>(burn_cuda::CudaDevice::default()),
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => {
-            task.run::<Autodiff<burn_wgpu::Wgpu>>(burn_wgpu::WgpuDevice::default())
-        }
+        BackendKind::Wgpu => task.run::<Autodiff<burn_wgpu::Wgpu>>(burn_wgpu::WgpuDevice::default()),
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => task.run::<Autodiff<burn::backend::Flex>>(Default::default()),
     }

@@ -50,11 +50,7 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 
 /// Writes a checkpoint through `save(dir)` (which writes the weight files
 /// into `dir`), then points `latest.json` at it and removes older ones.
-pub fn write(
-    run_dir: &Path,
-    state: TrainState,
-    save: impl FnOnce(&Path) -> Result<()>,
-) -> Result<PathBuf> {
+pub fn write(run_dir: &Path, state: TrainState, save: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let root = checkpoints_dir(run_dir);
     let name = format!("step-{:08}", state.step);
     let final_dir = root.join(&name);
@@ -67,8 +63,7 @@ pub fn write(
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir)?;
     }
-    fs::rename(&tmp_dir, &final_dir)
-        .with_context(|| format!("renaming {} into place", tmp_dir.display()))?;
+    fs::rename(&tmp_dir, &final_dir).with_context(|| format!("renaming {} into place", tmp_dir.display()))?;
     let latest = serde_json::to_string_pretty(&Latest {
         dir: name.clone(),
         state,
@@ -106,15 +101,16 @@ pub fn latest(run_dir: &Path) -> Result<(PathBuf, TrainState)> {
 }
 
 /// Loads weights saved by [`save_module`] into a freshly built U-Net.
-pub fn load_unet<B: Backend>(
-    config: &UNetConfig,
-    file: &Path,
-    device: &B::Device,
-) -> Result<UNet<B>> {
+pub fn load_unet<B: Backend>(config: &UNetConfig, file: &Path, device: &B::Device) -> Result<UNet<B>> {
     let model = config.init::<B>(device)?;
-    model.load_file(file.to_path_buf(), &Recorder::new(), device).map_err(|e| {
-        anyhow::anyhow!("{}.mpk: cannot load weights ({e}); the checkpoint is corrupt or from another model", file.display())
-    })
+    model
+        .load_file(file.to_path_buf(), &Recorder::new(), device)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}.mpk: cannot load weights ({e}); the checkpoint is corrupt or from another model",
+                file.display()
+            )
+        })
 }
 
 /// Saves a module's weights as `file`.mpk.

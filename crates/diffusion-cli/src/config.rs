@@ -66,8 +66,7 @@ impl LrSchedule {
         if !self.cosine_decay || total <= self.warmup_steps {
             return peak;
         }
-        let progress =
-            (step - self.warmup_steps) as f64 / (total - self.warmup_steps).max(1) as f64;
+        let progress = (step - self.warmup_steps) as f64 / (total - self.warmup_steps).max(1) as f64;
         let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
         peak * (self.min_factor + (1.0 - self.min_factor) * cos)
     }
@@ -303,11 +302,7 @@ pub fn sampler_from_flags(
         };
     }
     if let Some(clip) = clip {
-        config.clip = if clip {
-            Clip::Range(-1.0, 1.0)
-        } else {
-            Clip::Off
-        };
+        config.clip = if clip { Clip::Range(-1.0, 1.0) } else { Clip::Off };
     }
     config
 }
@@ -319,10 +314,7 @@ mod tests {
     #[test]
     fn seed_preset_is_the_reference_run() {
         let c = RunConfig::preset(Preset::Seed);
-        assert_eq!(
-            (c.train.epochs, c.train.batch_size, c.train.lr),
-            (20, 128, 1e-3)
-        );
+        assert_eq!((c.train.epochs, c.train.batch_size, c.train.lr), (20, 128, 1e-3));
         assert_eq!(c.model.num_steps, 500);
         assert_eq!(c.train.label_dropout, 0.0);
         assert_eq!(c.train.lr_schedule, LrSchedule::constant());

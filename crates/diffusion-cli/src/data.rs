@@ -35,12 +35,12 @@ impl From<DatasetArg> for DatasetName {
 }
 
 /// The folder a data set is read from: `--data-dir`, else the bundled
-/// MNIST, else `data/<name>` under the current directory.
+/// MNIST, else `data/<name>` of the workspace.
 pub fn resolve_dir(name: DatasetName, dir: Option<&Path>) -> PathBuf {
     match (dir, name) {
         (Some(d), _) => d.to_path_buf(),
         (None, DatasetName::Mnist) => diffusion_data::bundled_mnist_dir(),
-        (None, other) => PathBuf::from("data").join(other.to_string()),
+        (None, other) => diffusion_data::default_dir(other),
     }
 }
 
@@ -52,7 +52,12 @@ pub fn load(name: DatasetName, dir: Option<&Path>, split: Split) -> Result<Image
         eprintln!("{name} is not in {}; downloading it", folder.display());
         fetch(name, &folder)?;
     }
-    let set = diffusion_data::load_split(&folder, split)?;
+    // A folder the user names may hold any IDX data (unknown checksums only
+    // warn); the default folder must hold exactly the named data set.
+    let set = match dir {
+        Some(_) => diffusion_data::load_split(&folder, split)?,
+        None => diffusion_data::load_named(name, &folder, split)?,
+    };
     for warning in &set.warnings {
         eprintln!("warning: {warning}");
     }

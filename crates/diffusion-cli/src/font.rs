@@ -38,15 +38,7 @@ pub fn text_width(text: &str, scale: usize) -> usize {
 
 /// Draws `text` into a grey image (row-major, `width` pixels per row) with
 /// its top-left corner at (x, y); unknown characters are drawn as '?'.
-pub fn draw_text(
-    pixels: &mut [u8],
-    width: usize,
-    x: usize,
-    y: usize,
-    text: &str,
-    scale: usize,
-    value: u8,
-) {
+pub fn draw_text(pixels: &mut [u8], width: usize, x: usize, y: usize, text: &str, scale: usize, value: u8) {
     let height = pixels.len() / width;
     for (k, c) in text.chars().enumerate() {
         let rows = glyph(c).or_else(|| glyph('?')).expect("'?' has a glyph");

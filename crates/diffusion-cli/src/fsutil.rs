@@ -15,8 +15,7 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(File) -> Result<()>) -> 
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = write(file).and_then(|()| {
         File::open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -34,10 +33,7 @@ pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// `name.tmp-<pid>` beside `path`.
 pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(format!(".tmp-{}", std::process::id()));
     path.with_file_name(name)
 }

@@ -77,9 +77,8 @@ impl GridLayout {
             if let Some(label) = label {
                 let text = label.to_string();
                 let mut band = vec![0u8; w * self.label_h()];
-                let tx = cx
-                    + (self.width * self.scale).saturating_sub(font::text_width(&text, FONT_SCALE))
-                        / 2;
+                let tx =
+                    cx + (self.width * self.scale).saturating_sub(font::text_width(&text, FONT_SCALE)) / 2;
                 font::draw_text(&mut band, w, tx, 1, &text, FONT_SCALE, 255);
                 for (k, v) in band.iter().enumerate().filter(|(_, v)| **v > 0) {
                     let (px, py) = (k % w, cy + k / w);
@@ -111,12 +110,7 @@ pub fn to_byte(v: f32) -> u8 {
 }
 
 /// Writes a PNG grid (atomically: temp file, then rename).
-pub fn write_png(
-    path: &Path,
-    layout: &GridLayout,
-    images: &[f32],
-    labels: &[Option<usize>],
-) -> Result<()> {
+pub fn write_png(path: &Path, layout: &GridLayout, images: &[f32], labels: &[Option<usize>]) -> Result<()> {
     let (w, h) = layout.size(labels.len());
     let pixels = layout.render(images, labels);
     let color = if layout.channels == 3 {
@@ -164,9 +158,9 @@ impl GifWriter {
             let hw = self.layout.height * self.layout.width;
             let mut grey_values = Vec::with_capacity(self.labels.len() * hw);
             for img in images.chunks(plane).take(self.labels.len()) {
-                grey_values.extend((0..hw).map(|p| {
-                    (0..channels).map(|c| img[c * hw + p]).sum::<f32>() / channels as f32
-                }));
+                grey_values.extend(
+                    (0..hw).map(|p| (0..channels).map(|c| img[c * hw + p]).sum::<f32>() / channels as f32),
+                );
             }
             grey_values
         };
@@ -185,8 +179,7 @@ impl GifWriter {
             let mut enc = gif::Encoder::new(BufWriter::new(file), w as u16, h as u16, &palette)?;
             enc.set_repeat(gif::Repeat::Infinite)?;
             for (k, frame) in self.frames.iter().enumerate() {
-                let mut f =
-                    gif::Frame::from_indexed_pixels(w as u16, h as u16, frame.clone(), None);
+                let mut f = gif::Frame::from_indexed_pixels(w as u16, h as u16, frame.clone(), None);
                 f.delay = if k + 1 == self.frames.len() { 200 } else { 8 };
                 enc.write_frame(&f)?;
             }

@@ -44,8 +44,8 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
 
 /// Reads a .npy file of little-endian f32 (or f64, converted) in C order.
 pub fn read(path: &Path) -> Result<Array> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("{}: cannot read the .npy file", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("{}: cannot read the .npy file", path.display()))?;
     parse(&bytes).with_context(|| format!("{}: not a usable .npy file", path.display()))
 }
 
@@ -149,8 +149,7 @@ mod tests {
     fn numpy_written_header_is_read() {
         // np.save(f, np.array([1.5, -2.0], dtype=np.float32)) writes this header.
         let mut bytes =
-            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
-                .to_vec();
+            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }".to_vec();
         bytes.resize(10 + 0x76 - 1, b' ');
         bytes.push(b'\n');
         bytes.extend_from_slice(&1.5f32.to_le_bytes());
@@ -168,8 +167,7 @@ mod tests {
     fn bad_files_are_explained() {
         assert!(parse(b"hello").unwrap_err().to_string().contains("magic"));
         let bytes =
-            b"\x93NUMPY\x01\x00\x3a\x00{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }\n"
-                .to_vec();
+            b"\x93NUMPY\x01\x00\x3a\x00{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }\n".to_vec();
         assert!(parse(&bytes).unwrap_err().to_string().contains("float32"));
     }
 }

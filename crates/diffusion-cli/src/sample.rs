@@ -75,9 +75,7 @@ pub fn parse_classes(text: &str, num_classes: Option<usize>) -> Result<Option<Ve
         .split(',')
         .map(|s| s.trim().parse::<usize>())
         .collect::<Result<_, _>>()
-        .with_context(|| {
-            format!("--classes {text}: use a comma-separated list like 0,3,7, or all")
-        })?;
+        .with_context(|| format!("--classes {text}: use a comma-separated list like 0,3,7, or all"))?;
     if list.is_empty() {
         bail!("--classes: give at least one class");
     }
@@ -94,13 +92,7 @@ pub fn run(args: SampleArgs) -> Result<i32> {
     let backend = BackendKind::resolve(args.backend);
     let config = RunConfig::load(&args.checkpoint)?;
     let (ckpt_dir, state) = checkpoint::latest(&args.checkpoint)?;
-    let sampler = sampler_from_flags(
-        &config.sampler,
-        args.sampler,
-        args.steps,
-        args.eta,
-        args.clip,
-    );
+    let sampler = sampler_from_flags(&config.sampler, args.sampler, args.steps, args.eta, args.clip);
     let classes = parse_classes(&args.classes, config.model.num_classes)?;
     let noise = match &args.noise {
         Some(path) => {
@@ -197,10 +189,7 @@ impl Task for SampleTask {
             .map(|i| self.classes.as_ref().map(|c| c[i % c.len()]))
             .collect();
         let layout = GridLayout::new(self.n, m.image_channels, m.image_size, m.image_size);
-        let mut gif = self
-            .gif
-            .as_ref()
-            .map(|_| GifWriter::new(layout, labels.clone()));
+        let mut gif = self.gif.as_ref().map(|_| GifWriter::new(layout, labels.clone()));
         let started = Instant::now();
         let out = run_sampler(
             &model,

@@ -166,9 +166,10 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         }
         None => {
             let config = configure(&args)?;
-            let run_dir = args.out.clone().unwrap_or_else(|| {
-                PathBuf::from("runs").join(format!("{:?}", args.preset).to_lowercase())
-            });
+            let run_dir = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(format!("{:?}", args.preset).to_lowercase()));
             if run_dir.join(crate::config::CONFIG_FILE).exists() {
                 bail!(
                     "{} already holds a run; continue it with --resume {0}, or choose another --out",
@@ -207,9 +208,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
                 eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!(
-                "\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit at once)"
-            );
+            eprintln!("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit at once)");
         });
     }
     eprintln!(
@@ -246,10 +245,7 @@ fn check_data_fits(config: &RunConfig, set: &ImageSet) -> Result<()> {
     }
     if let Some(n) = m.num_classes {
         if set.num_classes > n {
-            bail!(
-                "the data has {} classes but the model has {n}",
-                set.num_classes
-            );
+            bail!("the data has {} classes but the model has {n}", set.num_classes);
         }
     }
     Ok(())
@@ -317,18 +313,12 @@ impl Task for TrainTask {
 
         if resume {
             let (dir, saved) = checkpoint::latest(&run_dir)?;
-            model =
-                checkpoint::load_unet::<B>(&config.model, &dir.join(checkpoint::MODEL), &device)?;
-            ema.model = checkpoint::load_unet::<B::InnerBackend>(
-                &config.model,
-                &dir.join(checkpoint::EMA),
-                &device,
-            )?;
+            model = checkpoint::load_unet::<B>(&config.model, &dir.join(checkpoint::MODEL), &device)?;
+            ema.model =
+                checkpoint::load_unet::<B::InnerBackend>(&config.model, &dir.join(checkpoint::EMA), &device)?;
             let record = checkpoint::Recorder::new()
                 .load(dir.join(checkpoint::OPTIMIZER), &device)
-                .map_err(|e| {
-                    anyhow::anyhow!("{}: cannot load optimizer state ({e})", dir.display())
-                })?;
+                .map_err(|e| anyhow::anyhow!("{}: cannot load optimizer state ({e})", dir.display()))?;
             optim = optim.load_record(record);
             state = saved;
             ema.updates = state.ema_updates;
@@ -363,18 +353,15 @@ impl Task for TrainTask {
         let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut loss_count = 0u64;
         let mut epoch_loss = (0.0f64, 0u64);
-        let save = |model: &UNet<B>,
-                    ema: &Ema<UNet<B::InnerBackend>>,
-                    optim: &_,
-                    state: TrainState|
-         -> Result<()> {
-            checkpoint::write(&run_dir, state, |dir| {
-                checkpoint::save_module(model.clone(), &dir.join(checkpoint::MODEL))?;
-                checkpoint::save_module(ema.model.clone(), &dir.join(checkpoint::EMA))?;
-                save_optimizer::<B>(optim, &dir.join(checkpoint::OPTIMIZER))
-            })?;
-            Ok(())
-        };
+        let save =
+            |model: &UNet<B>, ema: &Ema<UNet<B::InnerBackend>>, optim: &_, state: TrainState| -> Result<()> {
+                checkpoint::write(&run_dir, state, |dir| {
+                    checkpoint::save_module(model.clone(), &dir.join(checkpoint::MODEL))?;
+                    checkpoint::save_module(ema.model.clone(), &dir.join(checkpoint::EMA))?;
+                    save_optimizer::<B>(optim, &dir.join(checkpoint::OPTIMIZER))
+                })?;
+                Ok(())
+            };
 
         while (state.epoch as usize) < tc.epochs {
             let epoch = state.epoch;
@@ -390,13 +377,11 @@ impl Task for TrainTask {
                     .int()
                     .add_scalar(1)
                     .clamp(1, num_steps as i64);
-                let eps =
-                    Tensor::<B, 4>::random(x0.dims(), Distribution::Normal(0.0, 1.0), &device);
+                let eps = Tensor::<B, 4>::random(x0.dims(), Distribution::Normal(0.0, 1.0), &device);
                 let classes = conditional.then(|| {
                     if dropout > 0.0 {
-                        let drop =
-                            Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), &device)
-                                .lower_elem(dropout);
+                        let drop = Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), &device)
+                            .lower_elem(dropout);
                         batch.labels.clone().mask_fill(drop, NO_CLASS)
                     } else {
                         batch.labels.clone()
@@ -425,11 +410,7 @@ impl Task for TrainTask {
                 bar.set_position(state.step);
 
                 if state.step % tc.log_every == 0 || state.batch_in_epoch == per_epoch {
-                    let sum: f64 = loss_sum
-                        .take()
-                        .expect("at least one loss")
-                        .into_scalar()
-                        .elem();
+                    let sum: f64 = loss_sum.take().expect("at least one loss").into_scalar().elem();
                     let mean = sum / loss_count as f64;
                     if !mean.is_finite() {
                         bail!("the loss became {mean} at step {}; lower --lr", state.step);
@@ -444,17 +425,9 @@ impl Task for TrainTask {
                         epoch + 1,
                         tc.epochs
                     ));
-                    metrics.row(
-                        state.step,
-                        epoch,
-                        mean,
-                        lr,
-                        ips,
-                        started.elapsed().as_secs_f64(),
-                    )?;
+                    metrics.row(state.step, epoch, mean, lr, ips, started.elapsed().as_secs_f64())?;
                 }
-                let stop = interrupted.load(Ordering::SeqCst)
-                    || stop_after.is_some_and(|s| state.step >= s);
+                let stop = interrupted.load(Ordering::SeqCst) || stop_after.is_some_and(|s| state.step >= s);
                 if stop || (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) {
                     save(&model, &ema, &optim, state)?;
                 }
@@ -516,10 +489,7 @@ impl Task for TrainTask {
     }
 }
 
-fn save_optimizer<B: AutodiffBackend>(
-    optim: &impl Optimizer<UNet<B>, B>,
-    file: &Path,
-) -> Result<()> {
+fn save_optimizer<B: AutodiffBackend>(optim: &impl Optimizer<UNet<B>, B>, file: &Path) -> Result<()> {
     checkpoint::Recorder::new()
         .record(optim.to_record(), file.to_path_buf())
         .map_err(|e| anyhow::anyhow!("{}: cannot save optimizer state: {e}", file.display()))
@@ -562,15 +532,7 @@ impl Metrics {
         Ok(Self { file })
     }
 
-    fn row(
-        &mut self,
-        step: u64,
-        epoch: u64,
-        loss: f64,
-        lr: f64,
-        ips: f64,
-        elapsed: f64,
-    ) -> Result<()> {
+    fn row(&mut self, step: u64, epoch: u64, loss: f64, lr: f64, ips: f64, elapsed: f64) -> Result<()> {
         writeln!(
             self.file,
             "{step},{},{loss:.6},{lr:.6e},{ips:.1},{elapsed:.2}",

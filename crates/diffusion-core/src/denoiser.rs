@@ -16,12 +16,7 @@ pub trait Denoiser<B: Backend> {
     /// - `x_t`: [B, C, H, W]
     /// - `classes`: [B], or `None` for an unconditional model or pass
     /// - returns [B, C, H, W]
-    fn denoise(
-        &self,
-        x_t: Tensor<B, 4>,
-        t: usize,
-        classes: Option<Tensor<B, 1, Int>>,
-    ) -> Tensor<B, 4>;
+    fn denoise(&self, x_t: Tensor<B, 4>, t: usize, classes: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4>;
 
     /// What [`Denoiser::denoise`] predicts.
     fn prediction(&self) -> Prediction {
@@ -34,12 +29,7 @@ where
     B: Backend,
     F: Fn(Tensor<B, 4>, usize, Option<Tensor<B, 1, Int>>) -> Tensor<B, 4>,
 {
-    fn denoise(
-        &self,
-        x_t: Tensor<B, 4>,
-        t: usize,
-        classes: Option<Tensor<B, 1, Int>>,
-    ) -> Tensor<B, 4> {
+    fn denoise(&self, x_t: Tensor<B, 4>, t: usize, classes: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
         self(x_t, t, classes)
     }
 }

@@ -69,14 +69,9 @@ mod tests {
         let fp = ForwardProcess::<TestBackend>::new(&s, &device);
         let x0 = tensor(&[0.5, -1.0], [2, 1, 1, 1]);
         let eps = tensor(&[1.0, 0.25], [2, 1, 1, 1]);
-        let t = Tensor::<TestBackend, 1, Int>::from_data(
-            TensorData::new(vec![250i64, 1], [2]),
-            &device,
-        );
+        let t = Tensor::<TestBackend, 1, Int>::from_data(TensorData::new(vec![250i64, 1], [2]), &device);
         let x_t = fp.noise(x0, t, eps);
-        let f = |t: usize, x0: f64, e: f64| {
-            s.alpha_bar(t).sqrt() * x0 + (1.0 - s.alpha_bar(t)).sqrt() * e
-        };
+        let f = |t: usize, x0: f64, e: f64| s.alpha_bar(t).sqrt() * x0 + (1.0 - s.alpha_bar(t)).sqrt() * e;
         let expect = [f(250, 0.5, 1.0) as f32, f(1, -1.0, 0.25) as f32];
         assert!(max_abs_diff(&x_t, &tensor(&expect, [2, 1, 1, 1])) < 1e-6);
     }

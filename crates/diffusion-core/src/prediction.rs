@@ -99,9 +99,7 @@ impl Prediction {
         match self {
             Prediction::Epsilon => estimate.eps.clone(),
             Prediction::Sample => estimate.x0.clone(),
-            Prediction::V => {
-                estimate.eps.clone().mul_scalar(sa) - estimate.x0.clone().mul_scalar(sb)
-            }
+            Prediction::V => estimate.eps.clone().mul_scalar(sa) - estimate.x0.clone().mul_scalar(sb),
         }
     }
 }
@@ -150,12 +148,7 @@ mod tests {
         let eps = tensor(&[0.5, 2.0], [1, 1, 1, 2]);
         let ab = Tensor::<TestBackend, 4>::full([1, 1, 1, 1], 0.64, &x0.device());
         let v = Prediction::V.target(x0, eps, ab);
-        assert!(
-            max_abs_diff(
-                &v,
-                &tensor(&[0.8 * 0.5 - 0.6, 0.8 * 2.0 + 0.6], [1, 1, 1, 2])
-            ) < 1e-6
-        );
+        assert!(max_abs_diff(&v, &tensor(&[0.8 * 0.5 - 0.6, 0.8 * 2.0 + 0.6], [1, 1, 1, 2])) < 1e-6);
     }
 
     #[test]

@@ -71,9 +71,7 @@ where
     for i in 0..num_steps {
         let t = timesteps[i];
         let output = denoiser.denoise(x.clone(), t, classes.clone());
-        let z = sampler
-            .needs_noise(i)
-            .then(|| noise.sample(x.dims(), &device));
+        let z = sampler.needs_noise(i).then(|| noise.sample(x.dims(), &device));
         x = sampler.step(i, x, output, prediction, z);
         on_step(
             StepInfo {

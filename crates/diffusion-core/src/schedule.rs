@@ -78,10 +78,7 @@ impl Schedule {
                 let f0 = f(0.0);
                 (0..=num_steps).map(|t| f(t as f64) / f0).collect()
             }
-            Schedule::Linear {
-                beta_start,
-                beta_end,
-            } => {
+            Schedule::Linear { beta_start, beta_end } => {
                 let mut out = Vec::with_capacity(num_steps + 1);
                 let mut acc = 1.0;
                 out.push(acc);
@@ -116,15 +113,16 @@ impl Schedule {
             return bad("the number of diffusion steps T must be at least 1".into());
         }
         match *self {
-            Schedule::Cosine { s } if !(s.is_finite() && s > 0.0) => bad(format!(
-                "cosine offset s must be positive and finite, got {s}"
-            )),
-            Schedule::Linear {
-                beta_start,
-                beta_end,
-            } if !(beta_start > 0.0 && beta_end >= beta_start && beta_end < 1.0) => bad(format!(
-                "linear betas must satisfy 0 < start <= end < 1, got {beta_start}..{beta_end}"
-            )),
+            Schedule::Cosine { s } if !(s.is_finite() && s > 0.0) => {
+                bad(format!("cosine offset s must be positive and finite, got {s}"))
+            }
+            Schedule::Linear { beta_start, beta_end }
+                if !(beta_start > 0.0 && beta_end >= beta_start && beta_end < 1.0) =>
+            {
+                bad(format!(
+                    "linear betas must satisfy 0 < start <= end < 1, got {beta_start}..{beta_end}"
+                ))
+            }
             Schedule::Sigmoid { start, end, tau } if !(end > start && tau > 0.0) => bad(format!(
                 "sigmoid schedule needs end > start and tau > 0, got {start}, {end}, {tau}"
             )),
@@ -220,10 +218,7 @@ mod tests {
                 .powi(2)
         };
         for t in [1usize, 250, 477] {
-            assert!(
-                (s.alpha_bar(t) - f(t as f64) / f(0.0)).abs() < 1e-12,
-                "t = {t}"
-            );
+            assert!((s.alpha_bar(t) - f(t as f64) / f(0.0)).abs() < 1e-12, "t = {t}");
         }
         assert!((s.alpha_bar(1) - 0.9999126).abs() < 1e-7);
         assert!((s.alpha_bar(250) - 0.4938436).abs() < 1e-7);
@@ -259,10 +254,7 @@ mod tests {
                 let s = NoiseSchedule::new(kind, steps).unwrap();
                 assert_eq!(s.alpha_bar(0), 1.0, "{kind:?}");
                 for t in 1..=steps {
-                    assert!(
-                        s.alpha_bar(t) < s.alpha_bar(t - 1),
-                        "{kind:?} T={steps} t={t}"
-                    );
+                    assert!(s.alpha_bar(t) < s.alpha_bar(t - 1), "{kind:?} T={steps} t={t}");
                     assert!(s.alpha_bar(t) > 0.0, "{kind:?} T={steps} t={t}");
                     assert!(s.beta(t) <= MAX_BETA + 1e-12);
                 }

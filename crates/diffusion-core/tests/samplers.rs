@@ -6,8 +6,8 @@
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use diffusion_core::{
-    sample, Clip, Denoiser, NoiseSchedule, NoiseSource, Prediction, Sampler, SamplerConfig,
-    SamplerKind, Spacing,
+    sample, Clip, Denoiser, NoiseSchedule, NoiseSource, Prediction, Sampler, SamplerConfig, SamplerKind,
+    Spacing,
 };
 
 type B = Flex;
@@ -39,11 +39,7 @@ impl Gaussian {
 }
 
 impl NoiseSource<B> for Gaussian {
-    fn sample(
-        &mut self,
-        shape: [usize; 4],
-        _device: &burn::backend::flex::FlexDevice,
-    ) -> Tensor<B, 4> {
+    fn sample(&mut self, shape: [usize; 4], _device: &burn::backend::flex::FlexDevice) -> Tensor<B, 4> {
         self.tensor(shape)
     }
 }
@@ -129,9 +125,7 @@ fn single_point_data_is_recovered_by_every_textbook_sampler() {
             }
         }
     }
-    println!(
-        "single point: worst max |x - x0| over samplers, step counts and objectives = {worst:e}"
-    );
+    println!("single point: worst max |x - x0| over samplers, step counts and objectives = {worst:e}");
 }
 
 #[test]
@@ -154,22 +148,14 @@ fn ddim_with_eta_one_is_ddpm() {
             let mut ddpm = ddpm.build::<B>(&schedule).unwrap();
             let mut ddim = ddim.build::<B>(&schedule).unwrap();
             assert_eq!(ddpm.timesteps(), ddim.timesteps());
-            let noises: Vec<Tensor<B, 4>> =
-                (0..steps + 1).map(|_| rng.tensor([16, 1, 5, 5])).collect();
+            let noises: Vec<Tensor<B, 4>> = (0..steps + 1).map(|_| rng.tensor([16, 1, 5, 5])).collect();
             let run = |sampler: &mut dyn Sampler<B>| {
                 let mut k = 0;
                 let mut replay = |_shape: [usize; 4], _d: &burn::backend::flex::FlexDevice| {
                     k += 1;
                     noises[k].clone()
                 };
-                sample(
-                    &model,
-                    sampler,
-                    noises[0].clone(),
-                    None,
-                    &mut replay,
-                    |_, _| {},
-                )
+                sample(&model, sampler, noises[0].clone(), None, &mut replay, |_, _| {})
             };
             let a = run(ddpm.as_mut());
             let b = run(ddim.as_mut());
@@ -199,14 +185,7 @@ fn same_noise_gives_the_same_samples_bit_for_bit() {
             let mut rng = Gaussian(1234);
             let x = rng.tensor([8, 1, 7, 7]);
             let mut sampler = SamplerConfig::new(kind, 20).build::<B>(&schedule).unwrap();
-            values(&sample(
-                &model,
-                sampler.as_mut(),
-                x,
-                None,
-                &mut rng,
-                |_, _| {},
-            ))
+            values(&sample(&model, sampler.as_mut(), x, None, &mut rng, |_, _| {}))
         };
         let (a, b) = (run(), run());
         assert!(
@@ -239,10 +218,7 @@ struct Affine {
 
 impl Affine {
     fn start() -> Self {
-        Affine {
-            c: 0.0,
-            w: vec![1.0],
-        }
+        Affine { c: 0.0, w: vec![1.0] }
     }
     /// p·self + q·other + r
     fn lin(&self, p: f64, other: &Affine, q: f64, r: f64) -> Affine {
@@ -278,12 +254,7 @@ fn x0_hat(x: &Affine, a: f64) -> Affine {
 
 fn eps_hat(x: &Affine, a: f64) -> Affine {
     let x0 = x0_hat(x, a);
-    x.lin(
-        1.0 / (1.0 - a).sqrt(),
-        &x0,
-        -a.sqrt() / (1.0 - a).sqrt(),
-        0.0,
-    )
+    x.lin(1.0 / (1.0 - a).sqrt(), &x0, -a.sqrt() / (1.0 - a).sqrt(), 0.0)
 }
 
 /// Mean and variance after running `kind` over `ts` from N(0, 1).
@@ -312,12 +283,8 @@ fn propagate(kind: SamplerKind, schedule: &NoiseSchedule, ts: &[usize]) -> (f64,
             }
             SamplerKind::Ddim { eta } => {
                 let sigma = eta * ((1.0 - a2) / (1.0 - a)).sqrt() * (1.0 - a / a2).sqrt();
-                let mean = x0_hat(&x, a).lin(
-                    a2.sqrt(),
-                    &eps_hat(&x, a),
-                    (1.0 - a2 - sigma * sigma).sqrt(),
-                    0.0,
-                );
+                let mean =
+                    x0_hat(&x, a).lin(a2.sqrt(), &eps_hat(&x, a), (1.0 - a2 - sigma * sigma).sqrt(), 0.0);
                 mean.plus_noise(sigma)
             }
             SamplerKind::DpmSolverPp => {
@@ -335,12 +302,8 @@ fn propagate(kind: SamplerKind, schedule: &NoiseSchedule, ts: &[usize]) -> (f64,
                         }
                     };
                     prev = Some((d0, h));
-                    x.scale(((1.0 - a2) / (1.0 - a)).sqrt()).lin(
-                        1.0,
-                        &d,
-                        a2.sqrt() * (1.0 - (-h).exp()),
-                        0.0,
-                    )
+                    x.scale(((1.0 - a2) / (1.0 - a)).sqrt())
+                        .lin(1.0, &d, a2.sqrt() * (1.0 - (-h).exp()), 0.0)
                 }
             }
         };
@@ -355,23 +318,12 @@ fn empirical(config: &SamplerConfig, schedule: &NoiseSchedule, n: usize) -> (f64
     let model = |x: Tensor<B, 4>, t: usize, _c: Option<Tensor<B, 1, Int>>| {
         let a = schedule.alpha_bar(t);
         let k = a.sqrt() * S2 / (a * S2 + 1.0 - a);
-        let x0 = x
-            .clone()
-            .sub_scalar(a.sqrt() * MU)
-            .mul_scalar(k)
-            .add_scalar(MU);
+        let x0 = x.clone().sub_scalar(a.sqrt() * MU).mul_scalar(k).add_scalar(MU);
         (x - x0.mul_scalar(a.sqrt())).div_scalar((1.0 - a).sqrt())
     };
     let mut sampler = config.build::<B>(schedule).unwrap();
     let x = rng.tensor([n / 100, 1, 10, 10]);
-    let out = values(&sample(
-        &model,
-        sampler.as_mut(),
-        x,
-        None,
-        &mut rng,
-        |_, _| {},
-    ));
+    let out = values(&sample(&model, sampler.as_mut(), x, None, &mut rng, |_, _| {}));
     let mean = out.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
     let var = out.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
     (mean, var)

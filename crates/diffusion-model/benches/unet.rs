@@ -10,10 +10,7 @@ use burn::tensor::{Distribution, Int, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use diffusion_model::UNetConfig;
 
-fn inputs<B: Backend>(
-    n: usize,
-    device: &B::Device,
-) -> (Tensor<B, 4>, Tensor<B, 1, Int>, Tensor<B, 1, Int>) {
+fn inputs<B: Backend>(n: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>, Tensor<B, 1, Int>) {
     let x = Tensor::random([n, 1, 28, 28], Distribution::Normal(0.0, 1.0), device);
     let t = Tensor::random([n], Distribution::Uniform(1.0, 500.0), device);
     let c = Tensor::random([n], Distribution::Uniform(0.0, 9.0), device);
@@ -29,11 +26,7 @@ fn forward(c: &mut Criterion) {
         let (x, t, cl) = inputs::<Flex>(n, &device);
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
-            b.iter(|| {
-                model
-                    .forward(x.clone(), t.clone(), Some(cl.clone()))
-                    .into_data()
-            })
+            b.iter(|| model.forward(x.clone(), t.clone(), Some(cl.clone())).into_data())
         });
     }
     group.finish();

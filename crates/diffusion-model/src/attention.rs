@@ -61,11 +61,7 @@ impl<B: Backend> AttentionBlock<B> {
         let [b, d, h, w] = x.dims();
         let l = h * w;
         // [B, d, H, W] → [B, L, d]
-        let tokens = self
-            .norm
-            .forward(x.clone())
-            .reshape([b, d, l])
-            .swap_dims(1, 2);
+        let tokens = self.norm.forward(x.clone()).reshape([b, d, l]).swap_dims(1, 2);
         let qkv = self.qkv.forward(tokens); // [B, L, 3d]
         let q = qkv.clone().narrow(2, 0, d);
         let k = qkv.clone().narrow(2, d, d);
@@ -85,9 +81,7 @@ impl<B: Backend> AttentionBlock<B> {
                 y.reshape([b, l, d])
             }
             AttentionImpl::Explicit => {
-                let scores = q
-                    .mul_scalar(1.0 / (d as f64).sqrt())
-                    .matmul(k.swap_dims(1, 2)); // [B, L, L]
+                let scores = q.mul_scalar(1.0 / (d as f64).sqrt()).matmul(k.swap_dims(1, 2)); // [B, L, L]
                 softmax(scores, 2).matmul(v) // [B, L, d]
             }
         };
@@ -107,11 +101,7 @@ mod tests {
         let device = Default::default();
         for (d, hw) in [(16, 28), (32, 14), (64, 7), (8, 3)] {
             let block = AttentionConfig::new(d).init::<TestBackend>(&device);
-            let x = Tensor::<TestBackend, 4>::random(
-                [3, d, hw, hw],
-                Distribution::Normal(0.0, 1.0),
-                &device,
-            );
+            let x = Tensor::<TestBackend, 4>::random([3, d, hw, hw], Distribution::Normal(0.0, 1.0), &device);
             let fused = block.forward(x.clone());
             let explicit = AttentionBlock {
                 implementation: AttentionImpl::Explicit,
@@ -119,10 +109,7 @@ mod tests {
             }
             .forward(x);
             let diff = max_abs_diff(&fused, &explicit);
-            assert!(
-                diff < 1e-5,
-                "d={d} hw={hw}: fused and explicit differ by {diff}"
-            );
+            assert!(diff < 1e-5, "d={d} hw={hw}: fused and explicit differ by {diff}");
         }
     }
 }

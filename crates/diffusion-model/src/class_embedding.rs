@@ -58,9 +58,6 @@ impl<B: Backend> ClassEmbedding<B> {
             .reshape([n, self.table.weight.dims()[1]]);
         let silu_embedding = burn::tensor::activation::silu(emb);
         let mask = has_null.then(|| classes.greater_equal_elem(0).float().reshape([n, 1]));
-        ClassCondition {
-            silu_embedding,
-            mask,
-        }
+        ClassCondition { silu_embedding, mask }
     }
 }

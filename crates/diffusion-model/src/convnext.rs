@@ -46,11 +46,7 @@ pub struct ConvNeXtBlock<B: Backend> {
 
 impl ConvNeXtConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> ConvNeXtBlock<B> {
-        let (cin, cout, hidden) = (
-            self.in_channels,
-            self.out_channels,
-            self.out_channels * self.mult,
-        );
+        let (cin, cout, hidden) = (self.in_channels, self.out_channels, self.out_channels * self.mult);
         let pad = |p| PaddingConfig2d::Explicit(p, p, p, p);
         ConvNeXtBlock {
             depthwise: Conv2dConfig::new([cin, cin], [7, 7])

@@ -68,9 +68,7 @@ impl<M> Ema<M> {
 /// matched in visit order (the two modules have the same type, so the same
 /// order whatever their parameter ids).
 pub fn blend<B: Backend, M: Module<B>>(target: M, source: &M, decay: f64) -> M {
-    let mut collect = Collect::<B> {
-        tensors: Vec::new(),
-    };
+    let mut collect = Collect::<B> { tensors: Vec::new() };
     source.visit(&mut collect);
     let mut mapper = Blend {
         source: collect.tensors.into_iter(),

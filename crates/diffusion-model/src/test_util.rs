@@ -10,8 +10,5 @@ pub fn max_abs_diff(a: &Tensor<TestBackend, 4>, b: &Tensor<TestBackend, 4>) -> f
         a.clone().into_data().to_vec::<f32>().unwrap(),
         b.clone().into_data().to_vec::<f32>().unwrap(),
     );
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }

@@ -115,8 +115,7 @@ impl UNetConfig {
         if self.strides.contains(&0) {
             return bad("strides must be at least 1".into());
         }
-        if self.image_channels == 0 || self.image_size == 0 || self.mult == 0 || self.num_steps == 0
-        {
+        if self.image_channels == 0 || self.image_size == 0 || self.mult == 0 || self.num_steps == 0 {
             return bad("image channels and size, mult and num_steps must be positive".into());
         }
         if self.embed_dim == 0 || self.embed_dim % 2 != 0 {
@@ -126,9 +125,7 @@ impl UNetConfig {
             ));
         }
         if self.num_classes == Some(0) {
-            return bad(
-                "num_classes must be at least 1, or none for an unconditional model".into(),
-            );
+            return bad("num_classes must be at least 1, or none for an unconditional model".into());
         }
         let mut sizes = vec![self.image_size];
         for (i, &s) in self.strides.iter().enumerate() {
@@ -271,12 +268,7 @@ impl<B: Backend> UNet<B> {
 }
 
 impl<B: Backend> Denoiser<B> for UNet<B> {
-    fn denoise(
-        &self,
-        x_t: Tensor<B, 4>,
-        t: usize,
-        classes: Option<Tensor<B, 1, Int>>,
-    ) -> Tensor<B, 4> {
+    fn denoise(&self, x_t: Tensor<B, 4>, t: usize, classes: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4> {
         let n = x_t.dims()[0];
         let t = Tensor::<B, 1, Int>::full([n], t as i64, &x_t.device());
         // Ids may be NO_CLASS when the caller mixes branches (guidance).

@@ -78,16 +78,11 @@ fn impossible_configs_are_refused_with_a_message() {
         UNetConfig::new().with_up_widths(vec![64, 32]),
         UNetConfig::new().with_attention(vec![true]),
         UNetConfig::new().with_embed_dim(111),
-        UNetConfig::new()
-            .with_image_size(4)
-            .with_strides(vec![4, 4, 4]),
+        UNetConfig::new().with_image_size(4).with_strides(vec![4, 4, 4]),
         UNetConfig::new().with_num_classes(Some(0)),
     ];
     for config in cases {
-        let err = config
-            .init::<B>(&device)
-            .err()
-            .expect("config must be refused");
+        let err = config.init::<B>(&device).err().expect("config must be refused");
         assert!(
             err.to_string().starts_with("invalid U-Net configuration: "),
             "{err}"
@@ -101,22 +96,12 @@ fn no_class_samples_match_the_unconditional_forward() {
     let unet = UNetConfig::new().init::<B>(&device).unwrap();
     let x = Tensor::<B, 4>::random([2, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device);
     let t = Tensor::<B, 1, Int>::from_ints([120, 300], &device);
-    let mixed =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(vec![7i32, NO_CLASS as i32], [2]), &device);
+    let mixed = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![7i32, NO_CLASS as i32], [2]), &device);
     let y_mixed = values(unet.forward_masked(x.clone(), t.clone(), Some(mixed), true));
-    let y_cond = values(unet.forward(
-        x.clone(),
-        t.clone(),
-        Some(Tensor::from_ints([7, 7], &device)),
-    ));
+    let y_cond = values(unet.forward(x.clone(), t.clone(), Some(Tensor::from_ints([7, 7], &device))));
     let y_uncond = values(unet.forward(x, t, None));
     let half = 28 * 28;
-    let max_diff = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(
         max_diff(&y_mixed[..half], &y_cond[..half]) < 1e-5,
         "sample 0 must be conditional"
@@ -176,9 +161,7 @@ fn one_training_step_updates_every_parameter() {
     };
     model.visit(&mut before);
 
-    let loss = (model.forward(x, t, Some(classes)) - eps)
-        .powi_scalar(2)
-        .mean();
+    let loss = (model.forward(x, t, Some(classes)) - eps).powi_scalar(2).mean();
     let grads = loss.backward();
     let mut g = Collect::<AB> {
         grads: Some(&grads),

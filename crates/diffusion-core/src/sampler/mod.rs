@@ -141,10 +141,7 @@ impl SamplerConfig {
     }
 
     /// Builds the sampler for `schedule`.
-    pub fn build<B: Backend>(
-        &self,
-        schedule: &NoiseSchedule,
-    ) -> Result<Box<dyn Sampler<B>>, CoreError> {
+    pub fn build<B: Backend>(&self, schedule: &NoiseSchedule) -> Result<Box<dyn Sampler<B>>, CoreError> {
         let ts = self.spacing.timesteps(schedule.num_steps(), self.steps)?;
         self.build_with_timesteps(schedule, ts)
     }
@@ -175,9 +172,7 @@ impl SamplerConfig {
             }
         };
         Ok(match self.kind {
-            SamplerKind::Reference { eta } => {
-                Box::new(ReferenceSampler::new(steps, check_eta(eta)?))
-            }
+            SamplerKind::Reference { eta } => Box::new(ReferenceSampler::new(steps, check_eta(eta)?)),
             SamplerKind::Ddpm => Box::new(Ddpm::new(steps)),
             SamplerKind::Ddim { eta } => Box::new(Ddim::new(steps, check_eta(eta)?)),
             SamplerKind::DpmSolverPp => Box::new(DpmSolverPp::new(steps)),
