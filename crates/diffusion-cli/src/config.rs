@@ -90,6 +90,9 @@ pub struct TrainConfig {
     /// Probability of training a sample without its label (classifier-free
     /// guidance); 0 in the seed preset.
     pub label_dropout: f64,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023); `None` = plain MSE.
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
     pub ema: EmaConfig,
     /// Save a checkpoint every N steps (0 = only at epoch ends).
     pub checkpoint_every: u64,
@@ -140,6 +143,7 @@ impl RunConfig {
             adam_epsilon: 1e-8,
             seed: 0,
             label_dropout: 0.0,
+            min_snr_gamma: None,
             ema,
             checkpoint_every: 500,
             log_every: 10,

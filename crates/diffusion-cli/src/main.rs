@@ -8,9 +8,12 @@ mod backend;
 mod checkpoint;
 mod config;
 mod data;
+mod eval;
 mod font;
+mod frechet;
 mod fsutil;
 mod grid;
+mod judge;
 mod npy;
 mod progress;
 mod sample;
@@ -35,6 +38,11 @@ enum Command {
     /// Draw samples from a trained run: a PNG grid, optionally a GIF of the
     /// reverse process and a .npy of the samples.
     Sample(sample::SampleArgs),
+    /// Measure sample quality: conditional accuracy and Fréchet distance,
+    /// judged by the project's MNIST classifier.
+    Eval(eval::EvalArgs),
+    /// Train the MNIST classifier that `eval` uses as its judge.
+    Classifier(judge::ClassifierArgs),
     /// Fetch a data set (MNIST or Fashion-MNIST) from its canonical mirrors.
     Download(data::DownloadArgs),
 }
@@ -56,6 +64,8 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Sample(args) => sample::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Classifier(args) => judge::train(args),
         Command::Download(args) => data::download(args),
     };
     let code = match result {

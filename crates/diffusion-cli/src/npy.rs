@@ -42,7 +42,8 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     write_bytes_atomically(path, &bytes)
 }
 
-/// Reads a .npy file of little-endian f32 (or f64, converted) in C order.
+/// Reads a .npy file in C order: little-endian f32, or f64 and integers
+/// (int8..int64, uint8; labels, say) converted to f32.
 pub fn read(path: &Path) -> Result<Array> {
     let bytes =
         std::fs::read(path).with_context(|| format!("{}: cannot read the .npy file", path.display()))?;
@@ -66,10 +67,16 @@ fn parse(bytes: &[u8]) -> Result<Array> {
         .and_then(|h| std::str::from_utf8(h).ok())
         .context("truncated or non-text header")?;
     let descr = dict_value(header, "descr").context("header has no 'descr'")?;
-    let width = match descr.trim_matches(|c| c == '\'' || c == '"') {
-        "<f4" | "|f4" | "f4" => 4,
-        "<f8" | "f8" => 8,
-        other => bail!("dtype {other} is not supported; save float32 (astype(np.float32))"),
+    let dtype = descr.trim_matches(|c| c == '\'' || c == '"');
+    let (kind, width) = match dtype.trim_start_matches(['<', '|', '=']) {
+        "f4" => ('f', 4),
+        "f8" => ('f', 8),
+        "i1" => ('i', 1),
+        "u1" => ('u', 1),
+        "i2" => ('i', 2),
+        "i4" => ('i', 4),
+        "i8" => ('i', 8),
+        _ => bail!("dtype {dtype} is not supported; save little-endian float32 (astype(np.float32)) or integers"),
     };
     if dict_value(header, "fortran_order")
         .map(|v| v.trim() == "True")
@@ -95,15 +102,18 @@ fn parse(bytes: &[u8]) -> Result<Array> {
             body.len()
         );
     }
-    let data = if width == 4 {
-        body.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    } else {
-        body.chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect()
-    };
+    let data = body
+        .chunks_exact(width)
+        .map(|c| match (kind, width) {
+            ('f', 4) => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            ('f', _) => f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
+            ('u', _) => c[0] as f32,
+            (_, 1) => c[0] as i8 as f32,
+            (_, 2) => i16::from_le_bytes([c[0], c[1]]) as f32,
+            (_, 4) => i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32,
+            _ => i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32,
+        })
+        .collect();
     Ok(Array { shape, data })
 }
 

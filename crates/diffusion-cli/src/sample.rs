@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use diffusion_core::{sample, BackendNoise, NoiseSchedule, SamplerConfig};
+use diffusion_core::{sample, BackendNoise, Guided, NoiseSchedule, SamplerConfig};
 use diffusion_model::UNet;
 
 use crate::backend::{dispatch, BackendKind, Task};
@@ -35,6 +35,10 @@ pub struct SampleArgs {
     /// Clamp x̂0 to [-1, 1] at each step (true/false; default per sampler).
     #[arg(long)]
     pub clip: Option<bool>,
+    /// Classifier-free guidance scale w: ε = ε_uncond + w·(ε_cond − ε_uncond);
+    /// 1 is plain conditional sampling. Needs a model trained with label dropout.
+    #[arg(long, default_value_t = 1.0)]
+    pub guidance: f64,
     /// Classes to draw, cycled over the images: "0,3,7" or "all".
     #[arg(long, default_value = "all")]
     pub classes: String,
@@ -125,6 +129,12 @@ pub fn run(args: SampleArgs) -> Result<i32> {
     if n == 0 {
         bail!("--n must be at least 1");
     }
+    if !(args.guidance.is_finite() && args.guidance >= 0.0) {
+        bail!("--guidance must be a number >= 0, got {}", args.guidance);
+    }
+    if args.guidance != 1.0 && config.train.label_dropout == 0.0 {
+        eprintln!("warning: this model was trained without label dropout, so its unconditional branch is untrained; --guidance may do harm");
+    }
     let weights = args.weights.unwrap_or(config.sample_weights);
     let out = args
         .out
@@ -134,6 +144,7 @@ pub fn run(args: SampleArgs) -> Result<i32> {
         config,
         ckpt_dir,
         sampler,
+        guidance: args.guidance,
         classes,
         n,
         seed: args.seed,
@@ -156,6 +167,7 @@ struct SampleTask {
     config: RunConfig,
     ckpt_dir: PathBuf,
     sampler: SamplerConfig,
+    guidance: f64,
     classes: Option<Vec<usize>>,
     n: usize,
     seed: u64,
@@ -195,6 +207,7 @@ impl Task for SampleTask {
             &model,
             &schedule,
             &self.sampler,
+            self.guidance,
             x,
             &labels,
             &device,
@@ -228,10 +241,12 @@ impl Task for SampleTask {
 
 /// Runs a sampler with a progress bar; with `gif`, records the start noise
 /// and x after every step as frames.
+#[allow(clippy::too_many_arguments)]
 fn run_sampler<B: Backend>(
     model: &UNet<B>,
     schedule: &NoiseSchedule,
     config: &SamplerConfig,
+    guidance: f64,
     x: Tensor<B, 4>,
     labels: &[Option<usize>],
     device: &B::Device,
@@ -252,8 +267,9 @@ fn run_sampler<B: Backend>(
         );
     }
     let bar = progress::bar(sampler.num_steps() as u64, "steps");
+    let guided = Guided::new(model, guidance);
     let out = sample(
-        model,
+        &guided,
         sampler.as_mut(),
         x,
         classes,
@@ -302,7 +318,7 @@ pub fn preview_grid<B: Backend>(
     let shape = [request.n, request.channels, request.size, request.size];
     B::seed(device, request.seed ^ 0x5EED);
     let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
-    let out = run_sampler(model, schedule, request.sampler, x, &labels, device, None)?;
+    let out = run_sampler(model, schedule, request.sampler, 1.0, x, &labels, device, None)?;
     let values = out
         .into_data()
         .convert::<f32>()

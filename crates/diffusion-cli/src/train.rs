@@ -74,6 +74,10 @@ pub struct TrainArgs {
     /// What the network predicts: the noise (eps), the clean image (x0) or v.
     #[arg(long, value_enum)]
     pub prediction: Option<PredictionArg>,
+    /// Weight each sample's loss by min(SNR, γ) relative to its target's
+    /// natural weight (Min-SNR-γ, Hang et al. 2023; γ = 5 there).
+    #[arg(long, value_name = "GAMMA")]
+    pub min_snr_gamma: Option<f64>,
     /// Save a checkpoint every N steps (0 = only at epoch ends).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -130,6 +134,12 @@ fn configure(args: &TrainArgs) -> Result<RunConfig> {
     set!(t.workers, args.workers);
     if args.limit.is_some() {
         t.limit = args.limit;
+    }
+    if let Some(g) = args.min_snr_gamma {
+        if !(g > 0.0 && g.is_finite()) {
+            bail!("--min-snr-gamma must be a positive number, got {g}");
+        }
+        t.min_snr_gamma = Some(g);
     }
     if let Some(p) = args.prediction {
         c.model.prediction = p.into();
@@ -389,8 +399,15 @@ impl Task for TrainTask {
                 });
                 let x_t = fp.noise(x0.clone(), t.clone(), eps.clone());
                 let output = model.forward_masked(x_t, t.clone(), classes, dropout > 0.0);
-                let target = config.model.prediction.target(x0, eps, fp.alpha_bar(t));
-                let loss = (output - target).powi_scalar(2).mean();
+                let alpha_bar = fp.alpha_bar(t); // [B, 1, 1, 1]
+                let target = config.model.prediction.target(x0, eps, alpha_bar.clone());
+                let loss = match tc.min_snr_gamma {
+                    None => (output - target).powi_scalar(2).mean(),
+                    Some(gamma) => {
+                        let per_sample = (output - target).powi_scalar(2).mean_dims(&[1, 2, 3]); // [B, 1, 1, 1]
+                        (per_sample * min_snr_weight(alpha_bar, gamma, config.model.prediction)).mean()
+                    }
+                };
 
                 let lr = tc.lr_schedule.at(tc.lr, state.step, total);
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -486,6 +503,19 @@ impl Task for TrainTask {
             run_dir.display()
         );
         Ok(0)
+    }
+}
+
+/// Min-SNR-γ weights per sample: min(SNR, γ) divided by the weight the
+/// target already gives each t in terms of x0 error (SNR for ε, 1 for x0,
+/// SNR + 1 for v), SNR = ᾱ/(1 − ᾱ).
+fn min_snr_weight<B: Backend>(alpha_bar: Tensor<B, 4>, gamma: f64, prediction: Prediction) -> Tensor<B, 4> {
+    let snr = alpha_bar.clone() / alpha_bar.neg().add_scalar(1.0).clamp_min(1e-12);
+    let clipped = snr.clone().clamp_max(gamma);
+    match prediction {
+        Prediction::Epsilon => clipped / snr.clamp_min(1e-12),
+        Prediction::Sample => clipped,
+        Prediction::V => clipped / snr.add_scalar(1.0),
     }
 }
 

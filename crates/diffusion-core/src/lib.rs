@@ -41,6 +41,7 @@
 
 pub mod denoiser;
 pub mod forward;
+pub mod guidance;
 pub mod prediction;
 pub mod sample;
 pub mod sampler;
@@ -52,6 +53,7 @@ pub(crate) mod test_util;
 
 pub use denoiser::Denoiser;
 pub use forward::ForwardProcess;
+pub use guidance::{Guided, NULL_CLASS};
 pub use prediction::{Estimate, Prediction};
 pub use sample::{sample, BackendNoise, NoiseSource, StepInfo};
 pub use sampler::{Clip, Sampler, SamplerConfig, SamplerKind};

@@ -7,7 +7,7 @@ use burn::prelude::*;
 /// Class id meaning "no class" for one sample of a batch: that sample takes
 /// the unconditional branch (its class term is left out), as classifier-free
 /// guidance needs.
-pub const NO_CLASS: i64 = -1;
+pub const NO_CLASS: i64 = diffusion_core::NULL_CLASS;
 
 /// Builds a [`ClassEmbedding`].
 #[derive(Config, Debug)]

@@ -43,6 +43,7 @@
 pub mod attention;
 pub mod block;
 pub mod class_embedding;
+pub mod classifier;
 pub mod convnext;
 pub mod ema;
 pub mod time_embedding;
@@ -54,6 +55,7 @@ pub(crate) mod test_util;
 pub use attention::{AttentionBlock, AttentionConfig, AttentionImpl};
 pub use block::{Block, BlockConfig};
 pub use class_embedding::{ClassEmbedding, ClassEmbeddingConfig, NO_CLASS};
+pub use classifier::{Classifier, ClassifierConfig};
 pub use convnext::{ConvNeXtBlock, ConvNeXtConfig};
 pub use ema::Ema;
 pub use unet::{UNet, UNetConfig};
