@@ -35,6 +35,11 @@ impl BackendKind {
         }
     }
 
+    /// Whether this is the CPU backend.
+    pub fn is_cpu(self) -> bool {
+        self.name() == "cpu"
+    }
+
     /// `--backend` if given; else, among the compiled backends, cuda when
     /// an NVIDIA driver is present, then wgpu, then cpu. Says which.
     pub fn resolve(flag: Option<BackendKind>) -> BackendKind {

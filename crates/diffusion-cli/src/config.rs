@@ -100,6 +100,10 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Threads preparing batches.
     pub workers: usize,
+    /// On the CPU backend, pieces each batch is split into and computed in
+    /// parallel threads (the gradient is that of the whole batch).
+    #[serde(default = "one")]
+    pub shards: usize,
 }
 
 /// The grid drawn after every epoch.
@@ -148,6 +152,7 @@ impl RunConfig {
             checkpoint_every: 500,
             log_every: 10,
             workers: 2,
+            shards: 2,
         };
         match preset {
             Preset::Seed => RunConfig {
@@ -249,6 +254,10 @@ impl RunConfig {
 }
 
 pub const CONFIG_FILE: &str = "config.json";
+
+fn one() -> usize {
+    1
+}
 
 /// clap's view of the samplers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -5,6 +5,7 @@
 //! a non-zero exit status.
 
 mod backend;
+mod bench;
 mod checkpoint;
 mod config;
 mod data;
@@ -43,6 +44,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Train the MNIST classifier that `eval` uses as its judge.
     Classifier(judge::ClassifierArgs),
+    /// Time training and sampling of the reference U-Net (img/s, seconds).
+    Bench(bench::BenchArgs),
     /// Fetch a data set (MNIST or Fashion-MNIST) from its canonical mirrors.
     Download(data::DownloadArgs),
 }
@@ -66,6 +69,7 @@ fn main() {
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Classifier(args) => judge::train(args),
+        Command::Bench(args) => bench::run(args),
         Command::Download(args) => data::download(args),
     };
     let code = match result {

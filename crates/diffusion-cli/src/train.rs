@@ -84,6 +84,10 @@ pub struct TrainArgs {
     /// Threads preparing batches.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// On the CPU backend, split each batch into N pieces computed in
+    /// parallel threads (burn's CPU kernels mostly use one core).
+    #[arg(long)]
+    pub shards: Option<usize>,
     /// Stop (with a checkpoint) once N steps in total are done, as if
     /// interrupted; `--resume` continues.
     #[arg(long, value_name = "N")]
@@ -132,6 +136,7 @@ fn configure(args: &TrainArgs) -> Result<RunConfig> {
     set!(t.label_dropout, args.label_dropout);
     set!(t.checkpoint_every, args.checkpoint_every);
     set!(t.workers, args.workers);
+    set!(t.shards, args.shards);
     if args.limit.is_some() {
         t.limit = args.limit;
     }
@@ -232,6 +237,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     );
     let task = TrainTask {
         config,
+        cpu: backend.is_cpu(),
         run_dir,
         resume,
         set: Arc::new(set),
@@ -263,6 +269,8 @@ fn check_data_fits(config: &RunConfig, set: &ImageSet) -> Result<()> {
 
 struct TrainTask {
     config: RunConfig,
+    /// Whether the backend is the CPU one (shards the batch over threads).
+    cpu: bool,
     run_dir: PathBuf,
     resume: bool,
     set: Arc<ImageSet>,
@@ -296,6 +304,7 @@ impl Task for TrainTask {
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<i32> {
         let TrainTask {
             config,
+            cpu,
             run_dir,
             resume,
             set,
@@ -355,6 +364,7 @@ impl Task for TrainTask {
         let mut metrics = Metrics::open(&run_dir, state.step)?;
         let conditional = config.model.num_classes.is_some();
         let dropout = tc.label_dropout;
+        let shards = if cpu { tc.shards.max(1) } else { 1 };
 
         let bar = progress::bar(total, "steps");
         bar.set_position(state.step);
@@ -397,24 +407,14 @@ impl Task for TrainTask {
                         batch.labels.clone()
                     }
                 });
-                let x_t = fp.noise(x0.clone(), t.clone(), eps.clone());
-                let output = model.forward_masked(x_t, t.clone(), classes, dropout > 0.0);
-                let alpha_bar = fp.alpha_bar(t); // [B, 1, 1, 1]
-                let target = config.model.prediction.target(x0, eps, alpha_bar.clone());
-                let loss = match tc.min_snr_gamma {
-                    None => (output - target).powi_scalar(2).mean(),
-                    Some(gamma) => {
-                        let per_sample = (output - target).powi_scalar(2).mean_dims(&[1, 2, 3]); // [B, 1, 1, 1]
-                        (per_sample * min_snr_weight(alpha_bar, gamma, config.model.prediction)).mean()
-                    }
-                };
+                let inputs = StepInputs { x0, t, eps, classes };
+                let losses = Losses { fp: &fp, prediction: config.model.prediction, min_snr_gamma: tc.min_snr_gamma, has_null: dropout > 0.0 };
+                let (grads, loss) = sharded_step(&model, inputs, shards, &losses);
 
                 let lr = tc.lr_schedule.at(tc.lr, state.step, total);
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
                 model = optim.step(lr, model, grads);
                 ema.update(&model.valid());
 
-                let loss = loss.inner();
                 loss_sum = Some(match loss_sum.take() {
                     Some(s) => s + loss,
                     None => loss,
@@ -503,6 +503,128 @@ impl Task for TrainTask {
             run_dir.display()
         );
         Ok(0)
+    }
+}
+
+/// One training batch on the device.
+struct StepInputs<B: Backend> {
+    x0: Tensor<B, 4>,
+    t: Tensor<B, 1, Int>,
+    eps: Tensor<B, 4>,
+    classes: Option<Tensor<B, 1, Int>>,
+}
+
+impl<B: Backend> StepInputs<B> {
+    /// Samples [start, start + len) of the batch.
+    fn shard(&self, start: usize, len: usize) -> Self {
+        Self {
+            x0: self.x0.clone().narrow(0, start, len),
+            t: self.t.clone().narrow(0, start, len),
+            eps: self.eps.clone().narrow(0, start, len),
+            classes: self.classes.as_ref().map(|c| c.clone().narrow(0, start, len)),
+        }
+    }
+}
+
+/// The training loss of a batch.
+struct Losses<'a, B: Backend> {
+    fp: &'a ForwardProcess<B>,
+    prediction: Prediction,
+    min_snr_gamma: Option<f64>,
+    /// Whether class ids may be NO_CLASS (label dropout).
+    has_null: bool,
+}
+
+impl<B: Backend> Losses<'_, B> {
+    /// Mean squared error to the target (Min-SNR weighted when asked).
+    fn loss(&self, model: &UNet<B>, inputs: StepInputs<B>) -> Tensor<B, 1> {
+        let StepInputs { x0, t, eps, classes } = inputs;
+        let x_t = self.fp.noise(x0.clone(), t.clone(), eps.clone());
+        let output = model.forward_masked(x_t, t.clone(), classes, self.has_null);
+        let alpha_bar = self.fp.alpha_bar(t); // [B, 1, 1, 1]
+        let target = self.prediction.target(x0, eps, alpha_bar.clone());
+        match self.min_snr_gamma {
+            None => (output - target).powi_scalar(2).mean(),
+            Some(gamma) => {
+                let per_sample = (output - target).powi_scalar(2).mean_dims(&[1, 2, 3]); // [B, 1, 1, 1]
+                (per_sample * min_snr_weight(alpha_bar, gamma, self.prediction)).mean()
+            }
+        }
+    }
+}
+
+/// Gradients and loss of a batch, computed as `shards` pieces in parallel
+/// threads and merged (each piece weighted by its share of the batch), so
+/// that a CPU backend whose kernels use one core keeps every core busy.
+/// The result is the gradient of the whole batch's mean loss.
+fn sharded_step<B: AutodiffBackend>(
+    model: &UNet<B>,
+    inputs: StepInputs<B>,
+    shards: usize,
+    losses: &Losses<'_, B>,
+) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
+    let n = inputs.x0.dims()[0];
+    let shards = shards.clamp(1, n);
+    if shards == 1 {
+        let loss = losses.loss(model, inputs);
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        return (grads, loss.inner());
+    }
+    let bounds: Vec<(usize, usize)> = (0..shards).map(|k| (k * n / shards, (k + 1) * n / shards)).collect();
+    let parts: Vec<(GradientsParams, Tensor<B::InnerBackend, 1>, f64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bounds
+            .iter()
+            .map(|&(a, b)| {
+                let shard = inputs.shard(a, b - a);
+                // A copy with leaves of its own (same parameter ids), so the
+                // shards' autodiff graphs stay apart.
+                let model: UNet<B> = model.valid().train::<B>();
+                scope.spawn(move || {
+                    let loss = losses.loss(&model, shard);
+                    let grads = GradientsParams::from_grads(loss.backward(), &model);
+                    (grads, loss.inner(), (b - a) as f64 / n as f64)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a training shard panicked")).collect()
+    });
+    let mut loss = None;
+    let mut weighted = Vec::with_capacity(parts.len());
+    for (grads, l, w) in parts {
+        let l = l.mul_scalar(w);
+        loss = Some(match loss {
+            Some(acc) => acc + l,
+            None => l,
+        });
+        weighted.push((grads, w));
+    }
+    let mut merge = MergeGrads::<B> { parts: weighted, merged: GradientsParams::new(), _b: std::marker::PhantomData };
+    model.visit(&mut merge);
+    (merge.merged, loss.expect("at least one shard"))
+}
+
+/// Σ w_k·g_k over the shards' gradients, parameter by parameter.
+struct MergeGrads<B> {
+    parts: Vec<(GradientsParams, f64)>,
+    merged: GradientsParams,
+    _b: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for MergeGrads<B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let mut acc: Option<Tensor<B::InnerBackend, D>> = None;
+        for (grads, w) in &mut self.parts {
+            if let Some(g) = grads.remove::<B::InnerBackend, D>(param.id) {
+                let g = g.mul_scalar(*w);
+                acc = Some(match acc {
+                    Some(a) => a + g,
+                    None => g,
+                });
+            }
+        }
+        if let Some(g) = acc {
+            self.merged.register(param.id, g);
+        }
     }
 }
 

@@ -1,0 +1,193 @@
+//! `diffusion bench`: training and sampling speed of the reference U-Net
+//! on one backend, in the terms of shared/bench/torch_ref/bench.py
+//! (synthetic data, Adam steps at batch 128 and 32, 81 images x 35 DDIM
+//! steps), so the two can be run side by side.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use burn::module::AutodiffModule;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Int, Tensor};
+use diffusion_core::{sample, BackendNoise, ForwardProcess, NoiseSchedule, SamplerConfig, SamplerKind};
+use diffusion_model::{AttentionImpl, UNet, UNetConfig};
+use serde::Serialize;
+
+use crate::backend::{dispatch, BackendKind, Task};
+
+/// `diffusion bench` flags.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Timed training steps per batch size (after --warmup untimed ones).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed sampling runs.
+    #[arg(long, default_value_t = 1)]
+    pub sample_repeats: usize,
+    /// Attention: fused (burn's attention op) or explicit (matmul + softmax).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub attention: AttentionArg,
+    /// Skip batch 128 (slow on small CPUs).
+    #[arg(long)]
+    pub skip_128: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttentionArg {
+    Fused,
+    Explicit,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchResult {
+    backend: &'static str,
+    threads: usize,
+    attention: String,
+    params: usize,
+    train_ms_per_step_b128: Option<f64>,
+    train_ms_per_step_b32: f64,
+    train_images_per_s_b128: Option<f64>,
+    train_images_per_s_b32: f64,
+    sample_81x35_s: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+pub fn run(args: BenchArgs) -> Result<i32> {
+    if args.repeats == 0 || args.sample_repeats == 0 {
+        bail!("--repeats and --sample-repeats must be at least 1");
+    }
+    let backend = BackendKind::resolve(args.backend);
+    dispatch(backend, BenchTask { args, backend })
+}
+
+struct BenchTask {
+    args: BenchArgs,
+    backend: BackendKind,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds of an Adam step at `batch` on synthetic data.
+fn time_training<B: AutodiffBackend>(
+    config: &UNetConfig,
+    schedule: &NoiseSchedule,
+    batch: usize,
+    warmup: usize,
+    repeats: usize,
+    device: &B::Device,
+) -> Result<f64> {
+    B::seed(device, 0);
+    let mut model: UNet<B> = config.init(device)?;
+    let mut optim = AdamConfig::new().with_epsilon(1e-8).init::<B, UNet<B>>();
+    let fp = ForwardProcess::<B>::new(schedule, device);
+    let x0 = Tensor::<B, 4>::random([batch, 1, 28, 28], Distribution::Uniform(-1.0, 1.0), device);
+    let mut times = Vec::new();
+    for i in 0..warmup + repeats {
+        let start = Instant::now();
+        let t = Tensor::<B, 1>::random([batch], Distribution::Uniform(0.0, 1.0), device)
+            .mul_scalar(500.0)
+            .int()
+            .add_scalar(1);
+        let classes = Tensor::<B, 1>::random([batch], Distribution::Uniform(0.0, 10.0), device).int();
+        let eps = Tensor::<B, 4>::random([batch, 1, 28, 28], Distribution::Normal(0.0, 1.0), device);
+        let x_t = fp.noise(x0.clone(), t.clone(), eps.clone());
+        let loss = (model.forward(x_t, t, Some(classes)) - eps).powi_scalar(2).mean();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-3, model, grads);
+        // Wait for the device: read one parameter value back.
+        let _ = model.valid().head.conv2.weight.val().sum().into_data();
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(median(times))
+}
+
+/// Median seconds to sample 81 images with 35 DDIM(η = 0) steps.
+fn time_sampling<B: Backend>(model: &UNet<B>, schedule: &NoiseSchedule, repeats: usize, device: &B::Device) -> Result<f64> {
+    let config = SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 35);
+    let classes = Tensor::<B, 1, Int>::arange(0..81, device).remainder_scalar(10);
+    // One warm-up forward pass at the sampling batch size.
+    let x = Tensor::<B, 4>::random([81, 1, 28, 28], Distribution::Normal(0.0, 1.0), device);
+    let t = Tensor::<B, 1, Int>::full([81], 250, device);
+    let _ = model.forward(x, t, Some(classes.clone())).into_data();
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        let start = Instant::now();
+        let mut sampler = config.build::<B>(schedule)?;
+        let x = Tensor::<B, 4>::random([81, 1, 28, 28], Distribution::Normal(0.0, 1.0), device);
+        let out = sample(model, sampler.as_mut(), x, Some(classes.clone()), &mut BackendNoise, |_, _| {});
+        let _ = out.into_data();
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+impl Task for BenchTask {
+    type Output = i32;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<i32> {
+        let args = self.args;
+        let attention = match args.attention {
+            AttentionArg::Fused => AttentionImpl::Fused,
+            AttentionArg::Explicit => AttentionImpl::Explicit,
+        };
+        let config = UNetConfig::new().with_attention_impl(attention);
+        let schedule = NoiseSchedule::reference();
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        eprintln!("timing training at batch 32 ...");
+        let t32 = time_training::<B>(&config, &schedule, 32, args.warmup, args.repeats, &device)?;
+        let t128 = if args.skip_128 {
+            None
+        } else {
+            eprintln!("timing training at batch 128 ...");
+            Some(time_training::<B>(&config, &schedule, 128, args.warmup, args.repeats, &device)?)
+        };
+        eprintln!("timing sampling of 81 images x 35 DDIM steps ...");
+        B::seed(&device, 0);
+        let model: UNet<B::InnerBackend> = config.init(&device)?;
+        let ts = time_sampling(&model, &schedule, args.sample_repeats, &device)?;
+        let result = BenchResult {
+            backend: self.backend.name(),
+            threads,
+            attention: format!("{attention:?}").to_lowercase(),
+            params: burn::module::Module::num_params(&model),
+            train_ms_per_step_b128: t128.map(|t| t * 1e3),
+            train_ms_per_step_b32: t32 * 1e3,
+            train_images_per_s_b128: t128.map(|t| 128.0 / t),
+            train_images_per_s_b32: 32.0 / t32,
+            sample_81x35_s: ts,
+            peak_rss_mib: peak_rss_mib(),
+        };
+        println!("backend {} ({} threads), {} attention, {} parameters", result.backend, result.threads, result.attention, result.params);
+        if let (Some(ms), Some(ips)) = (result.train_ms_per_step_b128, result.train_images_per_s_b128) {
+            println!("train b128   {ms:>9.1} ms/step  {ips:>8.1} img/s");
+        }
+        println!("train b32    {:>9.1} ms/step  {:>8.1} img/s", result.train_ms_per_step_b32, result.train_images_per_s_b32);
+        println!("sample 81x35 {:>9.2} s", result.sample_81x35_s);
+        if let Some(m) = result.peak_rss_mib {
+            println!("peak RSS     {m:>9.0} MiB (host)");
+        }
+        println!("{}", serde_json::to_string(&result)?);
+        Ok(0)
+    }
+}
