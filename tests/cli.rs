@@ -314,7 +314,11 @@ fn bad_input_gives_one_error_line() {
 /// Writes a little-endian f32 .npy file (the format numpy.save writes).
 fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -336,9 +340,13 @@ fn eval_judges_real_test_digits_as_real() {
     // reaches >= 99% on the whole test set), and their Fréchet distance to
     // the test set must sit near the train-vs-test floor, far below noise.
     let root = scratch("eval-npy");
-    let test = diffusion_data::load_split(&diffusion_data::bundled_mnist_dir(), diffusion_data::Split::Test).unwrap();
+    let test = diffusion_data::load_split(&diffusion_data::bundled_mnist_dir(), diffusion_data::Split::Test)
+        .unwrap();
     let n = 500;
-    let pixels: Vec<f32> = test.images[..n * 784].iter().map(|&p| p as f32 / 127.5 - 1.0).collect();
+    let pixels: Vec<f32> = test.images[..n * 784]
+        .iter()
+        .map(|&p| p as f32 / 127.5 - 1.0)
+        .collect();
     let labels: Vec<f32> = test.labels[..n].iter().map(|&l| l as f32).collect();
     write_npy(&root.join("x.npy"), &[n, 1, 28, 28], &pixels);
     write_npy(&root.join("y.npy"), &[n], &labels);
@@ -357,9 +365,16 @@ fn eval_judges_real_test_digits_as_real() {
         report["frechet_floor_train_vs_test"].as_f64().unwrap(),
         report["frechet_ceiling_noise_vs_test"].as_f64().unwrap(),
     );
-    assert!(fd < 3.0 * floor + 1.0 && fd < 0.05 * ceiling, "fd {fd}, floor {floor}, ceiling {ceiling}");
+    assert!(
+        fd < 3.0 * floor + 1.0 && fd < 0.05 * ceiling,
+        "fd {fd}, floor {floor}, ceiling {ceiling}"
+    );
     let confusion = report["confusion"].as_array().unwrap();
-    let total: u64 = confusion.iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
     assert_eq!(total, n as u64);
 }
 
@@ -367,7 +382,18 @@ fn eval_judges_real_test_digits_as_real() {
 fn eval_of_a_run_writes_its_report() {
     let run = trained_run();
     let out = ok(bin()
-        .args(["eval", "--backend", "cpu", "--per-class", "3", "--steps", "3", "--guidance", "2", "--checkpoint"])
+        .args([
+            "eval",
+            "--backend",
+            "cpu",
+            "--per-class",
+            "3",
+            "--steps",
+            "3",
+            "--guidance",
+            "2",
+            "--checkpoint",
+        ])
         .arg(run));
     assert!(out.contains("accuracy") && out.contains("Fréchet"), "{out}");
     let dir = run.join("eval");
@@ -377,5 +403,64 @@ fn eval_of_a_run_writes_its_report() {
     assert_eq!(report["guidance"], 2.0);
     let acc = report["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
-    assert!(report["frechet_floor_train_vs_test"].as_f64().unwrap() < report["frechet_ceiling_noise_vs_test"].as_f64().unwrap());
+    assert!(
+        report["frechet_floor_train_vs_test"].as_f64().unwrap()
+            < report["frechet_ceiling_noise_vs_test"].as_f64().unwrap()
+    );
+}
+
+#[test]
+fn reference_weights_import_and_sample() {
+    // The fixture of tests/fixtures/make_reference_fixture.py: a reduced
+    // reference U-Net saved with torch.save(model.state_dict(), path).
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference_small");
+    let root = scratch("import");
+    let run = root.join("imported");
+    let text = ok(bin()
+        .args(["import", "--backend", "cpu", "--pt"])
+        .arg(fixtures.join("model.pt"))
+        .arg("--config")
+        .arg(fixtures.join("unet.json"))
+        .arg("--out")
+        .arg(&run));
+    assert!(text.contains("imported"), "{text}");
+    ok(bin()
+        .args([
+            "sample",
+            "--backend",
+            "cpu",
+            "--n",
+            "3",
+            "--steps",
+            "3",
+            "--sampler",
+            "ddim",
+            "--checkpoint",
+        ])
+        .arg(&run)
+        .arg("--out")
+        .arg(root.join("grid.png")));
+    // Export with the reference's names, and import that file again.
+    let st = root.join("unet.safetensors");
+    ok(bin()
+        .args(["export", "--backend", "cpu", "--checkpoint"])
+        .arg(&run)
+        .arg("--safetensors")
+        .arg(&st));
+    ok(bin()
+        .args(["import", "--backend", "cpu", "--safetensors"])
+        .arg(&st)
+        .arg("--config")
+        .arg(fixtures.join("unet.json"))
+        .arg("--out")
+        .arg(root.join("again")));
+    // Without --config the reference configuration does not fit the file.
+    let e = fails(
+        bin()
+            .args(["import", "--backend", "cpu", "--pt"])
+            .arg(fixtures.join("model.pt"))
+            .arg("--out")
+            .arg(root.join("bad")),
+    );
+    assert!(e.contains("model.pt") && e.contains("--config"), "{e}");
 }

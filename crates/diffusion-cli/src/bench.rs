@@ -112,7 +112,12 @@ fn time_training<B: AutodiffBackend>(
 }
 
 /// Median seconds to sample 81 images with 35 DDIM(η = 0) steps.
-fn time_sampling<B: Backend>(model: &UNet<B>, schedule: &NoiseSchedule, repeats: usize, device: &B::Device) -> Result<f64> {
+fn time_sampling<B: Backend>(
+    model: &UNet<B>,
+    schedule: &NoiseSchedule,
+    repeats: usize,
+    device: &B::Device,
+) -> Result<f64> {
     let config = SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 35);
     let classes = Tensor::<B, 1, Int>::arange(0..81, device).remainder_scalar(10);
     // One warm-up forward pass at the sampling batch size.
@@ -124,7 +129,14 @@ fn time_sampling<B: Backend>(model: &UNet<B>, schedule: &NoiseSchedule, repeats:
         let start = Instant::now();
         let mut sampler = config.build::<B>(schedule)?;
         let x = Tensor::<B, 4>::random([81, 1, 28, 28], Distribution::Normal(0.0, 1.0), device);
-        let out = sample(model, sampler.as_mut(), x, Some(classes.clone()), &mut BackendNoise, |_, _| {});
+        let out = sample(
+            model,
+            sampler.as_mut(),
+            x,
+            Some(classes.clone()),
+            &mut BackendNoise,
+            |_, _| {},
+        );
         let _ = out.into_data();
         times.push(start.elapsed().as_secs_f64());
     }
@@ -160,7 +172,14 @@ impl Task for BenchTask {
             None
         } else {
             eprintln!("timing training at batch 128 ...");
-            Some(time_training::<B>(&config, &schedule, 128, args.warmup, args.repeats, &device)?)
+            Some(time_training::<B>(
+                &config,
+                &schedule,
+                128,
+                args.warmup,
+                args.repeats,
+                &device,
+            )?)
         };
         eprintln!("timing sampling of 81 images x 35 DDIM steps ...");
         B::seed(&device, 0);
@@ -178,11 +197,17 @@ impl Task for BenchTask {
             sample_81x35_s: ts,
             peak_rss_mib: peak_rss_mib(),
         };
-        println!("backend {} ({} threads), {} attention, {} parameters", result.backend, result.threads, result.attention, result.params);
+        println!(
+            "backend {} ({} threads), {} attention, {} parameters",
+            result.backend, result.threads, result.attention, result.params
+        );
         if let (Some(ms), Some(ips)) = (result.train_ms_per_step_b128, result.train_images_per_s_b128) {
             println!("train b128   {ms:>9.1} ms/step  {ips:>8.1} img/s");
         }
-        println!("train b32    {:>9.1} ms/step  {:>8.1} img/s", result.train_ms_per_step_b32, result.train_images_per_s_b32);
+        println!(
+            "train b32    {:>9.1} ms/step  {:>8.1} img/s",
+            result.train_ms_per_step_b32, result.train_images_per_s_b32
+        );
         println!("sample 81x35 {:>9.2} s", result.sample_81x35_s);
         if let Some(m) = result.peak_rss_mib {
             println!("peak RSS     {m:>9.0} MiB (host)");

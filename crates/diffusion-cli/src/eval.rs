@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use diffusion_core::{sample, BackendNoise, Guided, NoiseSchedule, SamplerConfig, SamplerKind};
+use diffusion_core::{sample, Guided, NoiseSchedule, NoiseSource, SamplerConfig, SamplerKind, SeededNoise};
 use diffusion_data::{DatasetName, Split};
 use serde::Serialize;
 
@@ -103,7 +103,12 @@ pub fn run(args: EvalArgs) -> Result<i32> {
         (Some(dir), _, _) => {
             let config = RunConfig::load(dir)?;
             if config.model.image_channels != 1 || config.model.image_size != 28 {
-                bail!("eval judges 1x28x28 digits; this run makes {}x{}x{}", config.model.image_channels, config.model.image_size, config.model.image_size);
+                bail!(
+                    "eval judges 1x28x28 digits; this run makes {}x{}x{}",
+                    config.model.image_channels,
+                    config.model.image_size,
+                    config.model.image_size
+                );
             }
             if config.model.num_classes.is_none() {
                 bail!("eval measures conditional accuracy; this run's model is unconditional");
@@ -114,39 +119,80 @@ pub fn run(args: EvalArgs) -> Result<i32> {
             let (ckpt, _) = checkpoint::latest(dir)?;
             let sampler = sampler_from_flags(&config.sampler, args.sampler, args.steps, args.eta, args.clip);
             let weights = args.weights.unwrap_or(config.sample_weights);
-            Source::Run { dir: dir.clone(), config: Box::new(config), ckpt, sampler, weights }
+            Source::Run {
+                dir: dir.clone(),
+                config: Box::new(config),
+                ckpt,
+                sampler,
+                weights,
+            }
         }
         (None, Some(images), Some(labels)) => {
             let a = npy::read(images)?;
             if a.shape.len() != 4 || a.shape[1..] != [1, 28, 28] {
-                bail!("{}: shape {:?}; eval needs [n, 1, 28, 28]", images.display(), a.shape);
+                bail!(
+                    "{}: shape {:?}; eval needs [n, 1, 28, 28]",
+                    images.display(),
+                    a.shape
+                );
             }
             let l = npy::read(labels)?;
             if l.data.len() != a.shape[0] {
-                bail!("{}: {} labels for {} images", labels.display(), l.data.len(), a.shape[0]);
+                bail!(
+                    "{}: {} labels for {} images",
+                    labels.display(),
+                    l.data.len(),
+                    a.shape[0]
+                );
             }
             let labels: Vec<usize> = l.data.iter().map(|&v| v.round().max(0.0) as usize).collect();
             if let Some(bad) = labels.iter().find(|&&c| c >= 10) {
-                bail!("{}: label {bad} is not a digit class 0..9", args.labels.as_ref().expect("given").display());
+                bail!(
+                    "{}: label {bad} is not a digit class 0..9",
+                    args.labels.as_ref().expect("given").display()
+                );
             }
-            Source::Files { name: images.display().to_string(), images: a.data, labels }
+            Source::Files {
+                name: images.display().to_string(),
+                images: a.data,
+                labels,
+            }
         }
         _ => bail!("give --checkpoint RUN_DIR, or --npy FILE with --labels FILE"),
     };
     let classifier_dir = args.classifier.clone().unwrap_or_else(judge::default_dir);
     let test = data::load(DatasetName::Mnist, args.data_dir.as_deref(), Split::Test)?;
     let train = data::load(DatasetName::Mnist, args.data_dir.as_deref(), Split::Train)?;
-    let task = EvalTask { args, source, classifier_dir, test, train };
+    let task = EvalTask {
+        args,
+        cpu: backend.is_cpu(),
+        source,
+        classifier_dir,
+        test,
+        train,
+    };
     dispatch(backend, task)
 }
 
 enum Source {
-    Run { dir: PathBuf, config: Box<RunConfig>, ckpt: PathBuf, sampler: SamplerConfig, weights: Weights },
-    Files { name: String, images: Vec<f32>, labels: Vec<usize> },
+    Run {
+        dir: PathBuf,
+        config: Box<RunConfig>,
+        ckpt: PathBuf,
+        sampler: SamplerConfig,
+        weights: Weights,
+    },
+    Files {
+        name: String,
+        images: Vec<f32>,
+        labels: Vec<usize>,
+    },
 }
 
 struct EvalTask {
     args: EvalArgs,
+    /// Whether the backend is the CPU one (batches run in parallel threads).
+    cpu: bool,
     source: Source,
     classifier_dir: PathBuf,
     test: diffusion_data::ImageSet,
@@ -158,21 +204,57 @@ impl Task for EvalTask {
 
     fn run<AB: AutodiffBackend>(self, device: AB::Device) -> Result<i32> {
         type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-        let EvalTask { args, source, classifier_dir, test, train } = self;
+        let EvalTask {
+            args,
+            cpu,
+            source,
+            classifier_dir,
+            test,
+            train,
+        } = self;
         let (classifier, info) = judge::load::<B<AB>>(&classifier_dir, &device)?;
         let started = Instant::now();
         let shape = [1, 28, 28];
         let (images, labels, name, sampler, weights) = match source {
-            Source::Run { dir, config, ckpt, sampler, weights } => {
+            Source::Run {
+                dir,
+                config,
+                ckpt,
+                sampler,
+                weights,
+            } => {
                 let file = match weights {
                     Weights::Ema => checkpoint::EMA,
                     Weights::Model => checkpoint::MODEL,
                 };
                 let model = checkpoint::load_unet::<B<AB>>(&config.model, &ckpt.join(file), &device)?;
                 let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
-                let labels: Vec<usize> = (0..10).flat_map(|c| std::iter::repeat_n(c, args.per_class)).collect();
-                let images = generate::<B<AB>>(&model, &schedule, &sampler, args.guidance, &labels, args.batch, args.seed, &device)?;
-                (images, labels, dir.display().to_string(), Some(sampler), Some(weights))
+                let labels: Vec<usize> = (0..10)
+                    .flat_map(|c| std::iter::repeat_n(c, args.per_class))
+                    .collect();
+                let threads = if cpu {
+                    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+                } else {
+                    1
+                };
+                let images = generate::<B<AB>>(
+                    &model,
+                    &schedule,
+                    &sampler,
+                    args.guidance,
+                    &labels,
+                    args.batch,
+                    args.seed,
+                    threads,
+                    &device,
+                )?;
+                (
+                    images,
+                    labels,
+                    dir.display().to_string(),
+                    Some(sampler),
+                    Some(weights),
+                )
             }
             Source::Files { name, images, labels } => (images, labels, name, None, None),
         };
@@ -188,7 +270,11 @@ impl Task for EvalTask {
             .enumerate()
             .map(|(c, row)| {
                 let total: usize = row.iter().sum();
-                if total == 0 { f64::NAN } else { row[c] as f64 / total as f64 }
+                if total == 0 {
+                    f64::NAN
+                } else {
+                    row[c] as f64 / total as f64
+                }
             })
             .collect();
 
@@ -198,8 +284,13 @@ impl Task for EvalTask {
         let m = n.min(train.len);
         let train_g = Gaussian::fit(&features_of(&set_pixels(&train, m)), dim);
         B::<AB>::seed(&device, args.seed ^ 0xC0FFEE);
-        let noise = Tensor::<B<AB>, 4>::random([n, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device).clamp(-1.0, 1.0);
-        let noise = noise.into_data().convert::<f32>().to_vec::<f32>().expect("floats");
+        let noise = Tensor::<B<AB>, 4>::random([n, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device)
+            .clamp(-1.0, 1.0);
+        let noise = noise
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("floats");
         let noise_g = Gaussian::fit(&features_of(&noise), dim);
         let report = Report {
             source: name,
@@ -224,8 +315,15 @@ impl Task for EvalTask {
                 SamplerKind::Reference { eta } | SamplerKind::Ddim { eta } => format!("-eta{eta}"),
                 _ => String::new(),
             };
-            let kind = format!("{:?}", s.kind).split([' ', '{']).next().unwrap_or("sampler").to_lowercase();
-            let file = dir.join("eval").join(format!("{kind}-{}{eta}-w{}-n{n}-seed{}.json", s.steps, args.guidance, args.seed));
+            let kind = format!("{:?}", s.kind)
+                .split([' ', '{'])
+                .next()
+                .unwrap_or("sampler")
+                .to_lowercase();
+            let file = dir.join("eval").join(format!(
+                "{kind}-{}{eta}-w{}-n{n}-seed{}.json",
+                s.steps, args.guidance, args.seed
+            ));
             write_bytes_atomically(&file, json.as_bytes())?;
             eprintln!("wrote {}", file.display());
         }
@@ -239,6 +337,9 @@ impl Task for EvalTask {
 }
 
 /// Generates images of the given classes in batches, with a progress bar.
+/// Batches run in `threads` parallel threads (the CPU backend's kernels
+/// mostly use one core); each batch draws its noise from its own seeded
+/// generator, so the images do not depend on the thread count or timing.
 #[allow(clippy::too_many_arguments)]
 fn generate<B: Backend>(
     model: &diffusion_model::UNet<B>,
@@ -248,36 +349,109 @@ fn generate<B: Backend>(
     labels: &[usize],
     batch: usize,
     seed: u64,
+    threads: usize,
     device: &B::Device,
 ) -> Result<Vec<f32>> {
     let bar = progress::bar(labels.len() as u64, "images");
-    let mut out = Vec::with_capacity(labels.len() * 784);
-    let guided = Guided::new(model, guidance);
-    for (k, chunk) in labels.chunks(batch).enumerate() {
-        let m = chunk.len();
-        B::seed(device, seed.wrapping_add(k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let x = Tensor::<B, 4>::random([m, 1, 28, 28], Distribution::Normal(0.0, 1.0), device);
-        let ids: Vec<i32> = chunk.iter().map(|&c| c as i32).collect();
-        let classes = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [m]), device);
-        let mut sampler = config.build::<B>(schedule)?;
-        let x = sample(&guided, sampler.as_mut(), x, Some(classes), &mut BackendNoise, |_, _| {});
-        out.extend(x.clamp(-1.0, 1.0).into_data().convert::<f32>().to_vec::<f32>().context("reading samples")?);
-        bar.inc(m as u64);
-    }
+    let chunks: Vec<&[usize]> = labels.chunks(batch).collect();
+    let threads = threads.clamp(1, chunks.len());
+    let mut results: Vec<Option<Result<Vec<f32>>>> = (0..chunks.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|w| {
+                let model = model.clone();
+                let chunks = &chunks;
+                let bar = &bar;
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    for k in (w..chunks.len()).step_by(threads) {
+                        let out =
+                            generate_batch(&model, schedule, config, guidance, chunks[k], seed, k, device);
+                        bar.inc(chunks[k].len() as u64);
+                        done.push((k, out));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for h in handles {
+            for (k, out) in h.join().expect("a sampling thread panicked") {
+                results[k] = Some(out);
+            }
+        }
+    });
     bar.finish_and_clear();
-    Ok(out)
+    let mut images = Vec::with_capacity(labels.len() * 784);
+    for r in results {
+        images.extend(r.expect("every batch ran")?);
+    }
+    Ok(images)
+}
+
+/// Batch `k` of an evaluation: noise from `SeededNoise(seed, k)`.
+#[allow(clippy::too_many_arguments)]
+fn generate_batch<B: Backend>(
+    model: &diffusion_model::UNet<B>,
+    schedule: &NoiseSchedule,
+    config: &SamplerConfig,
+    guidance: f64,
+    classes: &[usize],
+    seed: u64,
+    k: usize,
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let m = classes.len();
+    let mut noise = SeededNoise::new(seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let x: Tensor<B, 4> = noise.sample([m, 1, 28, 28], device);
+    let ids: Vec<i32> = classes.iter().map(|&c| c as i32).collect();
+    let classes = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [m]), device);
+    let mut sampler = config.build::<B>(schedule)?;
+    let x = sample(
+        &Guided::new(model, guidance),
+        sampler.as_mut(),
+        x,
+        Some(classes),
+        &mut noise,
+        |_, _| {},
+    );
+    x.clamp(-1.0, 1.0)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .context("reading samples")
 }
 
 fn print_table(r: &Report) {
     println!("source      {}", r.source);
     if let Some(s) = &r.sampler {
-        println!("sampler     {:?}, {} steps, guidance {}, {:?} weights", s.kind, s.steps, r.guidance, r.weights.unwrap_or(Weights::Ema));
+        println!(
+            "sampler     {:?}, {} steps, guidance {}, {:?} weights",
+            s.kind,
+            s.steps,
+            r.guidance,
+            r.weights.unwrap_or(Weights::Ema)
+        );
     }
-    println!("samples     {} (seed {}), {:.1} s", r.samples, r.seed, r.wall_time_s);
-    println!("accuracy    {:.2}%  (judge: {:.2}% on the MNIST test set)", 100.0 * r.accuracy, 100.0 * r.classifier_test_accuracy);
-    let per: Vec<String> = r.per_class_accuracy.iter().enumerate().map(|(c, a)| format!("{c}:{:.0}%", 100.0 * a)).collect();
+    println!(
+        "samples     {} (seed {}), {:.1} s",
+        r.samples, r.seed, r.wall_time_s
+    );
+    println!(
+        "accuracy    {:.2}%  (judge: {:.2}% on the MNIST test set)",
+        100.0 * r.accuracy,
+        100.0 * r.classifier_test_accuracy
+    );
+    let per: Vec<String> = r
+        .per_class_accuracy
+        .iter()
+        .enumerate()
+        .map(|(c, a)| format!("{c}:{:.0}%", 100.0 * a))
+        .collect();
     println!("per class   {}", per.join(" "));
-    println!("Fréchet     {:.3}   (train vs test floor {:.3}, noise vs test ceiling {:.1})", r.frechet, r.frechet_floor_train_vs_test, r.frechet_ceiling_noise_vs_test);
+    println!(
+        "Fréchet     {:.3}   (train vs test floor {:.3}, noise vs test ceiling {:.1})",
+        r.frechet, r.frechet_floor_train_vs_test, r.frechet_ceiling_noise_vs_test
+    );
     println!("confusion (rows: intended class, columns: judged class)");
     for (c, row) in r.confusion.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|v| format!("{v:>5}")).collect();

@@ -43,14 +43,24 @@ const INFO: &str = "lenet.json";
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Classifier<B>, ClassifierInfo)> {
     let info_path = dir.join(INFO);
     let text = std::fs::read_to_string(&info_path).with_context(|| {
-        format!("{}: no classifier here; train one with `cargo xtask classifier`", info_path.display())
+        format!(
+            "{}: no classifier here; train one with `cargo xtask classifier`",
+            info_path.display()
+        )
     })?;
-    let info: ClassifierInfo =
-        serde_json::from_str(&text).with_context(|| format!("{}: corrupt classifier info", info_path.display()))?;
+    let info: ClassifierInfo = serde_json::from_str(&text)
+        .with_context(|| format!("{}: corrupt classifier info", info_path.display()))?;
     let file = dir.join(WEIGHTS);
-    let model = info.config.init::<B>(device).load_file(file.clone(), &Recorder::new(), device).map_err(|e| {
-        anyhow::anyhow!("{}.mpk: cannot load the classifier ({e}); retrain it with `cargo xtask classifier`", file.display())
-    })?;
+    let model = info
+        .config
+        .init::<B>(device)
+        .load_file(file.clone(), &Recorder::new(), device)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}.mpk: cannot load the classifier ({e}); retrain it with `cargo xtask classifier`",
+                file.display()
+            )
+        })?;
     Ok((model, info))
 }
 
@@ -70,12 +80,20 @@ pub fn classify<B: Backend>(
     for start in (0..n).step_by(batch) {
         let m = batch.min(n - start);
         let x = Tensor::<B, 4>::from_data(
-            TensorData::new(images[start * per..(start + m) * per].to_vec(), [m, shape[0], shape[1], shape[2]]),
+            TensorData::new(
+                images[start * per..(start + m) * per].to_vec(),
+                [m, shape[0], shape[1], shape[2]],
+            ),
             device,
         );
         let f = model.features(x);
         let logits = model.logits_from_features(f.clone());
-        let p = logits.argmax(1).into_data().convert::<i64>().to_vec::<i64>().expect("ints");
+        let p = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .expect("ints");
         preds.extend(p.into_iter().map(|v| v as usize));
         feats.extend(f.into_data().convert::<f32>().to_vec::<f32>().expect("floats"));
     }
@@ -85,7 +103,10 @@ pub fn classify<B: Backend>(
 /// The images of an [`ImageSet`] as [-1, 1] floats.
 pub fn set_pixels(set: &ImageSet, n: usize) -> Vec<f32> {
     let per = set.height * set.width;
-    set.images[..n * per].iter().map(|&p| diffusion_data::batch::scale_pixel(p)).collect()
+    set.images[..n * per]
+        .iter()
+        .map(|&p| diffusion_data::batch::scale_pixel(p))
+        .collect()
 }
 
 /// `diffusion classifier` flags.
@@ -117,7 +138,15 @@ pub fn train(args: ClassifierArgs) -> Result<i32> {
     let train = data::load(DatasetName::Mnist, args.data_dir.as_deref(), Split::Train)?;
     let test = data::load(DatasetName::Mnist, args.data_dir.as_deref(), Split::Test)?;
     let out = args.out.clone().unwrap_or_else(default_dir);
-    dispatch(backend, TrainClassifier { args, train: Arc::new(train), test, out })
+    dispatch(
+        backend,
+        TrainClassifier {
+            args,
+            train: Arc::new(train),
+            test,
+            out,
+        },
+    )
 }
 
 struct TrainClassifier {
@@ -131,7 +160,12 @@ impl Task for TrainClassifier {
     type Output = i32;
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<i32> {
-        let TrainClassifier { args, train, test, out } = self;
+        let TrainClassifier {
+            args,
+            train,
+            test,
+            out,
+        } = self;
         B::seed(&device, args.seed);
         let config = ClassifierConfig::new().with_num_classes(train.num_classes.max(10));
         let mut model: Classifier<B> = config.init(&device);
@@ -147,7 +181,11 @@ impl Task for TrainClassifier {
                 let loss = loss_fn.forward(logits, batch.labels);
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
                 // Step decay: the last epoch at a tenth of the rate.
-                let lr = if epoch + 1 == args.epochs && args.epochs > 1 { args.lr * 0.1 } else { args.lr };
+                let lr = if epoch + 1 == args.epochs && args.epochs > 1 {
+                    args.lr * 0.1
+                } else {
+                    args.lr
+                };
                 model = optim.step(lr, model, grads);
                 bar.inc(1);
             }
@@ -155,9 +193,18 @@ impl Task for TrainClassifier {
             let valid = model.valid();
             let pixels = set_pixels(&test, test.len);
             let (preds, _) = classify(&valid, &pixels, [1, test.height, test.width], 500, &device);
-            let correct = preds.iter().zip(&test.labels).filter(|(p, l)| **p == **l as usize).count();
+            let correct = preds
+                .iter()
+                .zip(&test.labels)
+                .filter(|(p, l)| **p == **l as usize)
+                .count();
             accuracy = correct as f64 / test.len as f64;
-            eprintln!("epoch {}/{}: test accuracy {:.2}%", epoch + 1, args.epochs, 100.0 * accuracy);
+            eprintln!(
+                "epoch {}/{}: test accuracy {:.2}%",
+                epoch + 1,
+                args.epochs,
+                100.0 * accuracy
+            );
         }
         let info = ClassifierInfo {
             config,
@@ -174,7 +221,10 @@ impl Task for TrainClassifier {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         // (burn's recorder replaces the extension, so the temporary name has no dot.)
         save_module(model.valid(), &out.join(format!("{WEIGHTS}-partial")))?;
-        std::fs::rename(out.join(format!("{WEIGHTS}-partial.mpk")), out.join(format!("{WEIGHTS}.mpk")))?;
+        std::fs::rename(
+            out.join(format!("{WEIGHTS}-partial.mpk")),
+            out.join(format!("{WEIGHTS}.mpk")),
+        )?;
         write_bytes_atomically(&out.join(INFO), serde_json::to_string_pretty(&info)?.as_bytes())?;
         println!("test accuracy {:.2}%; wrote {}", 100.0 * accuracy, out.display());
         if accuracy < 0.99 {

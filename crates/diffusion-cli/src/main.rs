@@ -14,6 +14,7 @@ mod font;
 mod frechet;
 mod fsutil;
 mod grid;
+mod interop;
 mod judge;
 mod npy;
 mod progress;
@@ -44,6 +45,11 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Train the MNIST classifier that `eval` uses as its judge.
     Classifier(judge::ClassifierArgs),
+    /// Load weights of the PyTorch reference (.pt state_dict or
+    /// safetensors) into a new run directory.
+    Import(interop::ImportArgs),
+    /// Write a run's weights as safetensors with the reference's names.
+    Export(interop::ExportArgs),
     /// Time training and sampling of the reference U-Net (img/s, seconds).
     Bench(bench::BenchArgs),
     /// Fetch a data set (MNIST or Fashion-MNIST) from its canonical mirrors.
@@ -69,6 +75,8 @@ fn main() {
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Classifier(args) => judge::train(args),
+        Command::Import(args) => interop::import(args),
+        Command::Export(args) => interop::export(args),
         Command::Bench(args) => bench::run(args),
         Command::Download(args) => data::download(args),
     };

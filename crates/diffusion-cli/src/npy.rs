@@ -76,7 +76,9 @@ fn parse(bytes: &[u8]) -> Result<Array> {
         "i2" => ('i', 2),
         "i4" => ('i', 4),
         "i8" => ('i', 8),
-        _ => bail!("dtype {dtype} is not supported; save little-endian float32 (astype(np.float32)) or integers"),
+        _ => bail!(
+            "dtype {dtype} is not supported; save little-endian float32 (astype(np.float32)) or integers"
+        ),
     };
     if dict_value(header, "fortran_order")
         .map(|v| v.trim() == "True")
@@ -176,8 +178,33 @@ mod tests {
     #[test]
     fn bad_files_are_explained() {
         assert!(parse(b"hello").unwrap_err().to_string().contains("magic"));
-        let bytes =
-            b"\x93NUMPY\x01\x00\x3a\x00{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }\n".to_vec();
+        let header = |descr: &str, shape: &str| {
+            let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+            while (10 + h.len() + 1) % 64 != 0 {
+                h.push(' ');
+            }
+            h.push('\n');
+            let mut b = b"\x93NUMPY\x01\x00".to_vec();
+            b.extend_from_slice(&(h.len() as u16).to_le_bytes());
+            b.extend_from_slice(h.as_bytes());
+            b
+        };
+        // Complex numbers are refused with the fix in the message.
+        let bytes = header("<c8", "(1,)");
         assert!(parse(&bytes).unwrap_err().to_string().contains("float32"));
+        // int64 labels are read as numbers.
+        let mut bytes = header("<i8", "(2,)");
+        bytes.extend_from_slice(&7i64.to_le_bytes());
+        bytes.extend_from_slice(&3i64.to_le_bytes());
+        assert_eq!(
+            parse(&bytes).unwrap(),
+            Array {
+                shape: vec![2],
+                data: vec![7.0, 3.0]
+            }
+        );
+        // Too little data for the shape.
+        let bytes = header("<f4", "(3, 2)");
+        assert!(parse(&bytes).unwrap_err().to_string().contains("needs 24 bytes"));
     }
 }

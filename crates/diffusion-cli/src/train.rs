@@ -408,7 +408,12 @@ impl Task for TrainTask {
                     }
                 });
                 let inputs = StepInputs { x0, t, eps, classes };
-                let losses = Losses { fp: &fp, prediction: config.model.prediction, min_snr_gamma: tc.min_snr_gamma, has_null: dropout > 0.0 };
+                let losses = Losses {
+                    fp: &fp,
+                    prediction: config.model.prediction,
+                    min_snr_gamma: tc.min_snr_gamma,
+                    has_null: dropout > 0.0,
+                };
                 let (grads, loss) = sharded_step(&model, inputs, shards, &losses);
 
                 let lr = tc.lr_schedule.at(tc.lr, state.step, total);
@@ -570,7 +575,9 @@ fn sharded_step<B: AutodiffBackend>(
         let grads = GradientsParams::from_grads(loss.backward(), model);
         return (grads, loss.inner());
     }
-    let bounds: Vec<(usize, usize)> = (0..shards).map(|k| (k * n / shards, (k + 1) * n / shards)).collect();
+    let bounds: Vec<(usize, usize)> = (0..shards)
+        .map(|k| (k * n / shards, (k + 1) * n / shards))
+        .collect();
     let parts: Vec<(GradientsParams, Tensor<B::InnerBackend, 1>, f64)> = std::thread::scope(|scope| {
         let handles: Vec<_> = bounds
             .iter()
@@ -586,7 +593,10 @@ fn sharded_step<B: AutodiffBackend>(
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("a training shard panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a training shard panicked"))
+            .collect()
     });
     let mut loss = None;
     let mut weighted = Vec::with_capacity(parts.len());
@@ -598,7 +608,11 @@ fn sharded_step<B: AutodiffBackend>(
         });
         weighted.push((grads, w));
     }
-    let mut merge = MergeGrads::<B> { parts: weighted, merged: GradientsParams::new(), _b: std::marker::PhantomData };
+    let mut merge = MergeGrads::<B> {
+        parts: weighted,
+        merged: GradientsParams::new(),
+        _b: std::marker::PhantomData,
+    };
     model.visit(&mut merge);
     (merge.merged, loss.expect("at least one shard"))
 }

@@ -37,7 +37,11 @@ impl<B: Backend, D: Denoiser<B> + ?Sized> Denoiser<B> for Guided<'_, D> {
         }
         let n = x_t.dims()[0];
         let null = classes.full_like(NULL_CLASS);
-        let both = self.inner.denoise(Tensor::cat(vec![x_t.clone(), x_t], 0), t, Some(Tensor::cat(vec![classes, null], 0)));
+        let both = self.inner.denoise(
+            Tensor::cat(vec![x_t.clone(), x_t], 0),
+            t,
+            Some(Tensor::cat(vec![classes, null], 0)),
+        );
         let cond = both.clone().narrow(0, 0, n);
         let uncond = both.narrow(0, n, n);
         uncond.clone() + (cond - uncond).mul_scalar(self.scale)
@@ -55,7 +59,11 @@ mod tests {
     use burn::tensor::TensorData;
 
     /// A stand-in: x·(1 + class) for a class, x·0.5 for the null class.
-    fn model(x: Tensor<TestBackend, 4>, _t: usize, c: Option<Tensor<TestBackend, 1, Int>>) -> Tensor<TestBackend, 4> {
+    fn model(
+        x: Tensor<TestBackend, 4>,
+        _t: usize,
+        c: Option<Tensor<TestBackend, 1, Int>>,
+    ) -> Tensor<TestBackend, 4> {
         let n = x.dims()[0];
         let c = c.unwrap().float().reshape([n, 1, 1, 1]);
         let is_null = c.clone().lower_elem(0.0).float();

@@ -55,7 +55,7 @@ pub use denoiser::Denoiser;
 pub use forward::ForwardProcess;
 pub use guidance::{Guided, NULL_CLASS};
 pub use prediction::{Estimate, Prediction};
-pub use sample::{sample, BackendNoise, NoiseSource, StepInfo};
+pub use sample::{sample, BackendNoise, NoiseSource, SeededNoise, StepInfo};
 pub use sampler::{Clip, Sampler, SamplerConfig, SamplerKind};
 pub use schedule::{NoiseSchedule, Schedule};
 pub use timesteps::Spacing;

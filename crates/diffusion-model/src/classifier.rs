@@ -40,7 +40,9 @@ impl ClassifierConfig {
         let pad = PaddingConfig2d::Explicit(2, 2, 2, 2);
         let flat = 64 * (self.image_size / 4) * (self.image_size / 4);
         Classifier {
-            conv1: Conv2dConfig::new([self.image_channels, 32], [5, 5]).with_padding(pad.clone()).init(device),
+            conv1: Conv2dConfig::new([self.image_channels, 32], [5, 5])
+                .with_padding(pad.clone())
+                .init(device),
             conv2: Conv2dConfig::new([32, 64], [5, 5]).with_padding(pad).init(device),
             pool: MaxPool2dConfig::new([2, 2]).with_strides([2, 2]).init(),
             fc1: LinearConfig::new(flat, self.features).init(device),
