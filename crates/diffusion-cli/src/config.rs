@@ -39,6 +39,16 @@ pub enum Weights {
     Model,
 }
 
+impl Weights {
+    /// The weights file of a checkpoint folder (without extension).
+    pub fn file(self) -> &'static str {
+        match self {
+            Weights::Ema => crate::checkpoint::EMA,
+            Weights::Model => crate::checkpoint::MODEL,
+        }
+    }
+}
+
 /// How the learning rate moves during training.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LrSchedule {
@@ -274,6 +284,55 @@ pub enum SamplerName {
     /// DPM-Solver++(2M), for 10 to 20 steps.
     #[value(name = "dpm-solver++")]
     DpmSolverPp,
+}
+
+/// Sampling flags shared by `sample` and `eval`; left out, each takes the
+/// run's default.
+#[derive(Debug, clap::Args)]
+pub struct SamplingFlags {
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerName>,
+    /// Number of denoising steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Noise level of the reference and DDIM samplers (DDIM: 0 = deterministic, 1 = DDPM).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Clamp x̂0 to [-1, 1] at each step (true/false; default per sampler).
+    #[arg(long)]
+    pub clip: Option<bool>,
+    /// Classifier-free guidance scale w: ε = ε_uncond + w·(ε_cond − ε_uncond);
+    /// 1 is plain conditional sampling. Needs a model trained with label dropout.
+    #[arg(long, default_value_t = 1.0)]
+    pub guidance: f64,
+    /// Which weights: the EMA or the raw model (default: the run's choice).
+    #[arg(long, value_enum)]
+    pub weights: Option<Weights>,
+}
+
+impl SamplingFlags {
+    /// The run's default sampler with these flags applied.
+    pub fn sampler(&self, run: &RunConfig) -> SamplerConfig {
+        sampler_from_flags(&run.sampler, self.sampler, self.steps, self.eta, self.clip)
+    }
+
+    /// The weights to sample from.
+    pub fn weights(&self, run: &RunConfig) -> Weights {
+        self.weights.unwrap_or(run.sample_weights)
+    }
+
+    /// The guidance scale, checked; warns when the run's model never learnt
+    /// an unconditional branch.
+    pub fn guidance(&self, run: &RunConfig) -> anyhow::Result<f64> {
+        let w = self.guidance;
+        if !(w.is_finite() && w >= 0.0) {
+            anyhow::bail!("--guidance must be a number >= 0, got {w}");
+        }
+        if w != 1.0 && run.train.label_dropout == 0.0 {
+            eprintln!("warning: this model was trained without label dropout, so its unconditional branch is untrained; --guidance may do harm");
+        }
+        Ok(w)
+    }
 }
 
 /// Applies `sample`/`eval` flags to a run's default sampler.

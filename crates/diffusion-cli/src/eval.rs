@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
-use crate::config::{sampler_from_flags, RunConfig, SamplerName, Weights};
+use crate::config::{RunConfig, SamplingFlags, Weights};
 use crate::frechet::{frechet_distance, Gaussian};
 use crate::fsutil::write_bytes_atomically;
 use crate::judge::{classify, set_pixels};
@@ -33,17 +33,8 @@ pub struct EvalArgs {
     /// Run directory to evaluate (or use --npy and --labels).
     #[arg(long, value_name = "RUN_DIR", required_unless_present = "npy")]
     pub checkpoint: Option<PathBuf>,
-    #[arg(long, value_enum)]
-    pub sampler: Option<SamplerName>,
-    #[arg(long)]
-    pub steps: Option<usize>,
-    #[arg(long)]
-    pub eta: Option<f64>,
-    #[arg(long)]
-    pub clip: Option<bool>,
-    /// Classifier-free guidance scale w (1 = plain conditional sampling).
-    #[arg(long, default_value_t = 1.0)]
-    pub guidance: f64,
+    #[command(flatten)]
+    pub sampling: SamplingFlags,
     /// Images generated per class.
     #[arg(long, default_value_t = 1000)]
     pub per_class: usize,
@@ -52,8 +43,6 @@ pub struct EvalArgs {
     /// Images per sampling batch.
     #[arg(long, default_value_t = 250)]
     pub batch: usize,
-    #[arg(long, value_enum)]
-    pub weights: Option<Weights>,
     /// Print the report as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -96,9 +85,6 @@ pub fn run(args: EvalArgs) -> Result<i32> {
     if args.per_class == 0 || args.batch == 0 {
         bail!("--per-class and --batch must be at least 1");
     }
-    if !(args.guidance.is_finite() && args.guidance >= 0.0) {
-        bail!("--guidance must be a number >= 0, got {}", args.guidance);
-    }
     let source = match (&args.checkpoint, &args.npy, &args.labels) {
         (Some(dir), _, _) => {
             let config = RunConfig::load(dir)?;
@@ -113,12 +99,10 @@ pub fn run(args: EvalArgs) -> Result<i32> {
             if config.model.num_classes.is_none() {
                 bail!("eval measures conditional accuracy; this run's model is unconditional");
             }
-            if args.guidance != 1.0 && config.train.label_dropout == 0.0 {
-                eprintln!("warning: this model was trained without label dropout, so its unconditional branch is untrained; --guidance may do harm");
-            }
+            args.sampling.guidance(&config)?;
             let (ckpt, _) = checkpoint::latest(dir)?;
-            let sampler = sampler_from_flags(&config.sampler, args.sampler, args.steps, args.eta, args.clip);
-            let weights = args.weights.unwrap_or(config.sample_weights);
+            let sampler = args.sampling.sampler(&config);
+            let weights = args.sampling.weights(&config);
             Source::Run {
                 dir: dir.clone(),
                 config: Box::new(config),
@@ -223,10 +207,7 @@ impl Task for EvalTask {
                 sampler,
                 weights,
             } => {
-                let file = match weights {
-                    Weights::Ema => checkpoint::EMA,
-                    Weights::Model => checkpoint::MODEL,
-                };
+                let file = weights.file();
                 let model = checkpoint::load_unet::<B<AB>>(&config.model, &ckpt.join(file), &device)?;
                 let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
                 let labels: Vec<usize> = (0..10)
@@ -241,7 +222,7 @@ impl Task for EvalTask {
                     &model,
                     &schedule,
                     &sampler,
-                    args.guidance,
+                    args.sampling.guidance,
                     &labels,
                     args.batch,
                     args.seed,
@@ -295,7 +276,7 @@ impl Task for EvalTask {
         let report = Report {
             source: name,
             sampler,
-            guidance: args.guidance,
+            guidance: args.sampling.guidance,
             weights,
             samples: n,
             seed: args.seed,
@@ -322,7 +303,7 @@ impl Task for EvalTask {
                 .to_lowercase();
             let file = dir.join("eval").join(format!(
                 "{kind}-{}{eta}-w{}-n{n}-seed{}.json",
-                s.steps, args.guidance, args.seed
+                s.steps, args.sampling.guidance, args.seed
             ));
             write_bytes_atomically(&file, json.as_bytes())?;
             eprintln!("wrote {}", file.display());

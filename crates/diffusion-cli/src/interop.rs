@@ -344,10 +344,7 @@ impl Task for ExportTask {
     type Output = i32;
 
     fn run<AB: AutodiffBackend>(self, device: AB::Device) -> Result<i32> {
-        let file = match self.weights {
-            Weights::Ema => checkpoint::EMA,
-            Weights::Model => checkpoint::MODEL,
-        };
+        let file = self.weights.file();
         let model =
             checkpoint::load_unet::<AB::InnerBackend>(&self.config.model, &self.dir.join(file), &device)?;
         save_reference(&model, &self.out)?;

@@ -11,7 +11,7 @@ use diffusion_model::UNet;
 
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
-use crate::config::{sampler_from_flags, RunConfig, SamplerName, Weights};
+use crate::config::{RunConfig, SamplingFlags, Weights};
 use crate::grid::{write_png, GifWriter, GridLayout};
 use crate::npy;
 use crate::progress;
@@ -24,21 +24,8 @@ pub struct SampleArgs {
     /// Run directory written by `train`.
     #[arg(long, value_name = "RUN_DIR")]
     pub checkpoint: PathBuf,
-    #[arg(long, value_enum)]
-    pub sampler: Option<SamplerName>,
-    /// Number of denoising steps.
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Noise level of the reference and DDIM samplers (DDIM: 0 = deterministic, 1 = DDPM).
-    #[arg(long)]
-    pub eta: Option<f64>,
-    /// Clamp x̂0 to [-1, 1] at each step (true/false; default per sampler).
-    #[arg(long)]
-    pub clip: Option<bool>,
-    /// Classifier-free guidance scale w: ε = ε_uncond + w·(ε_cond − ε_uncond);
-    /// 1 is plain conditional sampling. Needs a model trained with label dropout.
-    #[arg(long, default_value_t = 1.0)]
-    pub guidance: f64,
+    #[command(flatten)]
+    pub sampling: SamplingFlags,
     /// Classes to draw, cycled over the images: "0,3,7" or "all".
     #[arg(long, default_value = "all")]
     pub classes: String,
@@ -47,9 +34,6 @@ pub struct SampleArgs {
     pub n: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Which weights: the EMA or the raw model (default: the run's choice).
-    #[arg(long, value_enum)]
-    pub weights: Option<Weights>,
     /// Grid PNG to write (default: RUN_DIR/samples/grid.png).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -96,7 +80,7 @@ pub fn run(args: SampleArgs) -> Result<i32> {
     let backend = BackendKind::resolve(args.backend);
     let config = RunConfig::load(&args.checkpoint)?;
     let (ckpt_dir, state) = checkpoint::latest(&args.checkpoint)?;
-    let sampler = sampler_from_flags(&config.sampler, args.sampler, args.steps, args.eta, args.clip);
+    let sampler = args.sampling.sampler(&config);
     let classes = parse_classes(&args.classes, config.model.num_classes)?;
     let noise = match &args.noise {
         Some(path) => {
@@ -129,13 +113,8 @@ pub fn run(args: SampleArgs) -> Result<i32> {
     if n == 0 {
         bail!("--n must be at least 1");
     }
-    if !(args.guidance.is_finite() && args.guidance >= 0.0) {
-        bail!("--guidance must be a number >= 0, got {}", args.guidance);
-    }
-    if args.guidance != 1.0 && config.train.label_dropout == 0.0 {
-        eprintln!("warning: this model was trained without label dropout, so its unconditional branch is untrained; --guidance may do harm");
-    }
-    let weights = args.weights.unwrap_or(config.sample_weights);
+    let guidance = args.sampling.guidance(&config)?;
+    let weights = args.sampling.weights(&config);
     let out = args
         .out
         .clone()
@@ -144,7 +123,7 @@ pub fn run(args: SampleArgs) -> Result<i32> {
         config,
         ckpt_dir,
         sampler,
-        guidance: args.guidance,
+        guidance,
         classes,
         n,
         seed: args.seed,
@@ -183,10 +162,7 @@ impl Task for SampleTask {
 
     fn run<AB: AutodiffBackend>(self, device: AB::Device) -> Result<i32> {
         type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-        let file = match self.weights {
-            Weights::Ema => checkpoint::EMA,
-            Weights::Model => checkpoint::MODEL,
-        };
+        let file = self.weights.file();
         let model: UNet<B<AB>> =
             checkpoint::load_unet(&self.config.model, &self.ckpt_dir.join(file), &device)?;
         let schedule = NoiseSchedule::new(self.config.schedule, self.config.model.num_steps)?;
