@@ -22,8 +22,14 @@ usage: cargo xtask <command> [--backend cuda|wgpu|cpu] [flags...]
 commands (each builds the `diffusion` CLI in release with the backend's
 feature and runs the subcommand of the same name; `--help` after a command
 lists its flags):
-  train       train a model            (cargo xtask train --preset quick)
-  sample      draw samples from a run  (cargo xtask sample --checkpoint runs/quick)
+  train       train a model              (cargo xtask train --preset quick)
+  sample      draw samples from a run    (cargo xtask sample --checkpoint runs/quick)
+  eval        sample-quality numbers     (cargo xtask eval --checkpoint runs/quick)
+  classifier  retrain eval's MNIST judge (data/classifier)
+  bench       training and sampling speed of the reference U-Net
+  import      PyTorch reference weights into a run (--pt model.pt --out RUN_DIR)
+  export      a run's weights as safetensors with the reference's names
+  download    fetch MNIST or Fashion-MNIST
   help        this text";
 
 fn main() {
