@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use diffusion_core::{sample, Guided, NoiseSchedule, NoiseSource, SamplerConfig, SamplerKind, SeededNoise};
@@ -23,6 +23,7 @@ use crate::config::{RunConfig, SamplingFlags, Weights};
 use crate::frechet::{frechet_distance, Gaussian};
 use crate::fsutil::write_bytes_atomically;
 use crate::judge::{classify, set_pixels};
+use crate::sample::host_values;
 use crate::{data, judge, npy, progress};
 
 /// `diffusion eval` flags.
@@ -267,11 +268,7 @@ impl Task for EvalTask {
         B::<AB>::seed(&device, args.seed ^ 0xC0FFEE);
         let noise = Tensor::<B<AB>, 4>::random([n, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device)
             .clamp(-1.0, 1.0);
-        let noise = noise
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("floats");
+        let noise = host_values(noise);
         let noise_g = Gaussian::fit(&features_of(&noise), dim);
         let report = Report {
             source: name,
@@ -395,11 +392,7 @@ fn generate_batch<B: Backend>(
         &mut noise,
         |_, _| {},
     );
-    x.clamp(-1.0, 1.0)
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .context("reading samples")
+    Ok(host_values(x.clamp(-1.0, 1.0)))
 }
 
 fn print_table(r: &Report) {

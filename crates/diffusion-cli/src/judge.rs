@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint::{save_module, Recorder};
 use crate::fsutil::write_bytes_atomically;
+use crate::sample::host_values;
 use crate::{data, progress};
 
 /// `data/classifier`, where the committed classifier lives.
@@ -95,7 +96,7 @@ pub fn classify<B: Backend>(
             .to_vec::<i64>()
             .expect("ints");
         preds.extend(p.into_iter().map(|v| v as usize));
-        feats.extend(f.into_data().convert::<f32>().to_vec::<f32>().expect("floats"));
+        feats.extend(host_values(f));
     }
     (preds, feats)
 }

@@ -48,6 +48,14 @@ pub struct SampleArgs {
     pub noise: Option<PathBuf>,
 }
 
+/// A tensor's values on the host as f32 (waits for the device).
+pub fn host_values<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
+    x.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data after convert")
+}
+
 /// Parses "all" or a comma-separated class list.
 pub fn parse_classes(text: &str, num_classes: Option<usize>) -> Result<Option<Vec<usize>>> {
     let Some(n) = num_classes else {
@@ -190,11 +198,7 @@ impl Task for SampleTask {
             gif.as_mut(),
         )?;
         let secs = started.elapsed().as_secs_f64();
-        let values = out
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("f32 data");
+        let values = host_values(out);
         write_png(&self.out, &layout, &values, &labels)?;
         println!(
             "wrote {} ({} images, {} steps of {:?}, {secs:.1} s)",
@@ -234,13 +238,7 @@ fn run_sampler<B: Backend>(
         Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [labels.len()]), device)
     });
     if let Some(g) = gif.as_deref_mut() {
-        g.push(
-            &x.clone()
-                .into_data()
-                .convert::<f32>()
-                .to_vec::<f32>()
-                .expect("f32 data"),
-        );
+        g.push(&host_values(x.clone()));
     }
     let bar = progress::bar(sampler.num_steps() as u64, "steps");
     let guided = Guided::new(model, guidance);
@@ -254,13 +252,7 @@ fn run_sampler<B: Backend>(
             bar.set_position(step.index as u64 + 1);
             bar.set_message(format!("t = {}", step.t_next));
             if let Some(g) = gif.as_deref_mut() {
-                g.push(
-                    &x.clone()
-                        .into_data()
-                        .convert::<f32>()
-                        .to_vec::<f32>()
-                        .expect("f32 data"),
-                );
+                g.push(&host_values(x.clone()));
             }
         },
     );
@@ -295,11 +287,7 @@ pub fn preview_grid<B: Backend>(
     B::seed(device, request.seed ^ 0x5EED);
     let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
     let out = run_sampler(model, schedule, request.sampler, 1.0, x, &labels, device, None)?;
-    let values = out
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data");
+    let values = host_values(out);
     write_png(
         path,
         &GridLayout::new(request.n, request.channels, request.size, request.size),
