@@ -78,6 +78,9 @@ pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => task.run::<Autodiff<burn_wgpu::Wgpu>>(burn_wgpu::WgpuDevice::default()),
         #[cfg(feature = "cpu")]
-        BackendKind::Cpu => task.run::<Autodiff<burn::backend::Flex>>(Default::default()),
+        BackendKind::Cpu => {
+            crate::cpu_kernels::install();
+            task.run::<Autodiff<burn::backend::Flex>>(Default::default())
+        }
     }
 }

@@ -8,6 +8,8 @@ mod backend;
 mod bench;
 mod checkpoint;
 mod config;
+#[cfg(feature = "cpu")]
+mod cpu_kernels;
 mod data;
 mod eval;
 mod font;
@@ -56,7 +58,25 @@ enum Command {
     Download(data::DownloadArgs),
 }
 
+/// Keeps freed memory in the process. glibc gives every block above
+/// 32 MiB back to the OS when it is freed (mmap/munmap) and trims the heap,
+/// so each CPU training step page-faults its hundreds of MiB of activations
+/// and attention scores in again, zeroed by the kernel: measured 25–30% of a
+/// step here (`diffusion bench`: 22.6 → 28.1 img/s at batch 32). Memory
+/// stays at the peak a run needs, which it reaches every step anyway.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 1 << 30);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     // A panic inside a library (a device that cannot start, say) becomes one
     // line instead of a backtrace.
     std::panic::set_hook(Box::new(|info| {

@@ -5,8 +5,6 @@ use burn::module::Module;
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 /// How softmax(q·kᵀ/√d)·v is computed. Both give the same numbers (to
@@ -14,8 +12,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionImpl {
-    /// burn's attention op: a native kernel where the backend has one
-    /// (Flex: tiled flash-style on the CPU; CUDA/wgpu: flash kernel), and
+    /// The installed attention kernel of the backend ([`crate::kernels`]);
+    /// by default burn's attention op: a native kernel where the backend has
+    /// one (Flex: tiled flash-style on the CPU; CUDA/wgpu: flash kernel), and
     /// burn's own matmul + softmax decomposition elsewhere (under autodiff).
     #[default]
     Fused,
@@ -67,19 +66,7 @@ impl<B: Backend> AttentionBlock<B> {
         let k = qkv.clone().narrow(2, d, d);
         let v = qkv.narrow(2, 2 * d, d);
         let y = match self.implementation {
-            AttentionImpl::Fused => {
-                // [B, 1 head, L, d]; scale None = 1/√d (keeps the GPU flash path eligible).
-                let opts = AttentionModuleOptions::default();
-                let y = attention(
-                    q.reshape([b, 1, l, d]),
-                    k.reshape([b, 1, l, d]),
-                    v.reshape([b, 1, l, d]),
-                    None,
-                    None,
-                    opts,
-                );
-                y.reshape([b, l, d])
-            }
+            AttentionImpl::Fused => crate::kernels::attention(q, k, v),
             AttentionImpl::Explicit => {
                 let scores = q.mul_scalar(1.0 / (d as f64).sqrt()).matmul(k.swap_dims(1, 2)); // [B, L, L]
                 softmax(scores, 2).matmul(v) // [B, L, d]

@@ -46,6 +46,7 @@ pub mod class_embedding;
 pub mod classifier;
 pub mod convnext;
 pub mod ema;
+pub mod kernels;
 pub mod time_embedding;
 pub mod unet;
 

@@ -1,0 +1,299 @@
+//! Faster kernels for the CPU backend (burn's Flex), installed into
+//! [`diffusion_model::kernels`] for `Flex` and `Autodiff<Flex>`.
+//!
+//! Attention is softmax(q·kᵀ/√d)·v over 784 tokens at 28x28: burn runs its
+//! softmax as five passes over the [batch, 784, 784] score matrix (max, sub,
+//! exp, sum, div, with broadcasts through a strided iterator and libm's
+//! scalar `expf`), and autodiff adds as many again backwards. Here the two
+//! matmuls stay burn's (Flex calls the `gemm` crate) and the softmax is one
+//! fused pass per row forwards and one backwards, with a polynomial exp the
+//! compiler vectorises, in parallel over rows on rayon's pool (the one Flex
+//! uses).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use diffusion_model::kernels::{self, Kernels};
+use rayon::prelude::*;
+
+/// Installs the kernels of this module for the CPU backend (idempotent).
+pub fn install() {
+    kernels::install::<Flex>(Kernels {
+        attention: attention::<Flex>,
+    });
+    kernels::install::<Autodiff<Flex>>(Kernels {
+        attention: attention::<Autodiff<Flex>>,
+    });
+}
+
+/// Backends whose softmax over the last dimension this module provides.
+pub trait FusedSoftmax: Backend {
+    fn softmax_last(x: Tensor<Self, 3>) -> Tensor<Self, 3>;
+}
+
+impl FusedSoftmax for Flex {
+    fn softmax_last(x: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let t = x.into_primitive().tensor();
+        if t.dtype() != DType::F32 {
+            let x = Tensor::from_primitive(TensorPrimitive::Float(t));
+            return burn::tensor::activation::softmax(x, 2);
+        }
+        Tensor::from_primitive(TensorPrimitive::Float(softmax_forward(t)))
+    }
+}
+
+impl<C: CheckpointStrategy> FusedSoftmax for Autodiff<Flex, C> {
+    fn softmax_last(x: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        let x = x.into_primitive().tensor();
+        if x.primitive.dtype() != DType::F32 {
+            let x = Tensor::from_primitive(TensorPrimitive::Float(x));
+            return burn::tensor::activation::softmax(x, 2);
+        }
+        let out = match SoftmaxBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let p = softmax_forward(x.primitive);
+                prep.finish(p.clone(), p)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(softmax_forward(x.primitive)),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl Backward<Flex, 1> for SoftmaxBackward {
+    /// The softmax output P.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<Flex>(&ops.node);
+        if let Some(parent) = parent {
+            grads.register::<Flex>(parent.id, softmax_backward(&ops.state, grad));
+        }
+    }
+}
+
+/// softmax(q·kᵀ/√d)·v with the fused softmax.
+///
+/// # Shapes
+/// - `q`, `k`, `v`: [batch, tokens, d]; returns [batch, tokens, d]
+pub fn attention<B: FusedSoftmax>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
+    let d = q.dims()[2];
+    let scores = q.mul_scalar(1.0 / (d as f64).sqrt()).matmul(k.swap_dims(1, 2)); // [B, L, L]
+    B::softmax_last(scores).matmul(v)
+}
+
+/// A contiguous f32 tensor that this code owns (copied only if shared or strided).
+fn owned(t: FlexTensor) -> FlexTensor {
+    let n = t.layout().num_elements();
+    if t.is_contiguous() && t.layout().start_offset() == 0 && t.bytes().len() == n * 4 && t.is_unique() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// Rows per parallel task: enough work per task to amortise scheduling.
+fn rows_per_task(cols: usize) -> usize {
+    (16_384 / cols.max(1)).max(1)
+}
+
+fn softmax_forward(x: FlexTensor) -> FlexTensor {
+    let mut x = owned(x);
+    let cols = *x.layout().shape().last().unwrap_or(&1);
+    if cols > 0 {
+        let data = x.storage_mut::<f32>();
+        data.par_chunks_mut(cols * rows_per_task(cols))
+            .for_each(|rows| rows.chunks_exact_mut(cols).for_each(softmax_row));
+    }
+    x
+}
+
+/// dx = p ⊙ (g − Σ g⊙p), per row, computed in the gradient's buffer.
+fn softmax_backward(p: &FlexTensor, grad: FlexTensor) -> FlexTensor {
+    let mut g = owned(grad);
+    let p = p.as_slice::<f32>().expect("the softmax output is contiguous f32");
+    let cols = *g.layout().shape().last().unwrap_or(&1);
+    if cols > 0 {
+        let chunk = cols * rows_per_task(cols);
+        let data = g.storage_mut::<f32>();
+        data.par_chunks_mut(chunk).zip(p.par_chunks(chunk)).for_each(|(g, p)| {
+            for (g, p) in g.chunks_exact_mut(cols).zip(p.chunks_exact(cols)) {
+                let dot = dot(g, p);
+                for (g, &p) in g.iter_mut().zip(p) {
+                    *g = p * (*g - dot);
+                }
+            }
+        });
+    }
+    g
+}
+
+const LANES: usize = 8;
+
+fn softmax_row(row: &mut [f32]) {
+    let max = max(row);
+    let max = if max.is_finite() { max } else { 0.0 };
+    for x in row.iter_mut() {
+        *x = exp(*x - max);
+    }
+    let inv = 1.0 / sum(row);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+fn max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    rest.iter().chain(&acc).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// e^x for x in [−87.3, 88], Cephes' `expf` without branches (so it
+/// vectorises): x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by a degree-6
+/// polynomial, 2^n put in the exponent bits. Relative error below 2e-7
+/// (tested); below −87.3 it returns e^−87.3 ≈ 1.2e-38 instead of a subnormal.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = x.clamp(-87.3, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_2e-4;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    // t's low mantissa bits hold n (two's complement): 2^n = (n + 127) << 23.
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e * f32::from_bits(((n_int + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::activation::softmax;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn exp_matches_std_to_2e7_relative() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, exact) = (exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((ours - exact) / exact).abs());
+            x += 0.001_3;
+        }
+        assert!(worst < 2e-7, "worst relative error {worst:e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 2e-38 && exp(-1000.0) >= 0.0);
+    }
+
+    fn values<const D: usize, B: Backend>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn softmax_matches_burn_including_large_logits_and_odd_widths() {
+        let device = Default::default();
+        for (shape, scale) in [([3, 7, 13], 1.0), ([2, 5, 784], 30.0), ([1, 4, 1], 5.0)] {
+            let x = Tensor::<Flex, 3>::random(shape, Distribution::Normal(0.0, scale), &device);
+            let ours = values(Flex::softmax_last(x.clone()));
+            let reference = values(softmax(x, 2));
+            assert!(max_diff(&ours, &reference) < 1e-6, "{shape:?}: {}", max_diff(&ours, &reference));
+        }
+    }
+
+    #[test]
+    fn softmax_gradient_matches_burn_autodiff() {
+        type Ad = Autodiff<Flex>;
+        let device = Default::default();
+        let x = Tensor::<Flex, 3>::random([2, 9, 37], Distribution::Normal(0.0, 3.0), &device);
+        let w = Tensor::<Ad, 3>::random([2, 9, 37], Distribution::Normal(0.0, 1.0), &device);
+        let grad_of = |fused: bool| {
+            let x = Tensor::<Ad, 3>::from_inner(x.clone()).require_grad();
+            let y = if fused { Ad::softmax_last(x.clone()) } else { softmax(x.clone(), 2) };
+            // A loss that weights every output differently.
+            let grads = (y * w.clone()).sum().backward();
+            values(x.grad(&grads).unwrap())
+        };
+        let (ours, reference) = (grad_of(true), grad_of(false));
+        assert!(max_diff(&ours, &reference) < 1e-6, "{}", max_diff(&ours, &reference));
+        assert!(reference.iter().any(|g| g.abs() > 1e-2));
+    }
+
+    #[test]
+    fn attention_and_its_gradients_match_the_generic_kernel() {
+        type Ad = Autodiff<Flex>;
+        let device = Default::default();
+        let make = || Tensor::<Flex, 3>::random([2, 50, 8], Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v) = (make(), make(), make());
+        let w = Tensor::<Ad, 3>::random([2, 50, 8], Distribution::Normal(0.0, 1.0), &device);
+        let run = |f: fn(Tensor<Ad, 3>, Tensor<Ad, 3>, Tensor<Ad, 3>) -> Tensor<Ad, 3>| {
+            let [q, k, v] = [&q, &k, &v].map(|t| Tensor::<Ad, 3>::from_inner(t.clone()).require_grad());
+            let y = f(q.clone(), k.clone(), v.clone());
+            let out = values(y.clone());
+            let grads = (y * w.clone()).sum().backward();
+            let g: Vec<Vec<f32>> = [q, k, v].iter().map(|t| values(t.grad(&grads).unwrap())).collect();
+            (out, g)
+        };
+        let (ours, ours_g) = run(attention::<Ad>);
+        let (generic, generic_g) = run(kernels::generic_attention::<Ad>);
+        assert!(max_diff(&ours, &generic) < 1e-5);
+        for (a, b) in ours_g.iter().zip(&generic_g) {
+            assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b));
+        }
+        // Inference path too.
+        let inference = values(attention::<Flex>(q.clone(), k.clone(), v.clone()));
+        assert!(max_diff(&inference, &generic) < 1e-5);
+    }
+}

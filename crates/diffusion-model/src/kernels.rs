@@ -1,0 +1,139 @@
+//! Replaceable kernels: operations of the U-Net that a binary may swap, per
+//! backend, for a faster implementation of the same function.
+//!
+//! burn composes some operations out of many elementwise passes (under
+//! autodiff its attention op becomes matmul, softmax as max/sub/exp/sum/div,
+//! matmul, and each of those gets its own backward pass). On a GPU that is
+//! cheap; on a CPU each pass over a [batch, 784, 784] score matrix costs as
+//! much as a matmul. This crate stays generic over `B: Backend` and never
+//! names a backend: the binary that knows its backend installs [`Kernels`]
+//! for that backend type once, and the U-Net picks them up. Without an
+//! installation the generic burn implementation runs, so results never
+//! depend on whether anything was installed, only speed does.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use burn::prelude::*;
+//! use diffusion_model::kernels::{self, Kernels};
+//!
+//! fn my_attention(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
+//!     kernels::generic_attention(q, k, v) // a faster kernel would go here
+//! }
+//! kernels::install::<Flex>(Kernels { attention: my_attention });
+//! ```
+
+use std::any::{Any, TypeId};
+use std::sync::RwLock;
+
+use burn::prelude::*;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+/// Single-head attention softmax(q·kᵀ/√d)·v.
+///
+/// # Shapes
+/// - `q`, `k`, `v`: [batch, tokens, d]
+/// - returns [batch, tokens, d]
+pub type AttentionFn<B> = fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>;
+
+/// The replaceable kernels of one backend type.
+pub struct Kernels<B: Backend> {
+    pub attention: AttentionFn<B>,
+}
+
+impl<B: Backend> Clone for Kernels<B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Kernels<B> {}
+
+impl<B: Backend> Default for Kernels<B> {
+    fn default() -> Self {
+        Kernels {
+            attention: generic_attention::<B>,
+        }
+    }
+}
+
+type Entry = (TypeId, &'static (dyn Any + Send + Sync));
+static INSTALLED: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
+
+/// Makes `kernels` the ones used for backend `B` from now on (replacing
+/// any earlier installation for `B`).
+pub fn install<B: Backend>(kernels: Kernels<B>) {
+    let leaked: &'static Kernels<B> = Box::leak(Box::new(kernels));
+    let mut table = INSTALLED.write().unwrap_or_else(|e| e.into_inner());
+    table.retain(|(id, _)| *id != TypeId::of::<B>());
+    table.push((TypeId::of::<B>(), leaked));
+}
+
+/// The kernels in use for backend `B`.
+pub fn get<B: Backend>() -> Kernels<B> {
+    let table = INSTALLED.read().unwrap_or_else(|e| e.into_inner());
+    table
+        .iter()
+        .find(|(id, _)| *id == TypeId::of::<B>())
+        .and_then(|(_, k)| k.downcast_ref::<Kernels<B>>())
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Attention through the installed kernel for `B`.
+pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
+    (get::<B>().attention)(q, k, v)
+}
+
+/// burn's attention op (a fused kernel where the backend has one).
+pub fn generic_attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, l, d] = q.dims();
+    let lk = k.dims()[1];
+    let y = burn_attention(
+        q.reshape([b, 1, l, d]),
+        k.reshape([b, 1, lk, d]),
+        v.reshape([b, 1, lk, d]),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    );
+    y.reshape([b, l, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::TestBackend;
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    use burn::backend::Autodiff;
+    use burn::tensor::Distribution;
+
+    // A backend type no other test uses, so installing for it cannot race
+    // with tests running in parallel.
+    type Own = Autodiff<TestBackend, BalancedCheckpointing>;
+
+    fn zeros_attention(q: Tensor<Own, 3>, _: Tensor<Own, 3>, _: Tensor<Own, 3>) -> Tensor<Own, 3> {
+        q.zeros_like()
+    }
+
+    fn sum_abs<B: Backend>(x: Tensor<B, 3>) -> f32 {
+        x.abs().sum().into_scalar().elem()
+    }
+
+    #[test]
+    fn installed_kernel_is_used_for_its_backend_only() {
+        let device = Default::default();
+        let q = Tensor::<Own, 3>::random([2, 5, 4], Distribution::Normal(0.0, 1.0), &device);
+        let generic = attention(q.clone(), q.clone(), q.clone());
+        assert!(sum_abs(generic.clone()) > 0.0);
+        install::<Own>(Kernels {
+            attention: zeros_attention,
+        });
+        assert_eq!(sum_abs(attention(q.clone(), q.clone(), q.clone())), 0.0);
+        // Other backend types are unaffected.
+        let qf = Tensor::<TestBackend, 3>::from_data(q.to_data(), &device);
+        assert!(sum_abs(attention(qf.clone(), qf.clone(), qf)) > 0.0);
+        install::<Own>(Kernels::default());
+        let again = attention(q.clone(), q.clone(), q);
+        assert_eq!(again.into_data(), generic.into_data());
+    }
+}
