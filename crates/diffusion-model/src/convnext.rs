@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
 use crate::class_embedding::ClassCondition;
+use crate::kernels;
 
 /// Builds a [`ConvNeXtBlock`].
 #[derive(Config, Debug)]
@@ -83,7 +84,7 @@ impl<B: Backend> ConvNeXtBlock<B> {
         class: Option<&ClassCondition<B>>,
     ) -> Tensor<B, 4> {
         let [b, c, _, _] = x.dims();
-        let mut h = self.depthwise.forward(x.clone());
+        let mut h = kernels::conv2d(&self.depthwise, x.clone());
         let mut cond = self.time_proj.forward(time.clone()); // [B, in]
         if let (Some(proj), Some(class)) = (&self.class_proj, class) {
             let mut term = proj.forward(class.silu_embedding.clone());
@@ -93,10 +94,10 @@ impl<B: Backend> ConvNeXtBlock<B> {
             cond = cond + term;
         }
         h = h + cond.reshape([b, c, 1, 1]);
-        let h = self.conv1.forward(self.norm1.forward(h));
-        let h = self.conv2.forward(self.norm2.forward(gelu(h)));
+        let h = kernels::conv2d(&self.conv1, self.norm1.forward(h));
+        let h = kernels::conv2d(&self.conv2, self.norm2.forward(gelu(h)));
         let skip = match &self.shortcut {
-            Some(conv) => conv.forward(x),
+            Some(conv) => kernels::conv2d(conv, x),
             None => x,
         };
         h + skip

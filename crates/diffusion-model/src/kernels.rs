@@ -19,12 +19,13 @@
 //! fn my_attention(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
 //!     kernels::generic_attention(q, k, v) // a faster kernel would go here
 //! }
-//! kernels::install::<Flex>(Kernels { attention: my_attention });
+//! kernels::install::<Flex>(Kernels { attention: my_attention, ..Kernels::default() });
 //! ```
 
 use std::any::{Any, TypeId};
 use std::sync::RwLock;
 
+use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -36,9 +37,16 @@ use burn::tensor::ops::AttentionModuleOptions;
 /// - returns [batch, tokens, d]
 pub type AttentionFn<B> = fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor<B, 3>;
 
+/// A 2-D convolution module applied to an input, `conv.forward(x)`.
+///
+/// # Shapes
+/// - `x`: [batch, in, h, w]; returns [batch, out, h', w']
+pub type Conv2dFn<B> = for<'a> fn(&'a Conv2d<B>, Tensor<B, 4>) -> Tensor<B, 4>;
+
 /// The replaceable kernels of one backend type.
 pub struct Kernels<B: Backend> {
     pub attention: AttentionFn<B>,
+    pub conv2d: Conv2dFn<B>,
 }
 
 impl<B: Backend> Clone for Kernels<B> {
@@ -52,6 +60,7 @@ impl<B: Backend> Default for Kernels<B> {
     fn default() -> Self {
         Kernels {
             attention: generic_attention::<B>,
+            conv2d: generic_conv2d::<B>,
         }
     }
 }
@@ -82,6 +91,16 @@ pub fn get<B: Backend>() -> Kernels<B> {
 /// Attention through the installed kernel for `B`.
 pub fn attention<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
     (get::<B>().attention)(q, k, v)
+}
+
+/// `conv.forward(x)` through the installed kernel for `B`.
+pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    (get::<B>().conv2d)(conv, x)
+}
+
+/// burn's conv2d.
+pub fn generic_conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv.forward(x)
 }
 
 /// burn's attention op (a fused kernel where the backend has one).
@@ -127,6 +146,7 @@ mod tests {
         assert!(sum_abs(generic.clone()) > 0.0);
         install::<Own>(Kernels {
             attention: zeros_attention,
+            ..Kernels::default()
         });
         assert_eq!(sum_abs(attention(q.clone(), q.clone(), q.clone())), 0.0);
         // Other backend types are unaffected.
