@@ -94,8 +94,8 @@ impl<B: Backend> ConvNeXtBlock<B> {
             cond = cond + term;
         }
         h = h + cond.reshape([b, c, 1, 1]);
-        let h = kernels::conv2d(&self.conv1, self.norm1.forward(h));
-        let h = kernels::conv2d(&self.conv2, self.norm2.forward(gelu(h)));
+        let h = kernels::conv2d(&self.conv1, kernels::group_norm(&self.norm1, h));
+        let h = kernels::conv2d(&self.conv2, kernels::group_norm(&self.norm2, gelu(h)));
         let skip = match &self.shortcut {
             Some(conv) => kernels::conv2d(conv, x),
             None => x,

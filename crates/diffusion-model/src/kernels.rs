@@ -26,6 +26,7 @@ use std::any::{Any, TypeId};
 use std::sync::RwLock;
 
 use burn::nn::conv::Conv2d;
+use burn::nn::GroupNorm;
 use burn::prelude::*;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -43,10 +44,17 @@ pub type AttentionFn<B> = fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor
 /// - `x`: [batch, in, h, w]; returns [batch, out, h', w']
 pub type Conv2dFn<B> = for<'a> fn(&'a Conv2d<B>, Tensor<B, 4>) -> Tensor<B, 4>;
 
+/// A group norm module applied to an input, `norm.forward(x)`.
+///
+/// # Shapes
+/// - `x`: [batch, channels, h, w]; returns the same shape
+pub type GroupNormFn<B> = for<'a> fn(&'a GroupNorm<B>, Tensor<B, 4>) -> Tensor<B, 4>;
+
 /// The replaceable kernels of one backend type.
 pub struct Kernels<B: Backend> {
     pub attention: AttentionFn<B>,
     pub conv2d: Conv2dFn<B>,
+    pub group_norm: GroupNormFn<B>,
 }
 
 impl<B: Backend> Clone for Kernels<B> {
@@ -61,6 +69,7 @@ impl<B: Backend> Default for Kernels<B> {
         Kernels {
             attention: generic_attention::<B>,
             conv2d: generic_conv2d::<B>,
+            group_norm: generic_group_norm::<B>,
         }
     }
 }
@@ -101,6 +110,16 @@ pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
 /// burn's conv2d.
 pub fn generic_conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     conv.forward(x)
+}
+
+/// `norm.forward(x)` through the installed kernel for `B`.
+pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    (get::<B>().group_norm)(norm, x)
+}
+
+/// burn's group norm.
+pub fn generic_group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    norm.forward(x)
 }
 
 /// burn's attention op (a fused kernel where the backend has one).
