@@ -60,7 +60,9 @@ impl<B: Backend> AttentionBlock<B> {
         let [b, d, h, w] = x.dims();
         let l = h * w;
         // [B, d, H, W] → [B, L, d]
-        let tokens = crate::kernels::group_norm(&self.norm, x.clone()).reshape([b, d, l]).swap_dims(1, 2);
+        let tokens = crate::kernels::group_norm(&self.norm, x.clone())
+            .reshape([b, d, l])
+            .swap_dims(1, 2);
         let qkv = self.qkv.forward(tokens); // [B, L, 3d]
         let q = qkv.clone().narrow(2, 0, d);
         let k = qkv.clone().narrow(2, d, d);

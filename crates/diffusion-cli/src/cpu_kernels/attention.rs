@@ -1,0 +1,163 @@
+//! Attention on the CPU backend through [`super::flash`].
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use diffusion_model::kernels;
+
+use super::{contiguous, f32s};
+
+/// Attention through [`flash`] on `Flex`: no score matrix is materialised.
+pub(super) fn inference(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
+    let [batch, len, d] = q.dims();
+    if q.dtype() != DType::F32 || k.dims() != [batch, len, d] || v.dims() != [batch, len, d] {
+        return kernels::generic_attention(q, k, v);
+    }
+    let [q, k, v] = [q, k, v].map(|t| contiguous(t.into_primitive().tensor()));
+    let dims = super::flash::Dims { batch, len, d };
+    let (o, _) = super::flash::forward(
+        q.as_slice::<f32>().unwrap(),
+        k.as_slice::<f32>().unwrap(),
+        v.as_slice::<f32>().unwrap(),
+        dims,
+        1.0 / (d as f32).sqrt(),
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(
+        o,
+        [batch, len, d],
+    ))))
+}
+
+/// Attention through [`flash`] under autodiff: the forward pass keeps q, k,
+/// v, the output and one log-sum-exp per row; the backward pass recomputes
+/// the probabilities block by block.
+pub(super) fn autodiff(
+    q: Tensor<Autodiff<Flex>, 3>,
+    k: Tensor<Autodiff<Flex>, 3>,
+    v: Tensor<Autodiff<Flex>, 3>,
+) -> Tensor<Autodiff<Flex>, 3> {
+    let [batch, len, d] = q.dims();
+    if q.dtype() != DType::F32 || k.dims() != [batch, len, d] || v.dims() != [batch, len, d] {
+        return kernels::generic_attention(q, k, v);
+    }
+    let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
+    let [qf, kf, vf] = [&q, &k, &v].map(|t| contiguous(t.primitive.clone()));
+    let dims = super::flash::Dims { batch, len, d };
+    let scale = 1.0 / (d as f32).sqrt();
+    let (o, lse) = super::flash::forward(f32s(&qf), f32s(&kf), f32s(&vf), dims, scale);
+    let o = FlexTensor::from_data(TensorData::new(o, [batch, len, d]));
+    let out = match FlashBackward
+        .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            FlashState {
+                q: qf,
+                k: kf,
+                v: vf,
+                o: o.clone(),
+                lse,
+                dims,
+                scale,
+            },
+            o,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(o),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+#[derive(Debug, Clone)]
+struct FlashState {
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    o: FlexTensor,
+    lse: Vec<f32>,
+    dims: super::flash::Dims,
+    scale: f32,
+}
+
+#[derive(Debug)]
+struct FlashBackward;
+
+impl Backward<Flex, 3> for FlashBackward {
+    type State = FlashState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let st = ops.state;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let (dq, dk, dv) = super::flash::backward(
+            f32s(&st.q),
+            f32s(&st.k),
+            f32s(&st.v),
+            f32s(&st.o),
+            &st.lse,
+            f32s(&grad),
+            st.dims,
+            st.scale,
+        );
+        let shape = [st.dims.batch, st.dims.len, st.dims.d];
+        for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, FlexTensor::from_data(TensorData::new(g, shape)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_kernels::test_util::{max_abs_diff as max_diff, values};
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn flash_attention_and_its_gradients_match_the_generic_kernel() {
+        type Ad = Autodiff<Flex>;
+        let device = Default::default();
+        // Lengths below, at and across the 64-row block; 784 as at 28x28.
+        for (batch, len, d) in [(2, 50, 8), (3, 64, 4), (2, 130, 16), (1, 784, 16)] {
+            let make =
+                |sd: f64| Tensor::<Flex, 3>::random([batch, len, d], Distribution::Normal(0.0, sd), &device);
+            let (q, k, v) = (make(2.0), make(2.0), make(1.0));
+            let n = batch * len * d;
+            let w: Vec<f32> = (0..n).map(|i| 0.1 * (1 + i % 9) as f32).collect();
+            let w = Tensor::<Ad, 1>::from_floats(w.as_slice(), &device).reshape([batch, len, d]);
+            let run = |f: fn(Tensor<Ad, 3>, Tensor<Ad, 3>, Tensor<Ad, 3>) -> Tensor<Ad, 3>| {
+                let [q, k, v] = [&q, &k, &v].map(|t| Tensor::<Ad, 3>::from_inner(t.clone()).require_grad());
+                let y = f(q.clone(), k.clone(), v.clone());
+                let out = values(y.clone());
+                let grads = (y * w.clone()).sum().backward();
+                let g: Vec<Vec<f32>> = [q, k, v]
+                    .iter()
+                    .map(|t| values(t.grad(&grads).unwrap()))
+                    .collect();
+                (out, g)
+            };
+            let (ours, ours_g) = run(autodiff);
+            let (generic, generic_g) = run(kernels::generic_attention::<Ad>);
+            let what = format!("batch {batch} len {len} d {d}");
+            assert!(
+                max_diff(&ours, &generic) < 2e-5,
+                "{what}: output {}",
+                max_diff(&ours, &generic)
+            );
+            for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(ours_g.iter().zip(&generic_g)) {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(
+                    max_diff(a, b) < 2e-5 * scale.max(1.0),
+                    "{what}: {name} {} (max {scale})",
+                    max_diff(a, b)
+                );
+            }
+            let inference = values(inference(q.clone(), k.clone(), v.clone()));
+            assert!(max_diff(&inference, &generic) < 2e-5, "{what}: inference");
+        }
+    }
+}

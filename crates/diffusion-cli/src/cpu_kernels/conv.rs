@@ -1,0 +1,300 @@
+//! conv2d on the CPU backend with a faster backward pass.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
+use burn::tensor::ops::{ConvOptions, ModuleOps};
+use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use rayon::prelude::*;
+
+use super::{contiguous, dims4, dot, sum};
+
+/// A conv2d whose backward pass avoids Flex's slow paths: the input
+/// gradient of a stride-1 conv is itself a conv (flipped kernel, channels
+/// swapped per group), which Flex runs as im2col + gemm on all cores instead
+/// of its single-threaded direct transposed conv; the weight gradient of a
+/// depthwise conv is a direct loop per channel instead of one conv per
+/// group; the bias gradient is a per-channel sum without a transposed copy.
+/// Anything else falls back to burn's default backward.
+pub(super) fn autodiff(
+    conv: &Conv2d<Autodiff<Flex>>,
+    x: Tensor<Autodiff<Flex>, 4>,
+) -> Tensor<Autodiff<Flex>, 4> {
+    let padding = match &conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            [*top, *left]
+        }
+        PaddingConfig2d::Valid => [0, 0],
+        _ => return conv.forward(x),
+    };
+    let Some(bias) = &conv.bias else {
+        return conv.forward(x);
+    };
+    let options = ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups);
+    let weight = conv.weight.val();
+    if x.dtype() != DType::F32 || padding[0] >= conv.kernel_size[0] || padding[1] >= conv.kernel_size[1] {
+        return conv.forward(x);
+    }
+    let [x, weight, bias] = [
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.val().unsqueeze::<4>().into_primitive().tensor(),
+    ];
+    let bias_shape = bias.primitive.layout().shape().clone();
+    let bias_1d = bias.primitive.reshape([bias_shape.num_elements()].into());
+    let out = match Conv2dBackward
+        .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone(), bias.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let out = Flex::conv2d(
+                x.primitive.clone(),
+                weight.primitive.clone(),
+                Some(bias_1d),
+                options.clone(),
+            );
+            prep.finish((x.primitive, weight.primitive, bias_shape, options), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d(
+            x.primitive,
+            weight.primitive,
+            Some(bias_1d),
+            options,
+        )),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+#[derive(Debug)]
+struct Conv2dBackward;
+
+impl Backward<Flex, 3> for Conv2dBackward {
+    /// x, weight, the bias's shape (as given to the op) and the options.
+    type State = (FlexTensor, FlexTensor, Shape, ConvOptions<2>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w, node_b] = ops.parents;
+        let (x, weight, bias_shape, options) = ops.state;
+        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        if let Some(node) = node_b {
+            grads.register::<Flex>(node.id, channel_sums(&grad).reshape(bias_shape));
+        }
+        if let Some(node) = node_w {
+            let g = if is_depthwise(&x, &weight, &options) {
+                depthwise_weight_grad(&contiguous(x.clone()), &grad, &weight, &options)
+            } else {
+                Flex::conv2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options.clone())
+            };
+            grads.register::<Flex>(node.id, g);
+        }
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, input_grad(x, weight, grad, options));
+        }
+    }
+}
+
+fn is_depthwise(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -> bool {
+    let [c_out, per_group, _, _] = dims4(weight);
+    let c_in = dims4(x)[1];
+    options.groups == c_in
+        && c_out == c_in
+        && per_group == 1
+        && options.stride == [1, 1]
+        && options.dilation == [1, 1]
+}
+
+/// Σ over batch, height and width, per channel: [B, C, H, W] → [C].
+fn channel_sums(grad: &FlexTensor) -> FlexTensor {
+    let [b, c, h, w] = dims4(grad);
+    let g = grad.as_slice::<f32>().expect("contiguous f32 gradient");
+    let sums: Vec<f32> = (0..c)
+        .into_par_iter()
+        .map(|ci| (0..b).map(|bi| sum(&g[(bi * c + ci) * h * w..][..h * w])).sum())
+        .collect();
+    FlexTensor::from_data(TensorData::new(sums, [c]))
+}
+
+/// ∂L/∂x of a conv: for stride 1 and dilation 1 it is the conv of the output
+/// gradient with the spatially flipped kernel whose in/out channels are
+/// swapped within each group, padded by k − 1 − p.
+fn input_grad(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
+    if options.stride != [1, 1] || options.dilation != [1, 1] {
+        return Flex::conv2d_x_backward(x, weight, grad, options);
+    }
+    let [c_out, per_group_in, kh, kw] = dims4(&weight);
+    let g = options.groups;
+    let w = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(weight))
+        .reshape([g, c_out / g, per_group_in, kh * kw])
+        .swap_dims(1, 2) // [g, in/g, out/g, k·k]
+        .reshape([g * per_group_in, c_out / g, kh, kw])
+        .flip([2, 3]);
+    let padding = [kh - 1 - options.padding[0], kw - 1 - options.padding[1]];
+    let w = contiguous(w.into_primitive().tensor());
+    Flex::conv2d(grad, w, None, ConvOptions::new([1, 1], padding, [1, 1], g))
+}
+
+/// ∂L/∂w of a depthwise conv (stride 1): for each channel c and tap (i, j),
+/// Σ_b Σ_y Σ_x grad[b, c, y, x] · x[b, c, y + i − p, x + j − p].
+fn depthwise_weight_grad(
+    x: &FlexTensor,
+    grad: &FlexTensor,
+    weight: &FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    let [b, c, h, w] = dims4(x);
+    let [_, _, ho, wo] = dims4(grad);
+    let [_, _, kh, kw] = dims4(weight);
+    let [ph, pw] = options.padding;
+    let (xs, gs) = (x.as_slice::<f32>().unwrap(), grad.as_slice::<f32>().unwrap());
+    let taps: Vec<f32> = (0..c)
+        .into_par_iter()
+        .flat_map_iter(|ci| {
+            let mut acc = vec![0f32; kh * kw];
+            for bi in 0..b {
+                let xp = &xs[(bi * c + ci) * h * w..][..h * w];
+                let gp = &gs[(bi * c + ci) * ho * wo..][..ho * wo];
+                for i in 0..kh {
+                    for j in 0..kw {
+                        // Output columns whose input column x + j − pw lies inside [0, w).
+                        let x0 = pw.saturating_sub(j);
+                        let x1 = (w + pw).saturating_sub(j).min(wo);
+                        if x0 >= x1 {
+                            continue;
+                        }
+                        let mut total = 0.0;
+                        for y in 0..ho {
+                            let iy = y + i;
+                            if iy < ph || iy - ph >= h {
+                                continue;
+                            }
+                            let xrow = &xp[(iy - ph) * w..][..w];
+                            total += dot(&gp[y * wo + x0..y * wo + x1], &xrow[x0 + j - pw..x1 + j - pw]);
+                        }
+                        acc[i * kw + j] += total;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    FlexTensor::from_data(TensorData::new(taps, [c, 1, kh, kw]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu_kernels::test_util::{max_rel_diff, values};
+    use burn::module::Param;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+
+    type Ad = Autodiff<Flex>;
+
+    /// Output, ∂x, ∂w, ∂bias of `conv` on `x` under a loss that weights
+    /// every output differently, with our kernel or burn's.
+    fn run(conv: &Conv2d<Ad>, x: &Tensor<Flex, 4>, ours: bool) -> [Vec<f32>; 4] {
+        let conv = conv.clone();
+        let conv = Conv2d {
+            weight: Param::from_tensor(conv.weight.val().detach().require_grad()),
+            bias: conv
+                .bias
+                .map(|b| Param::from_tensor(b.val().detach().require_grad())),
+            ..conv
+        };
+        assert!(conv.weight.is_initialized());
+        let x = Tensor::<Ad, 4>::from_inner(x.clone()).require_grad();
+        let y = if ours {
+            autodiff(&conv, x.clone())
+        } else {
+            conv.forward(x.clone())
+        };
+        // Fixed loss weights: 0.1, 0.2, …, 1.0, 0.1, …
+        let n = y.dims().iter().product::<usize>();
+        let w: Vec<f32> = (0..n).map(|i| 0.1 * (1 + i % 10) as f32).collect();
+        let w = Tensor::<Ad, 1>::from_floats(w.as_slice(), &y.device()).reshape(y.dims());
+        let out = values(y.clone().inner());
+        let grads = (y * w).sum().backward();
+        [
+            out,
+            values(x.grad(&grads).unwrap()),
+            values(conv.weight.val().grad(&grads).unwrap()),
+            values(conv.bias.as_ref().unwrap().val().grad(&grads).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn conv_gradients_match_burn() {
+        let device = Default::default();
+        let pad = |h, w| PaddingConfig2d::Explicit(h, w, h, w);
+        let cases = [
+            (
+                "3x3 pad 1",
+                Conv2dConfig::new([5, 7], [3, 3]).with_padding(pad(1, 1)),
+                [2, 5, 9, 8],
+            ),
+            (
+                "depthwise 7x7 pad 3",
+                Conv2dConfig::new([6, 6], [7, 7])
+                    .with_groups(6)
+                    .with_padding(pad(3, 3)),
+                [3, 6, 10, 9],
+            ),
+            (
+                "depthwise 7x7 pad 3 on 3x3",
+                Conv2dConfig::new([4, 4], [7, 7])
+                    .with_groups(4)
+                    .with_padding(pad(3, 3)),
+                [2, 4, 3, 3],
+            ),
+            ("1x1", Conv2dConfig::new([4, 3], [1, 1]), [2, 4, 5, 5]),
+            ("3x3 no padding", Conv2dConfig::new([3, 4], [3, 3]), [2, 3, 7, 6]),
+            (
+                "3x5 pad 1,2",
+                Conv2dConfig::new([3, 4], [3, 5]).with_padding(pad(1, 2)),
+                [2, 3, 6, 7],
+            ),
+            (
+                "groups 2",
+                Conv2dConfig::new([4, 6], [3, 3])
+                    .with_groups(2)
+                    .with_padding(pad(1, 1)),
+                [2, 4, 6, 6],
+            ),
+            (
+                "stride 2 (fallback)",
+                Conv2dConfig::new([3, 5], [3, 3])
+                    .with_stride([2, 2])
+                    .with_padding(pad(1, 1)),
+                [2, 3, 8, 8],
+            ),
+        ];
+        for (name, config, shape) in cases {
+            let conv = config.init::<Ad>(&device);
+            // Fix the (lazily initialised) parameters so both runs share them.
+            let conv = Conv2d {
+                weight: Param::from_tensor(conv.weight.val()),
+                bias: conv.bias.map(|b| Param::from_tensor(b.val())),
+                ..conv
+            };
+            let x = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+            let (ours, reference) = (run(&conv, &x, true), run(&conv, &x, false));
+            for (what, (a, b)) in ["output", "dx", "dw", "dbias"]
+                .iter()
+                .zip(ours.iter().zip(&reference))
+            {
+                assert_eq!(a.len(), b.len(), "{name}: {what} sizes");
+                let d = max_rel_diff(a, b);
+                assert!(
+                    d < 1e-5,
+                    "{name}: {what} differs by {d:e} (relative to its largest value)"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Attention without the score matrix: softmax(q·kᵀ·s)·v computed block by
+//! block of queries (FlashAttention's forward and backward, Dao 2022/2023),
+//! with the matmuls on the `gemm` crate (the one Flex uses) and the softmax
+//! on the vectorised row loops of this module's parent.
+//!
+//! A [batch, 784, 784] score matrix is 2.5 MB per image; written out (and,
+//! for training, kept until the backward pass) it costs memory bandwidth
+//! and page faults. Here each task holds one block of 64 query rows
+//! (64 × 784 floats, 200 KB, in L2) and keeps only the log-sum-exp of each
+//! row for the backward pass, which recomputes the block's probabilities.
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use super::{dot, exp, max, sum, vectorised};
+
+/// Query rows per block.
+const BLOCK: usize = 64;
+
+/// A strided matrix view: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        View {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major matrix with `cols` columns.
+    fn transposed(data: &'a [f32], cols: usize) -> Self {
+        View {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+    fn check(&self, rows: usize, cols: usize) {
+        if rows > 0 && cols > 0 {
+            assert!(
+                (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len(),
+                "matrix view out of bounds"
+            );
+        }
+    }
+}
+
+/// dst (row-major m×n) = [dst +] scale·(lhs (m×k) · rhs (k×n)).
+fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
+    assert!(dst.len() >= m * n);
+    lhs.check(m, k);
+    rhs.check(k, n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: every index gemm touches lies inside the slices (checked
+    // above); dst does not alias lhs or rhs (it is a distinct &mut).
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// Shapes of one attention call: `batch` sequences of `len` tokens of
+/// width `d` (queries and keys have the same length: self-attention).
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub batch: usize,
+    pub len: usize,
+    pub d: usize,
+}
+
+/// Returns o = softmax(q·kᵀ·scale)·v and the log-sum-exp of each score row.
+/// `q`, `k`, `v`, `o`: [batch, len, d] row-major; lse: [batch, len].
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let Dims { batch, len, d } = dims;
+    let mut o = vec![0f32; batch * len * d];
+    let mut lse = vec![0f32; batch * len];
+    let per_seq = len * d;
+    // One task per block of query rows; blocks never straddle sequences.
+    let tasks = blocks(batch, len);
+    let o_ptr = SyncPtr(o.as_mut_ptr());
+    let lse_ptr = SyncPtr(lse.as_mut_ptr());
+    tasks
+        .par_iter()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(b, start, rows)| {
+            let (q, k, v) = (
+                &q[b * per_seq..][..per_seq],
+                &k[b * per_seq..][..per_seq],
+                &v[b * per_seq..][..per_seq],
+            );
+            scores.resize(rows * len, 0.0);
+            matmul(
+                scores,
+                rows,
+                len,
+                d,
+                View::rows(&q[start * d..], d),
+                View::transposed(k, d),
+                scale,
+                false,
+            );
+            // SAFETY: tasks write disjoint row ranges of o and lse.
+            let (o, lse) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(o_ptr.get().add((b * len + start) * d), rows * d),
+                    std::slice::from_raw_parts_mut(lse_ptr.get().add(b * len + start), rows),
+                )
+            };
+            for (row, lse) in scores.chunks_exact_mut(len).zip(lse.iter_mut()) {
+                *lse = softmax_with_lse(row);
+            }
+            matmul(
+                o,
+                rows,
+                d,
+                len,
+                View::rows(scores, len),
+                View::rows(v, d),
+                1.0,
+                false,
+            );
+        });
+    (o, lse)
+}
+
+/// Gradients (dq, dk, dv) of Σ dO ⊙ o with respect to q, k and v.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    d_o: &[f32],
+    dims: Dims,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims { batch, len, d } = dims;
+    let per_seq = len * d;
+    let mut dq = vec![0f32; batch * per_seq];
+    let mut dk = vec![0f32; batch * per_seq];
+    let mut dv = vec![0f32; batch * per_seq];
+    // One task per sequence: dk and dv sum over all query blocks.
+    dq.par_chunks_mut(per_seq.max(1))
+        .zip(
+            dk.par_chunks_mut(per_seq.max(1))
+                .zip(dv.par_chunks_mut(per_seq.max(1))),
+        )
+        .enumerate()
+        .for_each(|(b, (dq, (dk, dv)))| {
+            let seq = b * per_seq..(b + 1) * per_seq;
+            let (q, k, v) = (&q[seq.clone()], &k[seq.clone()], &v[seq.clone()]);
+            let (o, d_o) = (&o[seq.clone()], &d_o[seq]);
+            let lse = &lse[b * len..][..len];
+            let mut p = vec![0f32; BLOCK.min(len) * len];
+            let mut dp = vec![0f32; BLOCK.min(len) * len];
+            let mut start = 0;
+            while start < len {
+                let rows = BLOCK.min(len - start);
+                let (p, dp) = (&mut p[..rows * len], &mut dp[..rows * len]);
+                let q_blk = View::rows(&q[start * d..], d);
+                let do_blk = View::rows(&d_o[start * d..], d);
+                // P = exp(q·kᵀ·scale − lse), recomputed.
+                matmul(p, rows, len, d, q_blk, View::transposed(k, d), scale, false);
+                for (i, row) in p.chunks_exact_mut(len).enumerate() {
+                    exp_shifted(row, lse[start + i]);
+                }
+                // dv += Pᵀ·dO
+                matmul(dv, len, d, rows, View::transposed(p, len), do_blk, 1.0, true);
+                // dP = dO·vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ o)), in dp.
+                matmul(dp, rows, len, d, do_blk, View::transposed(v, d), 1.0, false);
+                for i in 0..rows {
+                    let r = start + i;
+                    let delta = dot(&d_o[r * d..][..d], &o[r * d..][..d]);
+                    softmax_grad_row(&mut dp[i * len..][..len], &p[i * len..][..len], delta);
+                }
+                // dq = scale·dS·k; dk += scale·dSᵀ·q
+                matmul(
+                    &mut dq[start * d..],
+                    rows,
+                    d,
+                    len,
+                    View::rows(dp, len),
+                    View::rows(k, d),
+                    scale,
+                    false,
+                );
+                matmul(dk, len, d, rows, View::transposed(dp, len), q_blk, scale, true);
+                start += rows;
+            }
+        });
+    (dq, dk, dv)
+}
+
+/// (sequence, first row, rows) of every query block.
+fn blocks(batch: usize, len: usize) -> Vec<(usize, usize, usize)> {
+    (0..batch)
+        .flat_map(|b| {
+            (0..len)
+                .step_by(BLOCK)
+                .map(move |start| (b, start, BLOCK.min(len - start)))
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only to hand disjoint ranges of one buffer to parallel tasks.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+vectorised! {
+    /// Softmax of `row` in place; returns its log-sum-exp.
+    fn softmax_with_lse(row: &mut [f32]) -> f32 {
+        let m = max(row);
+        let m = if m.is_finite() { m } else { 0.0 };
+        for x in row.iter_mut() {
+            *x = exp(*x - m);
+        }
+        let total = sum(row);
+        let inv = 1.0 / total;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+        m + total.ln()
+    }
+}
+
+vectorised! {
+    /// row ← exp(row − shift).
+    fn exp_shifted(row: &mut [f32], shift: f32) -> () {
+        for x in row.iter_mut() {
+            *x = exp(*x - shift);
+        }
+    }
+}
+
+vectorised! {
+    /// dp ← p ⊙ (dp − delta).
+    fn softmax_grad_row(dp: &mut [f32], p: &[f32], delta: f32) -> () {
+        for (g, &p) in dp.iter_mut().zip(p) {
+            *g = p * (*g - delta);
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Faster kernels for the CPU backend (burn's Flex), installed into
+//! [`diffusion_model::kernels`] for `Flex` and `Autodiff<Flex>`.
+//!
+//! burn builds attention, group norm and the conv backward pass out of
+//! generic operations; on Flex several of those are slow paths (a
+//! single-threaded direct transposed conv for every conv's input gradient,
+//! one conv per channel for a depthwise weight gradient, broadcasts through
+//! a strided iterator, libm's scalar `expf`, a [batch, 784, 784] score
+//! matrix written out and kept for the backward pass). Each kernel here
+//! computes the same function (tested against burn's to float rounding)
+//! with fewer passes, on rayon's pool (the one Flex uses), with loops that
+//! vectorise:
+//! - [`attention`]: FlashAttention forward and backward ([`flash`]);
+//! - [`conv`]: conv2d with a faster backward pass;
+//! - [`group_norm`]: one pass for statistics, one for the output, one fused
+//!   backward pass.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
+use diffusion_model::kernels::{self, Kernels};
+
+mod attention;
+mod conv;
+mod flash;
+mod group_norm;
+
+/// Defines `fn $name(args)` whose body is compiled twice: for the baseline
+/// x86-64 target (SSE2) and with AVX2 + FMA, picked at run time, so the
+/// loops below vectorise 8 wide on CPUs that have it.
+macro_rules! vectorised {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn body($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+pub(crate) use vectorised;
+
+/// Installs the kernels of this module for the CPU backend (idempotent).
+pub fn install() {
+    kernels::install::<Flex>(Kernels {
+        attention: attention::inference,
+        group_norm: group_norm::inference,
+        ..Kernels::default()
+    });
+    kernels::install::<Autodiff<Flex>>(Kernels {
+        attention: attention::autodiff,
+        conv2d: conv::autodiff,
+        group_norm: group_norm::autodiff,
+    });
+}
+
+/// `t`, copied into a contiguous buffer if it is strided or offset.
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The four dimensions of a rank-4 tensor.
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// The values of a contiguous f32 tensor.
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+const LANES: usize = 8;
+
+#[inline(always)]
+fn max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+#[inline(always)]
+fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Σ (v − mean)².
+#[inline(always)]
+fn sum_sq_dev(v: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest: f32 = chunks.remainder().iter().map(|x| (x - mean) * (x - mean)).sum();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += (c[i] - mean) * (c[i] - mean);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// e^x for x in [−87.3, 88], Cephes' `expf` without branches (so it
+/// vectorises): x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by a degree-6
+/// polynomial, 2^n put in the exponent bits. Relative error below 2e-7
+/// (tested); below −87.3 it returns e^−87.3 ≈ 1.2e-38 instead of a subnormal.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    let x = x.clamp(-87.3, 88.0);
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_2e-4;
+    let p = p * r + 1.398_2e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    // t's low mantissa bits hold n (two's complement): 2^n = (n + 127) << 23.
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    e * f32::from_bits(((n_int + 127) << 23) as u32)
+}
+
+#[cfg(test)]
+mod test_util {
+    use burn::tensor::backend::Backend;
+    use burn::tensor::Tensor;
+
+    pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    /// max |a − b|.
+    pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    /// max |a − b| / max |b|.
+    pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+        max_abs_diff(a, b) / b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std_to_2e7_relative() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (ours, exact) = (exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((ours - exact) / exact).abs());
+            x += 0.001_3;
+        }
+        assert!(worst < 2e-7, "worst relative error {worst:e}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 2e-38 && exp(-1000.0) >= 0.0);
+    }
+}
