@@ -12,7 +12,8 @@ use burn::tensor::ops::{ConvOptions, ModuleOps};
 use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{contiguous, dims4, dot, sum};
+use super::matmul::{matmul, View};
+use super::{contiguous, dims4, dot, f32s, sum};
 
 /// A conv2d whose backward pass avoids Flex's slow paths: the input
 /// gradient of a stride-1 conv is itself a conv (flipped kernel, channels
@@ -88,6 +89,8 @@ impl Backward<Flex, 3> for Conv2dBackward {
         if let Some(node) = node_w {
             let g = if is_depthwise(&x, &weight, &options) {
                 depthwise_weight_grad(&contiguous(x.clone()), &grad, &weight, &options)
+            } else if options.groups == 1 {
+                weight_grad_gemm(&contiguous(x.clone()), &grad, &weight, &options)
             } else {
                 Flex::conv2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options.clone())
             };
@@ -137,6 +140,75 @@ fn input_grad(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, options: Conv
     let padding = [kh - 1 - options.padding[0], kw - 1 - options.padding[1]];
     let w = contiguous(w.into_primitive().tensor());
     Flex::conv2d(grad, w, None, ConvOptions::new([1, 1], padding, [1, 1], g))
+}
+
+/// Images per parallel task of [`weight_grad_gemm`].
+const IMAGES_PER_TASK: usize = 4;
+
+/// ∂L/∂w of an ungrouped conv as one matrix product per image:
+/// ∂w [out, in·kh·kw] += grad_b [out, ho·wo] · im2col(x_b)ᵀ [ho·wo, in·kh·kw],
+/// in parallel over fixed groups of images.
+fn weight_grad_gemm(
+    x: &FlexTensor,
+    grad: &FlexTensor,
+    weight: &FlexTensor,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    let [b, cin, h, w] = dims4(x);
+    let [_, cout, ho, wo] = dims4(grad);
+    let [_, _, kh, kw] = dims4(weight);
+    let (taps, positions) = (cin * kh * kw, ho * wo);
+    let (xs, gs) = (f32s(x), f32s(grad));
+    let im2col = |xb: &[f32], cols: &mut [f32]| {
+        for ci in 0..cin {
+            let plane = &xb[ci * h * w..][..h * w];
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = &mut cols[((ci * kh + i) * kw + j) * positions..][..positions];
+                    for oy in 0..ho {
+                        let iy = (oy * options.stride[0] + i * options.dilation[0]) as isize
+                            - options.padding[0] as isize;
+                        let out = &mut row[oy * wo..][..wo];
+                        if iy < 0 || iy >= h as isize {
+                            out.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * w..][..w];
+                        for (ox, o) in out.iter_mut().enumerate() {
+                            let ix = (ox * options.stride[1] + j * options.dilation[1]) as isize
+                                - options.padding[1] as isize;
+                            *o = if ix >= 0 && ix < w as isize {
+                                src[ix as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    };
+    // Fixed chunks of images summed in a fixed order: the result does not
+    // depend on how rayon schedules them (bit-for-bit resumable training).
+    let partials: Vec<Vec<f32>> = (0..b.div_ceil(IMAGES_PER_TASK))
+        .into_par_iter()
+        .map(|chunk| {
+            let mut acc = vec![0f32; cout * taps];
+            let mut cols = vec![0f32; taps * positions];
+            for bi in chunk * IMAGES_PER_TASK..((chunk + 1) * IMAGES_PER_TASK).min(b) {
+                im2col(&xs[bi * cin * h * w..][..cin * h * w], &mut cols);
+                let gb = &gs[bi * cout * positions..][..cout * positions];
+                let (lhs, rhs) = (View::rows(gb, positions), View::transposed(&cols, positions));
+                matmul(&mut acc, cout, taps, positions, lhs, rhs, 1.0, true);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; cout * taps];
+    for p in &partials {
+        total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+    }
+    FlexTensor::from_data(TensorData::new(total, [cout, cin, kh, kw]))
 }
 
 /// ∂L/∂w of a depthwise conv (stride 1): for each channel c and tap (i, j),

@@ -9,82 +9,13 @@
 //! (64 × 784 floats, 200 KB, in L2) and keeps only the log-sum-exp of each
 //! row for the backward pass, which recomputes the block's probabilities.
 
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::matmul::{matmul, View};
 use super::{dot, exp, max, sum, vectorised};
 
 /// Query rows per block.
 const BLOCK: usize = 64;
-
-/// A strided matrix view: element (i, j) at `data[i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> View<'a> {
-    fn rows(data: &'a [f32], cols: usize) -> Self {
-        View {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-    /// The transpose of a row-major matrix with `cols` columns.
-    fn transposed(data: &'a [f32], cols: usize) -> Self {
-        View {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    }
-    fn check(&self, rows: usize, cols: usize) {
-        if rows > 0 && cols > 0 {
-            assert!(
-                (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len(),
-                "matrix view out of bounds"
-            );
-        }
-    }
-}
-
-/// dst (row-major m×n) = [dst +] scale·(lhs (m×k) · rhs (k×n)).
-fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: View, rhs: View, scale: f32, accumulate: bool) {
-    assert!(dst.len() >= m * n);
-    lhs.check(m, k);
-    rhs.check(k, n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: every index gemm touches lies inside the slices (checked
-    // above); dst does not alias lhs or rhs (it is a distinct &mut).
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
-}
 
 /// Shapes of one attention call: `batch` sequences of `len` tokens of
 /// width `d` (queries and keys have the same length: self-attention).

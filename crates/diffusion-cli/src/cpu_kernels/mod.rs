@@ -23,6 +23,7 @@ mod attention;
 mod conv;
 mod flash;
 mod group_norm;
+mod matmul;
 
 /// Defines `fn $name(args)` whose body is compiled twice: for the baseline
 /// x86-64 target (SSE2) and with AVX2 + FMA, picked at run time, so the
