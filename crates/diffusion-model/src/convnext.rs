@@ -4,7 +4,6 @@ use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
 use crate::class_embedding::ClassCondition;
 use crate::kernels;
@@ -95,7 +94,7 @@ impl<B: Backend> ConvNeXtBlock<B> {
         }
         h = h + cond.reshape([b, c, 1, 1]);
         let h = kernels::conv2d(&self.conv1, kernels::group_norm(&self.norm1, h));
-        let h = kernels::conv2d(&self.conv2, kernels::group_norm(&self.norm2, gelu(h)));
+        let h = kernels::conv2d(&self.conv2, kernels::group_norm(&self.norm2, kernels::gelu(h)));
         let skip = match &self.shortcut {
             Some(conv) => kernels::conv2d(conv, x),
             None => x,

@@ -50,11 +50,15 @@ pub type Conv2dFn<B> = for<'a> fn(&'a Conv2d<B>, Tensor<B, 4>) -> Tensor<B, 4>;
 /// - `x`: [batch, channels, h, w]; returns the same shape
 pub type GroupNormFn<B> = for<'a> fn(&'a GroupNorm<B>, Tensor<B, 4>) -> Tensor<B, 4>;
 
+/// GELU (the exact, erf-based one), elementwise.
+pub type GeluFn<B> = fn(Tensor<B, 4>) -> Tensor<B, 4>;
+
 /// The replaceable kernels of one backend type.
 pub struct Kernels<B: Backend> {
     pub attention: AttentionFn<B>,
     pub conv2d: Conv2dFn<B>,
     pub group_norm: GroupNormFn<B>,
+    pub gelu: GeluFn<B>,
 }
 
 impl<B: Backend> Clone for Kernels<B> {
@@ -70,6 +74,7 @@ impl<B: Backend> Default for Kernels<B> {
             attention: generic_attention::<B>,
             conv2d: generic_conv2d::<B>,
             group_norm: generic_group_norm::<B>,
+            gelu: burn::tensor::activation::gelu::<4, B>,
         }
     }
 }
@@ -120,6 +125,11 @@ pub fn group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B,
 /// burn's group norm.
 pub fn generic_group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     norm.forward(x)
+}
+
+/// GELU through the installed kernel for `B`.
+pub fn gelu<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    (get::<B>().gelu)(x)
 }
 
 /// burn's attention op (a fused kernel where the backend has one).

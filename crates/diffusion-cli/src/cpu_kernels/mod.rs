@@ -13,7 +13,8 @@
 //! - [`attention`]: FlashAttention forward and backward ([`flash`]);
 //! - [`conv`]: conv2d with a faster backward pass;
 //! - [`group_norm`]: one pass for statistics, one for the output, one fused
-//!   backward pass.
+//!   backward pass;
+//! - [`gelu`]: one pass each way with a vectorised erf.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
@@ -22,6 +23,7 @@ use diffusion_model::kernels::{self, Kernels};
 mod attention;
 mod conv;
 mod flash;
+mod gelu;
 mod group_norm;
 mod matmul;
 
@@ -57,12 +59,14 @@ pub fn install() {
     kernels::install::<Flex>(Kernels {
         attention: attention::inference,
         group_norm: group_norm::inference,
+        gelu: gelu::inference,
         ..Kernels::default()
     });
     kernels::install::<Autodiff<Flex>>(Kernels {
         attention: attention::autodiff,
         conv2d: conv::autodiff,
         group_norm: group_norm::autodiff,
+        gelu: gelu::autodiff,
     });
 }
 
