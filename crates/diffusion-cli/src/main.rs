@@ -8,8 +8,6 @@ mod backend;
 mod bench;
 mod checkpoint;
 mod config;
-#[cfg(feature = "cpu")]
-mod cpu_kernels;
 mod data;
 mod eval;
 mod font;
