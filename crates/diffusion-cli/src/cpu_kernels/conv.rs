@@ -26,12 +26,8 @@ pub(super) fn autodiff(
     conv: &Conv2d<Autodiff<Flex>>,
     x: Tensor<Autodiff<Flex>, 4>,
 ) -> Tensor<Autodiff<Flex>, 4> {
-    let padding = match &conv.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            [*top, *left]
-        }
-        PaddingConfig2d::Valid => [0, 0],
-        _ => return conv.forward(x),
+    let Some(padding) = symmetric_padding(&conv.padding) else {
+        return conv.forward(x);
     };
     let Some(bias) = &conv.bias else {
         return conv.forward(x);
@@ -54,7 +50,7 @@ pub(super) fn autodiff(
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let out = Flex::conv2d(
+            let out = conv2d(
                 x.primitive.clone(),
                 weight.primitive.clone(),
                 Some(bias_1d),
@@ -62,14 +58,110 @@ pub(super) fn autodiff(
             );
             prep.finish((x.primitive, weight.primitive, bias_shape, options), out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(Flex::conv2d(
-            x.primitive,
-            weight.primitive,
-            Some(bias_1d),
-            options,
-        )),
+        OpsKind::UnTracked(prep) => {
+            prep.finish(conv2d(x.primitive, weight.primitive, Some(bias_1d), options))
+        }
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The conv of a module on `Flex` without autodiff, through [`conv2d`].
+pub(super) fn inference(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
+    let Some(padding) = symmetric_padding(&conv.padding) else {
+        return conv.forward(x);
+    };
+    if x.dtype() != DType::F32 {
+        return conv.forward(x);
+    }
+    let options = ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups);
+    let bias = conv.bias.as_ref().map(|b| b.val().into_primitive().tensor());
+    let out = conv2d(
+        x.into_primitive().tensor(),
+        conv.weight.val().into_primitive().tensor(),
+        bias,
+        options,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// [top/bottom, left/right] padding, or None if it is not symmetric.
+fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
+    match padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Some([*top, *left])
+        }
+        PaddingConfig2d::Valid => Some([0, 0]),
+        _ => None,
+    }
+}
+
+/// conv2d forward. Ungrouped stride-1 convs run as kh·kw shifted matrix
+/// products per image on a zero-padded copy of the input (no im2col
+/// matrix, kh·kw times the input, is built); others go to Flex.
+fn conv2d(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: ConvOptions<2>,
+) -> FlexTensor {
+    if options.groups != 1 || options.stride != [1, 1] || options.dilation != [1, 1] {
+        return Flex::conv2d(x, weight, bias, options);
+    }
+    let (x, weight) = (contiguous(x), contiguous(weight));
+    let bias = bias.map(contiguous);
+    let [b, cin, h, w] = dims4(&x);
+    let [cout, _, kh, kw] = dims4(&weight);
+    let [ph, pw] = options.padding;
+    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+    if hp < kh || wp < kw {
+        return Flex::conv2d(x, weight, bias, options);
+    }
+    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
+    // Each padded plane has kw spare zeros at its end: the last tap of the
+    // last grid row reads up to kw − 1 elements past the plane.
+    let plane = hp * wp + kw;
+    let grid = ho * wp;
+    let (xs, ws) = (f32s(&x), f32s(&weight));
+    let bs = bias.as_ref().map(f32s);
+    let mut out = vec![0f32; b * cout * ho * wo];
+    out.par_chunks_mut(cout * ho * wo).enumerate().for_each_init(
+        || (vec![0f32; cin * plane], vec![0f32; cout * grid]),
+        |(padded, acc), (bi, out)| {
+            let xb = &xs[bi * cin * h * w..][..cin * h * w];
+            for ci in 0..cin {
+                for y in 0..h {
+                    let dst = (ci * plane) + (y + ph) * wp + pw;
+                    padded[dst..dst + w].copy_from_slice(&xb[(ci * h + y) * w..][..w]);
+                }
+            }
+            for i in 0..kh {
+                for j in 0..kw {
+                    // acc [out, grid] (+)= W[:, :, i, j] [out, in] · padded shifted by (i, j) [in, grid]
+                    let lhs = View {
+                        data: &ws[i * kw + j..],
+                        rs: cin * kh * kw,
+                        cs: kh * kw,
+                    };
+                    let rhs = View {
+                        data: &padded[i * wp + j..],
+                        rs: plane,
+                        cs: 1,
+                    };
+                    matmul(acc, cout, grid, cin, lhs, rhs, 1.0, i + j > 0);
+                }
+            }
+            for co in 0..cout {
+                let bias = bs.map_or(0.0, |bs| bs[co]);
+                for y in 0..ho {
+                    let src = &acc[co * grid + y * wp..][..wo];
+                    for (o, &a) in out[(co * ho + y) * wo..][..wo].iter_mut().zip(src) {
+                        *o = a + bias;
+                    }
+                }
+            }
+        },
+    );
+    FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]))
 }
 
 #[derive(Debug)]
@@ -139,7 +231,7 @@ fn input_grad(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, options: Conv
         .flip([2, 3]);
     let padding = [kh - 1 - options.padding[0], kw - 1 - options.padding[1]];
     let w = contiguous(w.into_primitive().tensor());
-    Flex::conv2d(grad, w, None, ConvOptions::new([1, 1], padding, [1, 1], g))
+    conv2d(grad, w, None, ConvOptions::new([1, 1], padding, [1, 1], g))
 }
 
 /// Images per parallel task of [`weight_grad_gemm`].
@@ -356,6 +448,18 @@ mod tests {
             };
             let x = Tensor::<Flex, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
             let (ours, reference) = (run(&conv, &x, true), run(&conv, &x, false));
+            // Inference path: the same output.
+            let inner = Conv2d {
+                weight: Param::from_tensor(conv.weight.val().inner()),
+                bias: conv.bias.as_ref().map(|b| Param::from_tensor(b.val().inner())),
+                stride: conv.stride,
+                kernel_size: conv.kernel_size,
+                dilation: conv.dilation,
+                groups: conv.groups,
+                padding: conv.padding.clone(),
+            };
+            let d = max_rel_diff(&values(inference(&inner, x.clone())), &reference[0]);
+            assert!(d < 1e-5, "{name}: inference output differs by {d:e}");
             for (what, (a, b)) in ["output", "dx", "dw", "dbias"]
                 .iter()
                 .zip(ours.iter().zip(&reference))

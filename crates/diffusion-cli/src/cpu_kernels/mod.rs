@@ -60,7 +60,7 @@ pub fn install() {
         attention: attention::inference,
         group_norm: group_norm::inference,
         gelu: gelu::inference,
-        ..Kernels::default()
+        conv2d: conv::inference,
     });
     kernels::install::<Autodiff<Flex>>(Kernels {
         attention: attention::autodiff,
