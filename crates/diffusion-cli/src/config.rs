@@ -22,7 +22,7 @@ pub enum Preset {
     /// η = 0.1) from the raw weights.
     Seed,
     /// The README's first command: a lighter U-Net (no attention at 28x28
-    /// and 14x14), 900 steps of batch 32 on MNIST: about 10 minutes on a
+    /// and 14x14), 900 steps of batch 32 on MNIST: about 6 minutes on a
     /// 2-core CPU.
     Quick,
     /// Seconds on a CPU, for tests: a very small U-Net on 512 images.

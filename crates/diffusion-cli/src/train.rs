@@ -29,7 +29,7 @@ use crate::sample::{preview_grid, PreviewRequest};
 pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
-    /// Starting configuration: seed (the reference run), quick (~10 min on
+    /// Starting configuration: seed (the reference run), quick (~6 min on
     /// a 2-core CPU), tiny (seconds, for tests).
     #[arg(long, value_enum, default_value = "quick")]
     pub preset: Preset,
