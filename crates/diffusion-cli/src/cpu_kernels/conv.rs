@@ -15,13 +15,14 @@ use rayon::prelude::*;
 use super::matmul::{matmul, View};
 use super::{contiguous, dims4, dot, f32s, sum};
 
-/// A conv2d whose backward pass avoids Flex's slow paths: the input
-/// gradient of a stride-1 conv is itself a conv (flipped kernel, channels
-/// swapped per group), which Flex runs as im2col + gemm on all cores instead
-/// of its single-threaded direct transposed conv; the weight gradient of a
-/// depthwise conv is a direct loop per channel instead of one conv per
-/// group; the bias gradient is a per-channel sum without a transposed copy.
-/// Anything else falls back to burn's default backward.
+/// A conv2d whose passes avoid Flex's slow paths. Forward: [`conv2d`]. The
+/// input gradient of a stride-1 conv is itself a conv (flipped kernel,
+/// channels swapped per group), run by [`conv2d`] on all cores instead of
+/// Flex's single-threaded direct transposed conv; the weight gradient is an
+/// im2col + gemm per image (ungrouped) or a direct loop per channel
+/// (depthwise) instead of one conv per group; the bias gradient is a
+/// per-channel sum without a transposed copy. Anything else falls back to
+/// burn's default backward.
 pub(super) fn autodiff(
     conv: &Conv2d<Autodiff<Flex>>,
     x: Tensor<Autodiff<Flex>, 4>,

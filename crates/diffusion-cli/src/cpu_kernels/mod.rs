@@ -11,7 +11,8 @@
 //! with fewer passes, on rayon's pool (the one Flex uses), with loops that
 //! vectorise:
 //! - [`attention`]: FlashAttention forward and backward ([`flash`]);
-//! - [`conv`]: conv2d with a faster backward pass;
+//! - [`conv`]: conv2d as shifted matrix products (forward, input gradient)
+//!   and im2col + gemm or direct loops (weight gradient);
 //! - [`group_norm`]: one pass for statistics, one for the output, one fused
 //!   backward pass;
 //! - [`gelu`]: one pass each way with a vectorised erf.
