@@ -8,8 +8,9 @@
 //! much as a matmul. This crate stays generic over `B: Backend` and never
 //! names a backend: the binary that knows its backend installs [`Kernels`]
 //! for that backend type once, and the U-Net picks them up. Without an
-//! installation the generic burn implementation runs, so results never
-//! depend on whether anything was installed, only speed does.
+//! installation the generic burn implementation runs; an installed kernel
+//! must compute the same function (to float rounding), so installing one
+//! changes speed, not results.
 //!
 //! ```
 //! use burn::backend::Flex;
