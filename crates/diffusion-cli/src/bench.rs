@@ -29,7 +29,9 @@ pub struct BenchArgs {
     /// Timed sampling runs.
     #[arg(long, default_value_t = 1)]
     pub sample_repeats: usize,
-    /// Attention: fused (burn's attention op) or explicit (matmul + softmax).
+    /// Attention: fused (the backend's attention kernel: FlashAttention on
+    /// the CPU, burn's attention op elsewhere) or explicit (burn's matmul +
+    /// softmax, written out).
     #[arg(long, value_enum, default_value = "fused")]
     pub attention: AttentionArg,
     /// Skip batch 128 (slow on small CPUs).
@@ -48,6 +50,8 @@ struct BenchResult {
     backend: &'static str,
     threads: usize,
     attention: String,
+    /// Whose kernels ran: the CPU kernels of this project, or burn's own.
+    kernels: &'static str,
     params: usize,
     train_ms_per_step_b128: Option<f64>,
     train_ms_per_step_b32: f64,
@@ -189,6 +193,11 @@ impl Task for BenchTask {
             backend: self.backend.name(),
             threads,
             attention: format!("{attention:?}").to_lowercase(),
+            kernels: if self.backend.is_cpu() {
+                "cpu_kernels"
+            } else {
+                "burn"
+            },
             params: burn::module::Module::num_params(&model),
             train_ms_per_step_b128: t128.map(|t| t * 1e3),
             train_ms_per_step_b32: t32 * 1e3,
@@ -198,8 +207,8 @@ impl Task for BenchTask {
             peak_rss_mib: peak_rss_mib(),
         };
         println!(
-            "backend {} ({} threads), {} attention, {} parameters",
-            result.backend, result.threads, result.attention, result.params
+            "backend {} ({} threads), {} attention, kernels: {}, {} parameters",
+            result.backend, result.threads, result.attention, result.kernels, result.params
         );
         if let (Some(ms), Some(ips)) = (result.train_ms_per_step_b128, result.train_images_per_s_b128) {
             println!("train b128   {ms:>9.1} ms/step  {ips:>8.1} img/s");
