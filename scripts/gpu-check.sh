@@ -19,6 +19,7 @@ for backend in cuda wgpu; do
     "$bin" bench --backend "$backend" > "$out/bench-$backend.txt" 2>&1
     tail -n 1 "$out/bench-$backend.txt" > "$out/bench-$backend.json"
 done
-start=$(date +%s.%N)
+start=$(date +%s%N)
 "$bin" train --backend cuda --preset seed --epochs 1 --out "$out/seed-epoch" > "$out/seed-epoch.txt" 2>&1
-echo "exit $? wall_s $(echo "$(date +%s.%N) - $start" | bc)" >> "$out/seed-epoch.txt"
+status=$?
+echo "exit $status wall_ms $(( ($(date +%s%N) - start) / 1000000 ))" >> "$out/seed-epoch.txt"
