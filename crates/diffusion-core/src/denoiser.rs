@@ -14,7 +14,7 @@ pub trait Denoiser<B: Backend> {
     ///
     /// # Shapes
     /// - `x_t`: [B, C, H, W]
-    /// - `classes`: [B], or `None` for an unconditional model or pass
+    /// - `classes`: `[B]`, or `None` for an unconditional model or pass
     /// - returns [B, C, H, W]
     fn denoise(&self, x_t: Tensor<B, 4>, t: usize, classes: Option<Tensor<B, 1, Int>>) -> Tensor<B, 4>;
 

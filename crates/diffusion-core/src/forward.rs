@@ -39,7 +39,7 @@ impl<B: Backend> ForwardProcess<B> {
     ///
     /// # Shapes
     /// - `x0`, `eps`: [B, C, H, W]
-    /// - `t`: [B], integers in 0..=T
+    /// - `t`: `[B]`, integers in 0..=T
     /// - returns [B, C, H, W]
     pub fn noise(&self, x0: Tensor<B, 4>, t: Tensor<B, 1, Int>, eps: Tensor<B, 4>) -> Tensor<B, 4> {
         let n = t.dims()[0];

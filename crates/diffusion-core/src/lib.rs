@@ -3,7 +3,7 @@
 //!
 //! This crate does no I/O and names no backend. Bring your own model by
 //! implementing [`Denoiser`] (or pass a closure), pick a [`SamplerConfig`],
-//! and call [`sample`]:
+//! and call [`sample()`](fn@sample):
 //!
 //! ```
 //! use burn::backend::Flex;

@@ -12,9 +12,9 @@ pub struct StepInfo {
     pub index: usize,
     /// Total number of steps n.
     pub num_steps: usize,
-    /// The timestep the denoiser was evaluated at, t[i].
+    /// The timestep the denoiser was evaluated at, `t[i]`.
     pub t: usize,
-    /// The timestep x is at after the step, t[i+1].
+    /// The timestep x is at after the step, `t[i+1]`.
     pub t_next: usize,
 }
 
@@ -98,7 +98,7 @@ impl<B: Backend, F: FnMut([usize; 4], &B::Device) -> Tensor<B, 4>> NoiseSource<B
 /// step is kept.
 ///
 /// # Shapes
-/// `x`: [B, C, H, W]; `classes`: [B]; returns [B, C, H, W].
+/// `x`: `[B, C, H, W]`; `classes`: `[B]`; returns `[B, C, H, W]`.
 pub fn sample<B, D, S>(
     denoiser: &D,
     sampler: &mut S,

@@ -1,9 +1,9 @@
 //! Which timesteps a sampler visits.
 //!
-//! A sampler's timesteps are a strictly decreasing list t[0] > t[1] > … >
-//! t[n]: it starts from noise at t[0], and step i moves x from t[i] to
-//! t[i+1], evaluating the denoiser at t[i]. So n steps cost n evaluations and
-//! the result is x at t[n].
+//! A sampler's timesteps are a strictly decreasing list `t[0] > t[1] > … >
+//! t[n]`: it starts from noise at `t[0]`, and step i moves x from `t[i]` to
+//! `t[i+1]`, evaluating the denoiser at `t[i]`. So n steps cost n evaluations
+//! and the result is x at `t[n]`.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,11 +14,11 @@ use crate::CoreError;
 #[serde(rename_all = "snake_case")]
 pub enum Spacing {
     /// The reference notebook's list: stride k = T div n, τ = 1, 1+k, 1+2k, …
-    /// (all values ≤ T); sampling starts at τ[n−1] and stops at τ[0] = 1.
+    /// (all values ≤ T); sampling starts at `τ[n−1]` and stops at `τ[0] = 1`.
     /// It makes n − 1 evaluations and never reaches t = 0 or t = T (for the
     /// reference, n = 35: 477, 463, …, 15 → 1, 34 evaluations).
     Reference,
-    /// Evenly spaced from T down to 0, rounded: t[i] = round(T·(n − i)/n) for
+    /// Evenly spaced from T down to 0, rounded: `t[i]` = round(T·(n − i)/n) for
     /// i = 0..=n. Starts at pure noise (t = T) and ends on clean data (t = 0)
     /// in exactly n evaluations (Lin et al. 2024, "trailing").
     #[default]

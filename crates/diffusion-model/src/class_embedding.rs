@@ -41,7 +41,7 @@ impl ClassEmbeddingConfig {
 }
 
 impl<B: Backend> ClassEmbedding<B> {
-    /// Embeds class ids ([B], in 0..num_classes or [`NO_CLASS`]).
+    /// Embeds class ids (`[B]`, in 0..num_classes or [`NO_CLASS`]).
     ///
     /// `has_null` says whether any id may be [`NO_CLASS`]; when false the
     /// mask is skipped (the common, cheaper case).

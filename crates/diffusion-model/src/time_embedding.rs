@@ -33,7 +33,7 @@ pub fn time_table<B: Backend>(num_steps: usize, dim: usize, device: &B::Device) 
     )
 }
 
-/// Looks up row t of the table for each sample: [B] → [B, dim].
+/// Looks up row t of the table for each sample: `[B]` → `[B, dim]`.
 pub fn lookup<B: Backend>(table: &Tensor<B, 2>, t: Tensor<B, 1, Int>) -> Tensor<B, 2> {
     table.clone().select(0, t)
 }

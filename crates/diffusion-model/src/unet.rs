@@ -62,7 +62,7 @@ pub struct UNet<B: Backend> {
     /// Fixed sinusoidal table [T + 1, E]; a constant, not a parameter.
     pub time_table: Tensor<B, 2>,
     pub class_embedding: Option<ClassEmbedding<B>>,
-    /// Block(image_channels → widths[0]) at level 0.
+    /// Block(image_channels → `widths[0]`) at level 0.
     pub stem: Block<B>,
     /// Strided 3x3 convs, level i → i+1.
     pub downsamples: Vec<Conv2d<B>>,
@@ -70,7 +70,7 @@ pub struct UNet<B: Backend> {
     pub down_blocks: Vec<Block<B>>,
     /// Transposed 3x3 convs, coarsest first, back to each skip's size.
     pub upsamples: Vec<ConvTranspose2d<B>>,
-    /// Block(2·skip width → up_widths[j]) after each upsample and concat.
+    /// Block(2·skip width → `up_widths[j]`) after each upsample and concat.
     pub up_blocks: Vec<Block<B>>,
     /// ConvNeXt block (up_widths.last → image_channels), no attention.
     pub head: ConvNeXtBlock<B>,
@@ -221,8 +221,8 @@ impl<B: Backend> UNet<B> {
     ///
     /// # Shapes
     /// - `x`: [B, C, H, W] (C, H, W as configured)
-    /// - `t`: [B], integers in 0..=T
-    /// - `classes`: [B]
+    /// - `t`: `[B]`, integers in 0..=T
+    /// - `classes`: `[B]`
     /// - returns [B, C, H, W]
     pub fn forward_masked(
         &self,

@@ -10,12 +10,12 @@
 //! computes the same function (tested against burn's to float rounding)
 //! with fewer passes, on rayon's pool (the one Flex uses), with loops that
 //! vectorise:
-//! - [`attention`]: FlashAttention forward and backward ([`flash`]);
-//! - [`conv`]: conv2d as shifted matrix products (forward, input gradient)
+//! - `attention`: FlashAttention forward and backward (`flash`);
+//! - `conv`: conv2d as shifted matrix products (forward, input gradient)
 //!   and im2col + gemm or direct loops (weight gradient);
-//! - [`group_norm`]: one pass for statistics, one for the output, one fused
+//! - `group_norm`: one pass for statistics, one for the output, one fused
 //!   backward pass;
-//! - [`gelu`]: one pass each way with a vectorised erf.
+//! - `gelu`: one pass each way with a vectorised erf.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};

@@ -3,7 +3,7 @@
 //! Every sampler is built from a [`SamplerConfig`] with its timesteps fixed
 //! at build time, and moves x one step at a time through
 //! [`Sampler::step`], which takes the noise it adds as an argument so that
-//! runs are reproducible and testable. [`crate::sample`] drives the loop.
+//! runs are reproducible and testable. [`crate::sample()`](fn@crate::sample) drives the loop.
 //!
 //! | kind | what it is | noise |
 //! |---|---|---|
@@ -30,9 +30,9 @@ use crate::schedule::NoiseSchedule;
 use crate::timesteps::{self, Spacing};
 use crate::CoreError;
 
-/// A reverse-process sampler with fixed timesteps t[0] > … > t[n].
+/// A reverse-process sampler with fixed timesteps `t[0]` > … > `t[n]`.
 pub trait Sampler<B: Backend> {
-    /// The timesteps, strictly decreasing; step i goes from t[i] to t[i+1].
+    /// The timesteps, strictly decreasing; step i goes from `t[i]` to `t[i+1]`.
     fn timesteps(&self) -> &[usize];
 
     /// The number of steps (and denoiser evaluations), n.
@@ -43,8 +43,8 @@ pub trait Sampler<B: Backend> {
     /// Whether step i adds noise, i.e. needs `noise` in [`Sampler::step`].
     fn needs_noise(&self, i: usize) -> bool;
 
-    /// Moves x from t[i] to t[i+1], given the denoiser's `output` at
-    /// (x, t[i]) in the form `prediction`, and standard normal `noise` of
+    /// Moves x from `t[i]` to `t[i+1]`, given the denoiser's `output` at
+    /// (x, `t[i]`) in the form `prediction`, and standard normal `noise` of
     /// x's shape when [`Sampler::needs_noise`] says so.
     ///
     /// # Shapes
