@@ -315,9 +315,10 @@ impl Task for EvalTask {
 }
 
 /// Generates images of the given classes in batches, with a progress bar.
-/// Batches run in `threads` parallel threads (the CPU backend's kernels
-/// mostly use one core); each batch draws its noise from its own seeded
-/// generator, so the images do not depend on the thread count or timing.
+/// Batches run in `threads` parallel threads (on the CPU, so that the
+/// single-threaded stretches between parallel kernels overlap); each batch
+/// draws its noise from its own seeded generator, so the images do not
+/// depend on the thread count or timing.
 #[allow(clippy::too_many_arguments)]
 fn generate<B: Backend>(
     model: &diffusion_model::UNet<B>,

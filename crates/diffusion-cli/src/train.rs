@@ -85,7 +85,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// On the CPU backend, split each batch into N pieces computed in
-    /// parallel threads (burn's CPU kernels mostly use one core).
+    /// parallel threads (keeps both cores busy between the parallel kernels:
+    /// seed preset 68 img/s with 1, 79 with 2, 81 with 4 on 2 cores).
     #[arg(long)]
     pub shards: Option<usize>,
     /// Stop (with a checkpoint) once N steps in total are done, as if
@@ -560,7 +561,8 @@ impl<B: Backend> Losses<'_, B> {
 
 /// Gradients and loss of a batch, computed as `shards` pieces in parallel
 /// threads and merged (each piece weighted by its share of the batch), so
-/// that a CPU backend whose kernels use one core keeps every core busy.
+/// that the CPU backend's single-threaded stretches between its parallel
+/// kernels overlap.
 /// The result is the gradient of the whole batch's mean loss.
 fn sharded_step<B: AutodiffBackend>(
     model: &UNet<B>,

@@ -23,7 +23,7 @@
 //! kernels::install::<Flex>(Kernels { attention: my_attention, ..Kernels::default() });
 //! ```
 
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::sync::RwLock;
 
 use burn::nn::conv::Conv2d;
@@ -80,16 +80,15 @@ impl<B: Backend> Default for Kernels<B> {
     }
 }
 
-type Entry = (TypeId, &'static (dyn Any + Send + Sync));
-static INSTALLED: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
+/// One `Kernels<B>` per backend type that has an installation.
+static INSTALLED: RwLock<Vec<Box<dyn Any + Send + Sync>>> = RwLock::new(Vec::new());
 
 /// Makes `kernels` the ones used for backend `B` from now on (replacing
 /// any earlier installation for `B`).
 pub fn install<B: Backend>(kernels: Kernels<B>) {
-    let leaked: &'static Kernels<B> = Box::leak(Box::new(kernels));
     let mut table = INSTALLED.write().unwrap_or_else(|e| e.into_inner());
-    table.retain(|(id, _)| *id != TypeId::of::<B>());
-    table.push((TypeId::of::<B>(), leaked));
+    table.retain(|k| !k.is::<Kernels<B>>());
+    table.push(Box::new(kernels));
 }
 
 /// The kernels in use for backend `B`.
@@ -97,8 +96,7 @@ pub fn get<B: Backend>() -> Kernels<B> {
     let table = INSTALLED.read().unwrap_or_else(|e| e.into_inner());
     table
         .iter()
-        .find(|(id, _)| *id == TypeId::of::<B>())
-        .and_then(|(_, k)| k.downcast_ref::<Kernels<B>>())
+        .find_map(|k| k.downcast_ref::<Kernels<B>>())
         .copied()
         .unwrap_or_default()
 }

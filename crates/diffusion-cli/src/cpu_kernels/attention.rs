@@ -1,4 +1,4 @@
-//! Attention on the CPU backend through [`super::flash`].
+//! Attention on the CPU backend through [`flash`].
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -6,30 +6,21 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use diffusion_model::kernels;
 
-use super::{contiguous, f32s};
+use super::f32s;
+use super::flash::{self, Dims};
 
 /// Attention through [`flash`] on `Flex`: no score matrix is materialised.
 pub(super) fn inference(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
-    let [batch, len, d] = q.dims();
-    if q.dtype() != DType::F32 || k.dims() != [batch, len, d] || v.dims() != [batch, len, d] {
+    let Some(dims) = flash_dims(&q, &k, &v) else {
         return kernels::generic_attention(q, k, v);
-    }
-    let [q, k, v] = [q, k, v].map(|t| contiguous(t.into_primitive().tensor()));
-    let dims = super::flash::Dims { batch, len, d };
-    let (o, _) = super::flash::forward(
-        q.as_slice::<f32>().unwrap(),
-        k.as_slice::<f32>().unwrap(),
-        v.as_slice::<f32>().unwrap(),
-        dims,
-        1.0 / (d as f32).sqrt(),
-    );
-    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(
-        o,
-        [batch, len, d],
-    ))))
+    };
+    let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor().to_contiguous());
+    let (o, _) = forward(&q, &k, &v, dims);
+    Tensor::from_primitive(TensorPrimitive::Float(o))
 }
 
 /// Attention through [`flash`] under autodiff: the forward pass keeps q, k,
@@ -40,16 +31,12 @@ pub(super) fn autodiff(
     k: Tensor<Autodiff<Flex>, 3>,
     v: Tensor<Autodiff<Flex>, 3>,
 ) -> Tensor<Autodiff<Flex>, 3> {
-    let [batch, len, d] = q.dims();
-    if q.dtype() != DType::F32 || k.dims() != [batch, len, d] || v.dims() != [batch, len, d] {
+    let Some(dims) = flash_dims(&q, &k, &v) else {
         return kernels::generic_attention(q, k, v);
-    }
+    };
     let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
-    let [qf, kf, vf] = [&q, &k, &v].map(|t| contiguous(t.primitive.clone()));
-    let dims = super::flash::Dims { batch, len, d };
-    let scale = 1.0 / (d as f32).sqrt();
-    let (o, lse) = super::flash::forward(f32s(&qf), f32s(&kf), f32s(&vf), dims, scale);
-    let o = FlexTensor::from_data(TensorData::new(o, [batch, len, d]));
+    let [qf, kf, vf] = [&q, &k, &v].map(|t| t.primitive.to_contiguous());
+    let (o, lse) = forward(&qf, &kf, &vf, dims);
     let out = match FlashBackward
         .prepare::<NoCheckpointing>([q.node.clone(), k.node.clone(), v.node.clone()])
         .compute_bound()
@@ -63,13 +50,30 @@ pub(super) fn autodiff(
                 o: o.clone(),
                 lse,
                 dims,
-                scale,
             },
             o,
         ),
         OpsKind::UnTracked(prep) => prep.finish(o),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// The shapes when the kernel applies (f32 self-attention: q, k and v of
+/// one shape); None otherwise.
+fn flash_dims<B: Backend>(q: &Tensor<B, 3>, k: &Tensor<B, 3>, v: &Tensor<B, 3>) -> Option<Dims> {
+    let [batch, len, d] = q.dims();
+    let same = k.dims() == [batch, len, d] && v.dims() == [batch, len, d];
+    (q.dtype() == DType::F32 && same).then_some(Dims { batch, len, d })
+}
+
+/// [`flash::forward`] on contiguous tensors: the output and the
+/// log-sum-exp of each score row.
+fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, dims: Dims) -> (FlexTensor, Vec<f32>) {
+    let (o, lse) = flash::forward(f32s(q), f32s(k), f32s(v), dims);
+    (
+        FlexTensor::from_data(TensorData::new(o, [dims.batch, dims.len, dims.d])),
+        lse,
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -79,8 +83,7 @@ struct FlashState {
     v: FlexTensor,
     o: FlexTensor,
     lse: Vec<f32>,
-    dims: super::flash::Dims,
-    scale: f32,
+    dims: Dims,
 }
 
 #[derive(Debug)]
@@ -91,8 +94,8 @@ impl Backward<Flex, 3> for FlashBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let st = ops.state;
-        let grad = contiguous(grads.consume::<Flex>(&ops.node));
-        let (dq, dk, dv) = super::flash::backward(
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        let (dq, dk, dv) = flash::backward(
             f32s(&st.q),
             f32s(&st.k),
             f32s(&st.v),
@@ -100,7 +103,6 @@ impl Backward<Flex, 3> for FlashBackward {
             &st.lse,
             f32s(&grad),
             st.dims,
-            st.scale,
         );
         let shape = [st.dims.batch, st.dims.len, st.dims.d];
         for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {

@@ -8,12 +8,13 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
+use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ConvOptions, ModuleOps};
-use burn::tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{contiguous, dims4, dot, f32s, sum};
+use super::{dims4, dot, f32s, sum};
 
 /// A conv2d whose passes avoid Flex's slow paths. Forward: [`conv2d`]. The
 /// input gradient of a stride-1 conv is itself a conv (flipped kernel,
@@ -27,24 +28,18 @@ pub(super) fn autodiff(
     conv: &Conv2d<Autodiff<Flex>>,
     x: Tensor<Autodiff<Flex>, 4>,
 ) -> Tensor<Autodiff<Flex>, 4> {
-    let Some(padding) = symmetric_padding(&conv.padding) else {
+    let (Some(options), Some(bias)) = (conv_options(conv, &x), &conv.bias) else {
         return conv.forward(x);
     };
-    let Some(bias) = &conv.bias else {
-        return conv.forward(x);
-    };
-    let options = ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups);
-    let weight = conv.weight.val();
-    if x.dtype() != DType::F32 || padding[0] >= conv.kernel_size[0] || padding[1] >= conv.kernel_size[1] {
+    // The input gradient pads by k − 1 − p.
+    if options.padding[0] >= conv.kernel_size[0] || options.padding[1] >= conv.kernel_size[1] {
         return conv.forward(x);
     }
     let [x, weight, bias] = [
         x.into_primitive().tensor(),
-        weight.into_primitive().tensor(),
-        bias.val().unsqueeze::<4>().into_primitive().tensor(),
+        conv.weight.val().into_primitive().tensor(),
+        bias.val().into_primitive().tensor(),
     ];
-    let bias_shape = bias.primitive.layout().shape().clone();
-    let bias_1d = bias.primitive.reshape([bias_shape.num_elements()].into());
     let out = match Conv2dBackward
         .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone(), bias.node.clone()])
         .compute_bound()
@@ -54,27 +49,26 @@ pub(super) fn autodiff(
             let out = conv2d(
                 x.primitive.clone(),
                 weight.primitive.clone(),
-                Some(bias_1d),
+                Some(bias.primitive),
                 options.clone(),
             );
-            prep.finish((x.primitive, weight.primitive, bias_shape, options), out)
+            prep.finish((x.primitive, weight.primitive, options), out)
         }
-        OpsKind::UnTracked(prep) => {
-            prep.finish(conv2d(x.primitive, weight.primitive, Some(bias_1d), options))
-        }
+        OpsKind::UnTracked(prep) => prep.finish(conv2d(
+            x.primitive,
+            weight.primitive,
+            Some(bias.primitive),
+            options,
+        )),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
 /// The conv of a module on `Flex` without autodiff, through [`conv2d`].
 pub(super) fn inference(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
-    let Some(padding) = symmetric_padding(&conv.padding) else {
+    let Some(options) = conv_options(conv, &x) else {
         return conv.forward(x);
     };
-    if x.dtype() != DType::F32 {
-        return conv.forward(x);
-    }
-    let options = ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups);
     let bias = conv.bias.as_ref().map(|b| b.val().into_primitive().tensor());
     let out = conv2d(
         x.into_primitive().tensor(),
@@ -85,15 +79,15 @@ pub(super) fn inference(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex,
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// [top/bottom, left/right] padding, or None if it is not symmetric.
-fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
-    match padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            Some([*top, *left])
-        }
-        PaddingConfig2d::Valid => Some([0, 0]),
-        _ => None,
-    }
+/// The options of `conv` when these kernels apply to it (f32 input,
+/// symmetric padding); None otherwise.
+fn conv_options<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<ConvOptions<2>> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => [top, left],
+        PaddingConfig2d::Valid => [0, 0],
+        _ => return None,
+    };
+    (x.dtype() == DType::F32).then(|| ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups))
 }
 
 /// conv2d forward. Ungrouped stride-1 convs run as kh·kw shifted matrix
@@ -108,8 +102,8 @@ fn conv2d(
     if options.groups != 1 || options.stride != [1, 1] || options.dilation != [1, 1] {
         return Flex::conv2d(x, weight, bias, options);
     }
-    let (x, weight) = (contiguous(x), contiguous(weight));
-    let bias = bias.map(contiguous);
+    let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+    let bias = bias.map(|b| b.to_contiguous());
     let [b, cin, h, w] = dims4(&x);
     let [cout, _, kh, kw] = dims4(&weight);
     let [ph, pw] = options.padding;
@@ -169,21 +163,21 @@ fn conv2d(
 struct Conv2dBackward;
 
 impl Backward<Flex, 3> for Conv2dBackward {
-    /// x, weight, the bias's shape (as given to the op) and the options.
-    type State = (FlexTensor, FlexTensor, Shape, ConvOptions<2>);
+    /// x, weight and the options.
+    type State = (FlexTensor, FlexTensor, ConvOptions<2>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_w, node_b] = ops.parents;
-        let (x, weight, bias_shape, options) = ops.state;
-        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let (x, weight, options) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         if let Some(node) = node_b {
-            grads.register::<Flex>(node.id, channel_sums(&grad).reshape(bias_shape));
+            grads.register::<Flex>(node.id, channel_sums(&grad));
         }
         if let Some(node) = node_w {
             let g = if is_depthwise(&x, &weight, &options) {
-                depthwise_weight_grad(&contiguous(x.clone()), &grad, &weight, &options)
+                depthwise_weight_grad(&x.to_contiguous(), &grad, &weight, &options)
             } else if options.groups == 1 {
-                weight_grad_gemm(&contiguous(x.clone()), &grad, &weight, &options)
+                weight_grad_gemm(&x.to_contiguous(), &grad, &weight, &options)
             } else {
                 Flex::conv2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options.clone())
             };
@@ -231,7 +225,7 @@ fn input_grad(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, options: Conv
         .reshape([g * per_group_in, c_out / g, kh, kw])
         .flip([2, 3]);
     let padding = [kh - 1 - options.padding[0], kw - 1 - options.padding[1]];
-    let w = contiguous(w.into_primitive().tensor());
+    let w = w.into_primitive().tensor().to_contiguous();
     conv2d(grad, w, None, ConvOptions::new([1, 1], padding, [1, 1], g))
 }
 

@@ -26,62 +26,66 @@ pub struct Dims {
     pub d: usize,
 }
 
-/// Returns o = softmax(q·kᵀ·scale)·v and the log-sum-exp of each score row.
+impl Dims {
+    /// The score scale 1/√d.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+}
+
+/// Returns o = softmax(q·kᵀ/√d)·v and the log-sum-exp of each score row.
 /// `q`, `k`, `v`, `o`: [batch, len, d] row-major; lse: [batch, len].
-pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
+pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f32>) {
     let Dims { batch, len, d } = dims;
-    let mut o = vec![0f32; batch * len * d];
-    let mut lse = vec![0f32; batch * len];
     let per_seq = len * d;
-    // One task per block of query rows; blocks never straddle sequences.
-    let tasks = blocks(batch, len);
-    let o_ptr = SyncPtr(o.as_mut_ptr());
-    let lse_ptr = SyncPtr(lse.as_mut_ptr());
-    tasks
-        .par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, &(b, start, rows)| {
-            let (q, k, v) = (
-                &q[b * per_seq..][..per_seq],
-                &k[b * per_seq..][..per_seq],
-                &v[b * per_seq..][..per_seq],
-            );
-            scores.resize(rows * len, 0.0);
-            matmul(
-                scores,
-                rows,
-                len,
-                d,
-                View::rows(&q[start * d..], d),
-                View::transposed(k, d),
-                scale,
-                false,
-            );
-            // SAFETY: tasks write disjoint row ranges of o and lse.
-            let (o, lse) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(o_ptr.get().add((b * len + start) * d), rows * d),
-                    std::slice::from_raw_parts_mut(lse_ptr.get().add(b * len + start), rows),
-                )
-            };
-            for (row, lse) in scores.chunks_exact_mut(len).zip(lse.iter_mut()) {
-                *lse = softmax_with_lse(row);
-            }
-            matmul(
-                o,
-                rows,
-                d,
-                len,
-                View::rows(scores, len),
-                View::rows(v, d),
-                1.0,
-                false,
-            );
+    let mut o = vec![0f32; batch * per_seq];
+    let mut lse = vec![0f32; batch * len];
+    if per_seq == 0 {
+        return (o, lse);
+    }
+    // One task per block of query rows of one sequence.
+    o.par_chunks_mut(per_seq)
+        .zip(lse.par_chunks_mut(len))
+        .enumerate()
+        .for_each(|(b, (o, lse))| {
+            let seq = b * per_seq..(b + 1) * per_seq;
+            let (q, k, v) = (&q[seq.clone()], &k[seq.clone()], &v[seq]);
+            o.par_chunks_mut(BLOCK * d)
+                .zip(lse.par_chunks_mut(BLOCK))
+                .enumerate()
+                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (block, (o, lse))| {
+                    let (start, rows) = (block * BLOCK, lse.len());
+                    scores.resize(rows * len, 0.0);
+                    let q_blk = View::rows(&q[start * d..], d);
+                    matmul(
+                        scores,
+                        rows,
+                        len,
+                        d,
+                        q_blk,
+                        View::transposed(k, d),
+                        dims.scale(),
+                        false,
+                    );
+                    for (row, lse) in scores.chunks_exact_mut(len).zip(lse.iter_mut()) {
+                        *lse = softmax_with_lse(row);
+                    }
+                    matmul(
+                        o,
+                        rows,
+                        d,
+                        len,
+                        View::rows(scores, len),
+                        View::rows(v, d),
+                        1.0,
+                        false,
+                    );
+                });
         });
     (o, lse)
 }
 
 /// Gradients (dq, dk, dv) of Σ dO ⊙ o with respect to q, k and v.
-#[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &[f32],
     k: &[f32],
@@ -90,9 +94,9 @@ pub fn backward(
     lse: &[f32],
     d_o: &[f32],
     dims: Dims,
-    scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let Dims { batch, len, d } = dims;
+    let scale = dims.scale();
     let per_seq = len * d;
     let mut dq = vec![0f32; batch * per_seq];
     let mut dk = vec![0f32; batch * per_seq];
@@ -147,28 +151,6 @@ pub fn backward(
             }
         });
     (dq, dk, dv)
-}
-
-/// (sequence, first row, rows) of every query block.
-fn blocks(batch: usize, len: usize) -> Vec<(usize, usize, usize)> {
-    (0..batch)
-        .flat_map(|b| {
-            (0..len)
-                .step_by(BLOCK)
-                .map(move |start| (b, start, BLOCK.min(len - start)))
-        })
-        .collect()
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only to hand disjoint ranges of one buffer to parallel tasks.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 vectorised! {

@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{contiguous, exp, f32s, vectorised};
+use super::{exp, f32s, vectorised};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -21,7 +21,7 @@ pub(super) fn inference(x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
     if x.dtype() != DType::F32 {
         return burn::tensor::activation::gelu(x);
     }
-    let x = contiguous(x.into_primitive().tensor());
+    let x = x.into_primitive().tensor().to_contiguous();
     Tensor::from_primitive(TensorPrimitive::Float(forward(&x)))
 }
 
@@ -30,7 +30,7 @@ pub(super) fn autodiff(x: Tensor<Autodiff<Flex>, 4>) -> Tensor<Autodiff<Flex>, 4
         return burn::tensor::activation::gelu(x);
     }
     let x = x.into_primitive().tensor();
-    let input = contiguous(x.primitive.clone());
+    let input = x.primitive.to_contiguous();
     let y = forward(&input);
     let out = match GeluBackward
         .prepare::<NoCheckpointing>([x.node.clone()])
@@ -52,7 +52,7 @@ impl Backward<Flex, 1> for GeluBackward {
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [parent] = ops.parents;
-        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         if let Some(parent) = parent {
             let mut dx = vec![0f32; f32s(&grad).len()];
             dx.par_chunks_mut(CHUNK)

@@ -7,10 +7,11 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::nn::GroupNorm;
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{contiguous, dot, sum, sum_sq_dev, vectorised};
+use super::{dot, sum, sum_sq_dev, vectorised};
 
 /// Group norm as one pass for the statistics and one for the output
 /// (burn's runs a dozen, the affine part as broadcasts through a strided
@@ -19,22 +20,17 @@ pub(super) fn autodiff(
     norm: &GroupNorm<Autodiff<Flex>>,
     x: Tensor<Autodiff<Flex>, 4>,
 ) -> Tensor<Autodiff<Flex>, 4> {
-    let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta) else {
+    let Some((gamma, beta)) = affine_params(norm, &x) else {
         return norm.forward(x);
     };
-    if x.dtype() != DType::F32 || !norm.affine {
-        return norm.forward(x);
-    }
     let [x, gamma, beta] = [
         x.into_primitive().tensor(),
-        gamma.val().unsqueeze::<4>().into_primitive().tensor(),
-        beta.val().unsqueeze::<4>().into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.into_primitive().tensor(),
     ];
-    let x_flex = contiguous(x.primitive.clone());
-    let (gamma_flex, beta_flex) = (
-        contiguous(gamma.primitive.clone()),
-        contiguous(beta.primitive.clone()),
-    );
+    let x_flex = x.primitive.to_contiguous();
+    let gamma_flex = gamma.primitive.to_contiguous();
+    let beta_flex = beta.primitive.to_contiguous();
     let (y, mean, rstd) = group_norm_forward(&x_flex, &gamma_flex, &beta_flex, norm.num_groups, norm.epsilon);
     let out = match GroupNormBackward
         .prepare::<NoCheckpointing>([x.node.clone(), gamma.node.clone(), beta.node.clone()])
@@ -57,16 +53,23 @@ pub(super) fn autodiff(
 }
 
 pub(super) fn inference(norm: &GroupNorm<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
-    let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta) else {
+    let Some((gamma, beta)) = affine_params(norm, &x) else {
         return norm.forward(x);
     };
-    if x.dtype() != DType::F32 || !norm.affine {
-        return norm.forward(x);
-    }
-    let x = contiguous(x.into_primitive().tensor());
-    let [gamma, beta] = [gamma, beta].map(|p| contiguous(p.val().into_primitive().tensor()));
+    let x = x.into_primitive().tensor().to_contiguous();
+    let [gamma, beta] = [gamma, beta].map(|p| p.into_primitive().tensor().to_contiguous());
     let (y, _, _) = group_norm_forward(&x, &gamma, &beta, norm.num_groups, norm.epsilon);
     Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// γ and β of `norm` when these kernels apply (an affine norm, f32 input).
+fn affine_params<B: Backend>(norm: &GroupNorm<B>, x: &Tensor<B, 4>) -> Option<(Tensor<B, 1>, Tensor<B, 1>)> {
+    match (&norm.gamma, &norm.beta) {
+        (Some(gamma), Some(beta)) if norm.affine && x.dtype() == DType::F32 => {
+            Some((gamma.val(), beta.val()))
+        }
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,12 +91,10 @@ impl Backward<Flex, 3> for GroupNormBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let st = ops.state;
-        let grad = contiguous(grads.consume::<Flex>(&ops.node));
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         let (dx, dgamma, dbeta) = group_norm_backward(&st, &grad);
-        let param_shape = st.gamma.layout().shape().clone();
         let channels = dgamma.len();
-        let as_tensor =
-            |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [channels])).reshape(param_shape.clone());
+        let as_tensor = |v: Vec<f32>| FlexTensor::from_data(TensorData::new(v, [channels]));
         if let Some(node) = node_beta {
             grads.register::<Flex>(node.id, as_tensor(dbeta));
         }

@@ -71,15 +71,6 @@ pub fn install() {
     });
 }
 
-/// `t`, copied into a contiguous buffer if it is strided or offset.
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
 /// The four dimensions of a rank-4 tensor.
 fn dims4(t: &FlexTensor) -> [usize; 4] {
     let s = t.layout().shape();
