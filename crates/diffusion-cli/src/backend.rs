@@ -79,7 +79,7 @@ pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
         BackendKind::Wgpu => task.run::<Autodiff<burn_wgpu::Wgpu>>(burn_wgpu::WgpuDevice::default()),
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => {
-            diffusion_cli::cpu_kernels::install();
+            diffusion_flex_kernels::install_for_unet();
             task.run::<Autodiff<burn::backend::Flex>>(Default::default())
         }
     }

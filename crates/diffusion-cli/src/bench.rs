@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use burn::module::AutodiffModule;
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor};
-use diffusion_core::{sample, BackendNoise, ForwardProcess, NoiseSchedule, SamplerConfig, SamplerKind};
+use diffusion_core::{sample, BackendNoise, NoiseSchedule, SamplerConfig, SamplerKind};
 use diffusion_model::{AttentionImpl, UNet, UNetConfig};
+use diffusion_train::{Trainer, TrainerConfig};
 use serde::Serialize;
 
 use crate::backend::{dispatch, BackendKind, Task};
@@ -79,7 +79,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median seconds of an Adam step at `batch` on synthetic data.
+/// Median seconds of a training step at `batch` on synthetic data: the
+/// same `Trainer::step` that `train` runs (Adam, EMA, ε-MSE), unsharded.
 fn time_training<B: AutodiffBackend>(
     config: &UNetConfig,
     schedule: &NoiseSchedule,
@@ -88,26 +89,16 @@ fn time_training<B: AutodiffBackend>(
     repeats: usize,
     device: &B::Device,
 ) -> Result<f64> {
-    B::seed(device, 0);
-    let mut model: UNet<B> = config.init(device)?;
-    let mut optim = AdamConfig::new().with_epsilon(1e-8).init::<B, UNet<B>>();
-    let fp = ForwardProcess::<B>::new(schedule, device);
+    let model: UNet<B> = config.init_seeded(device, 0)?;
+    let mut trainer = Trainer::new(model, schedule, TrainerConfig::new((warmup + repeats) as u64), device);
     let x0 = Tensor::<B, 4>::random([batch, 1, 28, 28], Distribution::Uniform(-1.0, 1.0), device);
+    let classes = Tensor::<B, 1>::random([batch], Distribution::Uniform(0.0, 10.0), device).int();
     let mut times = Vec::new();
     for i in 0..warmup + repeats {
         let start = Instant::now();
-        let t = Tensor::<B, 1>::random([batch], Distribution::Uniform(0.0, 1.0), device)
-            .mul_scalar(500.0)
-            .int()
-            .add_scalar(1);
-        let classes = Tensor::<B, 1>::random([batch], Distribution::Uniform(0.0, 10.0), device).int();
-        let eps = Tensor::<B, 4>::random([batch, 1, 28, 28], Distribution::Normal(0.0, 1.0), device);
-        let x_t = fp.noise(x0.clone(), t.clone(), eps.clone());
-        let loss = (model.forward(x_t, t, Some(classes)) - eps).powi_scalar(2).mean();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(1e-3, model, grads);
+        trainer.step(x0.clone(), Some(classes.clone()));
         // Wait for the device: read one parameter value back.
-        let _ = model.valid().head.conv2.weight.val().sum().into_data();
+        let _ = trainer.model().valid().head.conv2.weight.val().sum().into_data();
         if i >= warmup {
             times.push(start.elapsed().as_secs_f64());
         }
@@ -194,7 +185,7 @@ impl Task for BenchTask {
             threads,
             attention: format!("{attention:?}").to_lowercase(),
             kernels: if self.backend.is_cpu() {
-                "cpu_kernels"
+                "flex_kernels"
             } else {
                 "burn"
             },

@@ -9,6 +9,7 @@ use diffusion_core::{Clip, SamplerConfig, SamplerKind, Schedule};
 use diffusion_data::DatasetName;
 use diffusion_model::ema::EmaConfig;
 use diffusion_model::UNetConfig;
+pub use diffusion_train::LrSchedule;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_bytes_atomically;
@@ -46,40 +47,6 @@ impl Weights {
             Weights::Ema => crate::checkpoint::EMA,
             Weights::Model => crate::checkpoint::MODEL,
         }
-    }
-}
-
-/// How the learning rate moves during training.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LrSchedule {
-    /// Linear warm-up from 0 over this many steps (0 = none).
-    pub warmup_steps: u64,
-    /// Cosine decay from the peak to `min_factor`·peak at the last step.
-    pub cosine_decay: bool,
-    pub min_factor: f64,
-}
-
-impl LrSchedule {
-    /// The constant learning rate of the reference.
-    pub fn constant() -> Self {
-        Self {
-            warmup_steps: 0,
-            cosine_decay: false,
-            min_factor: 0.0,
-        }
-    }
-
-    /// The learning rate at `step` (from 0) of `total`.
-    pub fn at(&self, peak: f64, step: u64, total: u64) -> f64 {
-        if step < self.warmup_steps {
-            return peak * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        if !self.cosine_decay || total <= self.warmup_steps {
-            return peak;
-        }
-        let progress = (step - self.warmup_steps) as f64 / (total - self.warmup_steps).max(1) as f64;
-        let cos = 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos());
-        peak * (self.min_factor + (1.0 - self.min_factor) * cos)
     }
 }
 
@@ -238,6 +205,28 @@ impl RunConfig {
                     sampler: SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 4),
                 },
             },
+        }
+    }
+
+    /// The library trainer's settings for a run of `total_steps` steps;
+    /// batches are sharded over threads only on the CPU backend.
+    pub fn trainer_config(&self, total_steps: u64, cpu: bool) -> diffusion_train::TrainerConfig {
+        let t = &self.train;
+        diffusion_train::TrainerConfig {
+            lr: t.lr,
+            lr_schedule: t.lr_schedule,
+            adam_epsilon: t.adam_epsilon,
+            seed: t.seed,
+            objective: diffusion_core::Objective {
+                label_dropout: t.label_dropout,
+                weighting: match t.min_snr_gamma {
+                    Some(gamma) => diffusion_core::LossWeighting::MinSnr { gamma },
+                    None => diffusion_core::LossWeighting::Uniform,
+                },
+            },
+            ema: t.ema,
+            shards: if cpu { t.shards.max(1) } else { 1 },
+            total_steps,
         }
     }
 
@@ -405,19 +394,5 @@ mod tests {
             let back: RunConfig = serde_json::from_value(json.clone()).unwrap();
             assert_eq!(serde_json::to_value(&back).unwrap(), json);
         }
-    }
-
-    #[test]
-    fn lr_warmup_and_cosine() {
-        let s = LrSchedule {
-            warmup_steps: 10,
-            cosine_decay: true,
-            min_factor: 0.0,
-        };
-        assert!((s.at(1.0, 0, 110) - 0.1).abs() < 1e-12);
-        assert!((s.at(1.0, 9, 110) - 1.0).abs() < 1e-12);
-        assert!((s.at(1.0, 60, 110) - 0.5).abs() < 1e-12);
-        assert!(s.at(1.0, 110, 110).abs() < 1e-12);
-        assert_eq!(LrSchedule::constant().at(0.3, 5, 10), 0.3);
     }
 }

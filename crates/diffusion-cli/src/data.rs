@@ -13,7 +13,8 @@ pub struct DownloadArgs {
     /// Which data set.
     #[arg(value_enum, default_value = "mnist")]
     pub dataset: DatasetArg,
-    /// Folder to put the four IDX files in (default: data/<dataset>).
+    /// Folder to put the four IDX files in (default: $DIFFUSION_DATA_DIR/<dataset>,
+    /// else ~/.cache/diffusion-rs/<dataset>, where `train --dataset` looks).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }
@@ -34,13 +35,31 @@ impl From<DatasetArg> for DatasetName {
     }
 }
 
-/// The folder a data set is read from: `--data-dir`, else the bundled
-/// MNIST, else `data/<name>` of the workspace.
+/// The repository's `data/` folder: the one of the source tree this
+/// binary was built from, when it is still there, else `./data`.
+pub fn repo_data_dir() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..").join("data");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("data")
+    }
+}
+
+/// The folder a data set is read from: `--data-dir`, else the
+/// repository's copy (`data/<name>`: MNIST is bundled) when it holds the
+/// data set, else the library's default folder (`$DIFFUSION_DATA_DIR/<name>`
+/// or `~/.cache/diffusion-rs/<name>`), where a missing data set is
+/// downloaded.
 pub fn resolve_dir(name: DatasetName, dir: Option<&Path>) -> PathBuf {
-    match (dir, name) {
-        (Some(d), _) => d.to_path_buf(),
-        (None, DatasetName::Mnist) => diffusion_data::bundled_mnist_dir(),
-        (None, other) => diffusion_data::default_dir(other),
+    if let Some(d) = dir {
+        return d.to_path_buf();
+    }
+    let bundled = repo_data_dir().join(name.as_str());
+    if diffusion_data::is_present(&bundled) {
+        bundled
+    } else {
+        diffusion_data::default_dir(name)
     }
 }
 
@@ -81,9 +100,7 @@ fn fetch(name: DatasetName, folder: &Path) -> Result<()> {
 
 pub fn download(args: DownloadArgs) -> Result<i32> {
     let name: DatasetName = args.dataset.into();
-    let folder = args
-        .data_dir
-        .unwrap_or_else(|| PathBuf::from("data").join(name.to_string()));
+    let folder = args.data_dir.unwrap_or_else(|| resolve_dir(name, None));
     if diffusion_data::is_present(&folder) {
         println!("{name} is already in {}", folder.display());
         return Ok(0);

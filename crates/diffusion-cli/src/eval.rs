@@ -380,7 +380,7 @@ fn generate_batch<B: Backend>(
     device: &B::Device,
 ) -> Result<Vec<f32>> {
     let m = classes.len();
-    let mut noise = SeededNoise::new(seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut noise = SeededNoise::new(diffusion_core::rng::mix_seed(seed, k as u64));
     let x: Tensor<B, 4> = noise.sample([m, 1, 28, 28], device);
     let ids: Vec<i32> = classes.iter().map(|&c| c as i32).collect();
     let classes = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [m]), device);

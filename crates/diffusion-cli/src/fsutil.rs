@@ -1,39 +1,18 @@
-//! Files written so that a kill at any moment leaves the old version intact.
+//! Files written so that a kill at any moment leaves the old version intact
+//! ([`diffusion_train::atomic`], with the file named in errors).
 
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
 /// Writes `path` through `write` into a temp file beside it, syncs it, and
 /// renames it into place.
-pub fn write_atomically(path: &Path, write: impl FnOnce(File) -> Result<()>) -> Result<()> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let tmp = temp_path(path);
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = write(file).and_then(|()| {
-        File::open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+pub fn write_atomically(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+    diffusion_train::atomic::write_atomically(path, write).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `write_atomically` for bytes.
 pub fn write_bytes_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomically(path, |mut f| {
-        std::io::Write::write_all(&mut f, bytes)?;
-        Ok(())
-    })
-}
-
-/// `name.tmp-<pid>` beside `path`.
-pub fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
+    diffusion_train::atomic::write_bytes_atomically(path, bytes).with_context(|| format!("writing {}", path.display()))
 }

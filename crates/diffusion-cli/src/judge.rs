@@ -22,7 +22,7 @@ use crate::{data, progress};
 
 /// `data/classifier`, where the committed classifier lives.
 pub fn default_dir() -> PathBuf {
-    diffusion_data::workspace_dir().join("data").join("classifier")
+    data::repo_data_dir().join("classifier")
 }
 
 /// What is saved beside the weights.

@@ -8,17 +8,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::record::Recorder as _;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, ElementConversion, Int, Tensor};
-use diffusion_core::{ForwardProcess, NoiseSchedule, Prediction};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+use diffusion_core::{NoiseSchedule, Prediction};
 use diffusion_data::{BatchLoader, ImageSet, Split};
-use diffusion_model::{Ema, UNet, NO_CLASS};
+use diffusion_model::UNet;
+use diffusion_train::Trainer;
 
 use crate::backend::{dispatch, BackendKind, Task};
-use crate::checkpoint::{self, TrainState};
+use crate::checkpoint;
 use crate::config::{Preset, RunConfig};
 use crate::data::{self, DatasetArg};
 use crate::progress;
@@ -279,26 +277,6 @@ struct TrainTask {
     stop_after: Option<u64>,
 }
 
-/// Touches every parameter once, in a fixed order, so that burn's lazy
-/// initialisation draws them now (from the seeded generator) rather than
-/// at first use.
-struct Materialize;
-
-impl<B: Backend> ModuleVisitor<B> for Materialize {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let _ = param.val();
-    }
-}
-
-/// A per-step seed: the run's seed mixed with the step (splitmix64), so a
-/// resumed run draws the same t, noise and label drops as an uninterrupted one.
-fn step_seed(seed: u64, step: u64) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 impl Task for TrainTask {
     type Output = i32;
 
@@ -314,34 +292,14 @@ impl Task for TrainTask {
         } = self;
         let tc = &config.train;
         let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
-        let num_steps = config.model.num_steps;
+        let loader = BatchLoader::new(set.clone(), tc.batch_size, tc.seed, tc.workers);
+        let per_epoch = loader.batches_per_epoch() as u64;
+        let total = per_epoch * tc.epochs as u64;
 
-        B::seed(&device, tc.seed);
-        let mut model: UNet<B> = config.model.init::<B>(&device)?;
-        model.visit(&mut Materialize);
-        let mut optim = AdamConfig::new()
-            .with_epsilon(tc.adam_epsilon as f32)
-            .init::<B, UNet<B>>();
-        let mut ema = Ema::new(model.valid(), tc.ema);
-        let mut state = TrainState {
-            step: 0,
-            epoch: 0,
-            batch_in_epoch: 0,
-            ema_updates: 0,
-            finished: false,
-        };
-
+        let model: UNet<B> = config.model.init_seeded::<B>(&device, tc.seed)?;
+        let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), &device);
         if resume {
-            let (dir, saved) = checkpoint::latest(&run_dir)?;
-            model = checkpoint::load_unet::<B>(&config.model, &dir.join(checkpoint::MODEL), &device)?;
-            ema.model =
-                checkpoint::load_unet::<B::InnerBackend>(&config.model, &dir.join(checkpoint::EMA), &device)?;
-            let record = checkpoint::Recorder::new()
-                .load(dir.join(checkpoint::OPTIMIZER), &device)
-                .map_err(|e| anyhow::anyhow!("{}: cannot load optimizer state ({e})", dir.display()))?;
-            optim = optim.load_record(record);
-            state = saved;
-            ema.updates = state.ema_updates;
+            let state = trainer.resume(&run_dir)?;
             if state.finished && state.epoch as usize >= tc.epochs {
                 eprintln!(
                     "the run already finished {} epochs; pass --epochs N to train longer",
@@ -349,7 +307,7 @@ impl Task for TrainTask {
                 );
                 return Ok(0);
             }
-            state.finished = false;
+            trainer.reopen();
             eprintln!(
                 "resuming at step {} (epoch {}, batch {})",
                 state.step,
@@ -358,78 +316,29 @@ impl Task for TrainTask {
             );
         }
 
-        let fp = ForwardProcess::<B>::new(&schedule, &device);
-        let loader = BatchLoader::new(set.clone(), tc.batch_size, tc.seed, tc.workers);
-        let per_epoch = loader.batches_per_epoch() as u64;
-        let total = per_epoch * tc.epochs as u64;
-        let mut metrics = Metrics::open(&run_dir, state.step)?;
-        let conditional = config.model.num_classes.is_some();
-        let dropout = tc.label_dropout;
-        let shards = if cpu { tc.shards.max(1) } else { 1 };
-
+        let mut metrics = Metrics::open(&run_dir, trainer.state().step)?;
         let bar = progress::bar(total, "steps");
-        bar.set_position(state.step);
+        bar.set_position(trainer.state().step);
         let started = Instant::now();
         let mut window = (Instant::now(), 0u64); // images since the last log
         let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut loss_count = 0u64;
         let mut epoch_loss = (0.0f64, 0u64);
-        let save =
-            |model: &UNet<B>, ema: &Ema<UNet<B::InnerBackend>>, optim: &_, state: TrainState| -> Result<()> {
-                checkpoint::write(&run_dir, state, |dir| {
-                    checkpoint::save_module(model.clone(), &dir.join(checkpoint::MODEL))?;
-                    checkpoint::save_module(ema.model.clone(), &dir.join(checkpoint::EMA))?;
-                    save_optimizer::<B>(optim, &dir.join(checkpoint::OPTIMIZER))
-                })?;
-                Ok(())
-            };
+        let conditional = config.model.num_classes.is_some();
 
-        while (state.epoch as usize) < tc.epochs {
-            let epoch = state.epoch;
-            for host in loader.epoch(epoch, state.batch_in_epoch as usize) {
-                B::seed(&device, step_seed(tc.seed, state.step));
+        while (trainer.state().epoch as usize) < tc.epochs {
+            let epoch = trainer.state().epoch;
+            for host in loader.epoch(epoch, trainer.state().batch_in_epoch as usize) {
                 let batch = host.to_device::<B>(&device);
-                let x0 = batch.images;
-                let n = x0.dims()[0];
-                // t uniform in 1..=T, drawn on the device.
-                let u = Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), &device);
-                let t: Tensor<B, 1, Int> = u
-                    .mul_scalar(num_steps as f64)
-                    .int()
-                    .add_scalar(1)
-                    .clamp(1, num_steps as i64);
-                let eps = Tensor::<B, 4>::random(x0.dims(), Distribution::Normal(0.0, 1.0), &device);
-                let classes = conditional.then(|| {
-                    if dropout > 0.0 {
-                        let drop = Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), &device)
-                            .lower_elem(dropout);
-                        batch.labels.clone().mask_fill(drop, NO_CLASS)
-                    } else {
-                        batch.labels.clone()
-                    }
-                });
-                let inputs = StepInputs { x0, t, eps, classes };
-                let losses = Losses {
-                    fp: &fp,
-                    prediction: config.model.prediction,
-                    min_snr_gamma: tc.min_snr_gamma,
-                    has_null: dropout > 0.0,
-                };
-                let (grads, loss) = sharded_step(&model, inputs, shards, &losses);
-
-                let lr = tc.lr_schedule.at(tc.lr, state.step, total);
-                model = optim.step(lr, model, grads);
-                ema.update(&model.valid());
-
+                let n = batch.images.dims()[0];
+                let out = trainer.step(batch.images, conditional.then_some(batch.labels));
                 loss_sum = Some(match loss_sum.take() {
-                    Some(s) => s + loss,
-                    None => loss,
+                    Some(s) => s + out.loss,
+                    None => out.loss,
                 });
                 loss_count += 1;
-                state.step += 1;
-                state.batch_in_epoch += 1;
-                state.ema_updates = ema.updates;
                 window.1 += n as u64;
+                let state = trainer.state();
                 bar.set_position(state.step);
 
                 if state.step % tc.log_every == 0 || state.batch_in_epoch == per_epoch {
@@ -448,11 +357,11 @@ impl Task for TrainTask {
                         epoch + 1,
                         tc.epochs
                     ));
-                    metrics.row(state.step, epoch, mean, lr, ips, started.elapsed().as_secs_f64())?;
+                    metrics.row(state.step, epoch, mean, out.lr, ips, started.elapsed().as_secs_f64())?;
                 }
                 let stop = interrupted.load(Ordering::SeqCst) || stop_after.is_some_and(|s| state.step >= s);
                 if stop || (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) {
-                    save(&model, &ema, &optim, state)?;
+                    trainer.save(&run_dir)?;
                 }
                 if stop {
                     bar.abandon();
@@ -468,10 +377,9 @@ impl Task for TrainTask {
                     });
                 }
             }
-            state.epoch += 1;
-            state.batch_in_epoch = 0;
-            state.finished = state.epoch as usize >= tc.epochs;
-            save(&model, &ema, &optim, state)?;
+            trainer.end_epoch(epoch as usize + 1 >= tc.epochs);
+            trainer.save(&run_dir)?;
+            let state = trainer.state();
             let grid = run_dir
                 .join("samples")
                 .join(format!("epoch-{:03}.png", state.epoch));
@@ -483,7 +391,7 @@ impl Task for TrainTask {
                 size: config.model.image_size,
                 num_classes: config.model.num_classes,
             };
-            preview_grid::<B::InnerBackend>(&ema.model, &schedule, &preview, &grid, &device)?;
+            preview_grid::<B::InnerBackend>(&trainer.ema().model, &schedule, &preview, &grid, &device)?;
             let mean = if epoch_loss.1 > 0 {
                 epoch_loss.0 / epoch_loss.1 as f64
             } else {
@@ -504,163 +412,12 @@ impl Task for TrainTask {
         bar.finish_and_clear();
         eprintln!(
             "done: {} steps in {:.0} s. Sample with: cargo xtask sample --checkpoint {}",
-            state.step,
+            trainer.state().step,
             started.elapsed().as_secs_f64(),
             run_dir.display()
         );
         Ok(0)
     }
-}
-
-/// One training batch on the device.
-struct StepInputs<B: Backend> {
-    x0: Tensor<B, 4>,
-    t: Tensor<B, 1, Int>,
-    eps: Tensor<B, 4>,
-    classes: Option<Tensor<B, 1, Int>>,
-}
-
-impl<B: Backend> StepInputs<B> {
-    /// Samples [start, start + len) of the batch.
-    fn shard(&self, start: usize, len: usize) -> Self {
-        Self {
-            x0: self.x0.clone().narrow(0, start, len),
-            t: self.t.clone().narrow(0, start, len),
-            eps: self.eps.clone().narrow(0, start, len),
-            classes: self.classes.as_ref().map(|c| c.clone().narrow(0, start, len)),
-        }
-    }
-}
-
-/// The training loss of a batch.
-struct Losses<'a, B: Backend> {
-    fp: &'a ForwardProcess<B>,
-    prediction: Prediction,
-    min_snr_gamma: Option<f64>,
-    /// Whether class ids may be NO_CLASS (label dropout).
-    has_null: bool,
-}
-
-impl<B: Backend> Losses<'_, B> {
-    /// Mean squared error to the target (Min-SNR weighted when asked).
-    fn loss(&self, model: &UNet<B>, inputs: StepInputs<B>) -> Tensor<B, 1> {
-        let StepInputs { x0, t, eps, classes } = inputs;
-        let x_t = self.fp.noise(x0.clone(), t.clone(), eps.clone());
-        let output = model.forward_masked(x_t, t.clone(), classes, self.has_null);
-        let alpha_bar = self.fp.alpha_bar(t); // [B, 1, 1, 1]
-        let target = self.prediction.target(x0, eps, alpha_bar.clone());
-        match self.min_snr_gamma {
-            None => (output - target).powi_scalar(2).mean(),
-            Some(gamma) => {
-                let per_sample = (output - target).powi_scalar(2).mean_dims(&[1, 2, 3]); // [B, 1, 1, 1]
-                (per_sample * min_snr_weight(alpha_bar, gamma, self.prediction)).mean()
-            }
-        }
-    }
-}
-
-/// Gradients and loss of a batch, computed as `shards` pieces in parallel
-/// threads and merged (each piece weighted by its share of the batch), so
-/// that the CPU backend's single-threaded stretches between its parallel
-/// kernels overlap.
-/// The result is the gradient of the whole batch's mean loss.
-fn sharded_step<B: AutodiffBackend>(
-    model: &UNet<B>,
-    inputs: StepInputs<B>,
-    shards: usize,
-    losses: &Losses<'_, B>,
-) -> (GradientsParams, Tensor<B::InnerBackend, 1>) {
-    let n = inputs.x0.dims()[0];
-    let shards = shards.clamp(1, n);
-    if shards == 1 {
-        let loss = losses.loss(model, inputs);
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        return (grads, loss.inner());
-    }
-    let bounds: Vec<(usize, usize)> = (0..shards)
-        .map(|k| (k * n / shards, (k + 1) * n / shards))
-        .collect();
-    let parts: Vec<(GradientsParams, Tensor<B::InnerBackend, 1>, f64)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = bounds
-            .iter()
-            .map(|&(a, b)| {
-                let shard = inputs.shard(a, b - a);
-                // A copy with leaves of its own (same parameter ids), so the
-                // shards' autodiff graphs stay apart.
-                let model: UNet<B> = model.valid().train::<B>();
-                scope.spawn(move || {
-                    let loss = losses.loss(&model, shard);
-                    let grads = GradientsParams::from_grads(loss.backward(), &model);
-                    (grads, loss.inner(), (b - a) as f64 / n as f64)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a training shard panicked"))
-            .collect()
-    });
-    let mut loss = None;
-    let mut weighted = Vec::with_capacity(parts.len());
-    for (grads, l, w) in parts {
-        let l = l.mul_scalar(w);
-        loss = Some(match loss {
-            Some(acc) => acc + l,
-            None => l,
-        });
-        weighted.push((grads, w));
-    }
-    let mut merge = MergeGrads::<B> {
-        parts: weighted,
-        merged: GradientsParams::new(),
-        _b: std::marker::PhantomData,
-    };
-    model.visit(&mut merge);
-    (merge.merged, loss.expect("at least one shard"))
-}
-
-/// Σ w_k·g_k over the shards' gradients, parameter by parameter.
-struct MergeGrads<B> {
-    parts: Vec<(GradientsParams, f64)>,
-    merged: GradientsParams,
-    _b: std::marker::PhantomData<B>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for MergeGrads<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let mut acc: Option<Tensor<B::InnerBackend, D>> = None;
-        for (grads, w) in &mut self.parts {
-            if let Some(g) = grads.remove::<B::InnerBackend, D>(param.id) {
-                let g = g.mul_scalar(*w);
-                acc = Some(match acc {
-                    Some(a) => a + g,
-                    None => g,
-                });
-            }
-        }
-        if let Some(g) = acc {
-            self.merged.register(param.id, g);
-        }
-    }
-}
-
-/// Min-SNR-γ weights per sample: min(SNR, γ) divided by the weight the
-/// target already gives each t in terms of x0 error (SNR for ε, 1 for x0,
-/// SNR + 1 for v), SNR = ᾱ/(1 − ᾱ).
-fn min_snr_weight<B: Backend>(alpha_bar: Tensor<B, 4>, gamma: f64, prediction: Prediction) -> Tensor<B, 4> {
-    let snr = alpha_bar.clone() / alpha_bar.neg().add_scalar(1.0).clamp_min(1e-12);
-    let clipped = snr.clone().clamp_max(gamma);
-    match prediction {
-        Prediction::Epsilon => clipped / snr.clamp_min(1e-12),
-        Prediction::Sample => clipped,
-        Prediction::V => clipped / snr.add_scalar(1.0),
-    }
-}
-
-fn save_optimizer<B: AutodiffBackend>(optim: &impl Optimizer<UNet<B>, B>, file: &Path) -> Result<()> {
-    checkpoint::Recorder::new()
-        .record(optim.to_record(), file.to_path_buf())
-        .map_err(|e| anyhow::anyhow!("{}: cannot save optimizer state: {e}", file.display()))
 }
 
 /// `metrics.csv`: step, epoch, loss, lr, img/s, elapsed seconds.

@@ -3,7 +3,7 @@
 //! out = out_uncond + w·(out_cond − out_uncond); w = 1 is plain
 //! conditional sampling, w > 1 trades diversity for fidelity. Both branches
 //! run in one denoiser call over a doubled batch, the second half with every
-//! class set to [`NULL_CLASS`]. The combination is linear in the network
+//! class set to [`NO_CLASS`]. The combination is linear in the network
 //! output, so it holds for ε, x0 and v predictions alike.
 
 use burn::tensor::{backend::Backend, Int, Tensor};
@@ -11,17 +11,22 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::denoiser::Denoiser;
 use crate::prediction::Prediction;
 
-/// The class id that asks a denoiser for its unconditional branch.
-pub const NULL_CLASS: i64 = -1;
+/// The class id that asks a denoiser for its unconditional branch: label
+/// dropout in training writes it, guidance passes it, a class-conditional
+/// model leaves the class term out for such a sample.
+pub const NO_CLASS: i64 = -1;
 
 /// A denoiser with classifier-free guidance of scale `scale`.
 #[derive(Debug, Clone, Copy)]
 pub struct Guided<'a, D: ?Sized> {
+    /// The class-conditional denoiser whose two branches are combined.
     pub inner: &'a D,
+    /// Guidance weight w: 1 is plain conditional sampling, > 1 strengthens the class.
     pub scale: f64,
 }
 
 impl<'a, D: ?Sized> Guided<'a, D> {
+    /// Wraps `inner` with guidance weight `scale`.
     pub fn new(inner: &'a D, scale: f64) -> Self {
         Self { inner, scale }
     }
@@ -36,7 +41,7 @@ impl<B: Backend, D: Denoiser<B> + ?Sized> Denoiser<B> for Guided<'_, D> {
             return self.inner.denoise(x_t, t, Some(classes));
         }
         let n = x_t.dims()[0];
-        let null = classes.full_like(NULL_CLASS);
+        let null = classes.full_like(NO_CLASS);
         let both = self.inner.denoise(
             Tensor::cat(vec![x_t.clone(), x_t], 0),
             t,

@@ -32,17 +32,22 @@
 //! assert_eq!(x0.dims(), [4, 1, 28, 28]);
 //! ```
 //!
-//! Training uses [`ForwardProcess::noise`] to make x_t and
-//! [`Prediction::target`] for the regression target.
+//! Training: an [`Objective`] draws per-sample t, ε and label drops for a
+//! batch and gives the loss of any [`BatchDenoiser`] on it (ε, x0 or v
+//! targets, plain or Min-SNR-γ weighting); see [`objective`].
 //!
 //! Modules: [`schedule`] (ᾱ tables and how the end of a schedule is
-//! handled), [`forward`], [`prediction`] (ε, x0 and v), [`timesteps`]
-//! (spacings), [`sampler`] (the samplers), [`denoiser`] and [`mod@sample`].
+//! handled), [`forward`], [`prediction`] (ε, x0 and v), [`objective`]
+//! (the training loss), [`timesteps`] (spacings), [`sampler`] (the
+//! samplers), [`denoiser`], [`guidance`], [`rng`] (the seeded generator)
+//! and [`mod@sample`].
 
 pub mod denoiser;
 pub mod forward;
 pub mod guidance;
+pub mod objective;
 pub mod prediction;
+pub mod rng;
 pub mod sample;
 pub mod sampler;
 pub mod schedule;
@@ -51,9 +56,10 @@ pub mod timesteps;
 #[cfg(test)]
 pub(crate) mod test_util;
 
-pub use denoiser::Denoiser;
+pub use denoiser::{BatchDenoiser, Denoiser, Labels};
 pub use forward::ForwardProcess;
-pub use guidance::{Guided, NULL_CLASS};
+pub use guidance::{Guided, NO_CLASS};
+pub use objective::{LossWeighting, Objective, TrainingBatch};
 pub use prediction::{Estimate, Prediction};
 pub use sample::{sample, BackendNoise, NoiseSource, SeededNoise, StepInfo};
 pub use sampler::{Clip, Sampler, SamplerConfig, SamplerKind};
@@ -63,8 +69,10 @@ pub use timesteps::Spacing;
 /// A schedule or sampler that cannot be built as configured.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CoreError {
+    /// The noise schedule's parameters or step count are invalid; the message says which.
     #[error("invalid noise schedule: {0}")]
     InvalidSchedule(String),
+    /// The sampler's parameters (η, clip range, timesteps) are invalid; the message says which.
     #[error("invalid sampler: {0}")]
     InvalidSampler(String),
 }

@@ -1,5 +1,6 @@
 //! The sampling loop.
 
+use crate::rng::SplitMix64;
 use burn::tensor::{backend::Backend, Distribution, Int, Tensor};
 
 use crate::denoiser::Denoiser;
@@ -39,25 +40,19 @@ impl<B: Backend> NoiseSource<B> for BackendNoise {
 /// other threads draw, at the cost of a host-to-device copy per draw.
 #[derive(Debug, Clone)]
 pub struct SeededNoise {
-    state: u64,
+    rng: SplitMix64,
 }
 
 impl SeededNoise {
+    /// A noise stream that starts at `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self {
+            rng: SplitMix64::new(seed),
+        }
     }
 
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform number in (0, 1].
     fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+        self.rng.uniform_open0()
     }
 
     /// `n` independent N(0, 1) values.

@@ -28,14 +28,29 @@ pub const MAX_BETA: f64 = 0.999;
 pub enum Schedule {
     /// Nichol & Dhariwal (2021): f(t) = cos²((π/2)·(t/T + s)/(1 + s)),
     /// ᾱ(t) = f(t)/f(0). The reference uses s = 0.008.
-    Cosine { s: f64 },
+    Cosine {
+        /// Small offset s > 0 that keeps β near t = 0 from being too small.
+        s: f64,
+    },
     /// Ho et al. (2020): β linear from `beta_start` to `beta_end` over
     /// t = 1..=T. The DDPM values (1e-4, 0.02) are for T = 1000; use
     /// [`Schedule::linear_ddpm`] to have them scaled by 1000/T.
-    Linear { beta_start: f64, beta_end: f64 },
+    Linear {
+        /// β at t = 1, in (0, `beta_end`].
+        beta_start: f64,
+        /// β at t = T, in [`beta_start`, 1).
+        beta_end: f64,
+    },
     /// Chen (2023), "On the importance of noise scheduling":
     /// ᾱ(t) = (σ(end/τ) − σ((t/T·(end−start) + start)/τ)) / (σ(end/τ) − σ(start/τ)).
-    Sigmoid { start: f64, end: f64, tau: f64 },
+    Sigmoid {
+        /// Sigmoid input at t = 0 (before division by τ); must be < `end`.
+        start: f64,
+        /// Sigmoid input at t = T (before division by τ); must be > `start`.
+        end: f64,
+        /// Temperature τ > 0: larger values make the schedule closer to linear.
+        tau: f64,
+    },
 }
 
 impl Default for Schedule {

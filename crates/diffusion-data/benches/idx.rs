@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use diffusion_data::idx::read_idx;
-use diffusion_data::{bundled_mnist_dir, load_named, DatasetName, FileKind, Split};
+use diffusion_data::{load_named, DatasetName, FileKind, Split};
 
 fn decode(c: &mut Criterion) {
     let gz = bundled_mnist_dir().join("train-images-idx3-ubyte.gz");
@@ -50,3 +50,8 @@ fn decode(c: &mut Criterion) {
 
 criterion_group!(benches, decode);
 criterion_main!(benches);
+
+/// The MNIST copy bundled in this repository.
+fn bundled_mnist_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist")
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use diffusion_data::{bundled_mnist_dir, load_split, BatchLoader, Split};
+use diffusion_data::{load_split, BatchLoader, Split};
 
 const BATCH: usize = 128;
 
@@ -44,3 +44,8 @@ fn loader(c: &mut Criterion) {
 
 criterion_group!(benches, loader);
 criterion_main!(benches);
+
+/// The MNIST copy bundled in this repository.
+fn bundled_mnist_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist")
+}

@@ -21,8 +21,11 @@ pub struct HostBatch {
     pub images: Vec<f32>,
     /// One label per image.
     pub labels: Vec<i32>,
+    /// Number of images in the batch.
     pub len: usize,
+    /// Image height in pixels.
     pub height: usize,
+    /// Image width in pixels.
     pub width: usize,
 }
 

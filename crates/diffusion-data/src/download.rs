@@ -28,6 +28,7 @@ pub struct DownloadProgress {
     pub downloaded: u64,
     /// The length the server announced, if it did.
     pub total: Option<u64>,
+    /// What just happened.
     pub event: DownloadEvent,
 }
 
@@ -41,7 +42,10 @@ pub enum DownloadEvent {
     /// More bytes arrived (reported every 256 KiB and at the end).
     Bytes,
     /// This mirror did not work out for the file; the next one is tried.
-    MirrorFailed { reason: String },
+    MirrorFailed {
+        /// Why this mirror failed (HTTP error, checksum mismatch, …).
+        reason: String,
+    },
     /// The file passed its checksum and is in place.
     Done,
 }

@@ -15,7 +15,9 @@ pub enum DataError {
     /// One of the four IDX files is missing (the others are there).
     #[error("{}: not found; {}", .path.display(), fetch_hint(*.dataset))]
     NotFound {
+        /// The missing file (its stem plus `[.gz]` when either form would do).
         path: PathBuf,
+        /// The named data set being read, if known; picks the hint in the message.
         dataset: Option<DatasetName>,
     },
 
@@ -27,15 +29,20 @@ pub enum DataError {
         fetch_hint(*.dataset)
     )]
     NoData {
+        /// The directory that was searched.
         dir: PathBuf,
+        /// Whether `dir` exists (as a directory) at all.
         dir_exists: bool,
+        /// The named data set being read, if known; picks the hint in the message.
         dataset: Option<DatasetName>,
     },
 
     /// The file exists but could not be read.
     #[error("{}: cannot read ({source}); check that the file is readable, or pass --data-dir DIR pointing at another copy", .path.display())]
     Io {
+        /// The file that could not be read.
         path: PathBuf,
+        /// The underlying I/O error.
         #[source]
         source: io::Error,
     },
@@ -43,15 +50,20 @@ pub enum DataError {
     /// A gzip stream that stops before its end: a partial download or copy.
     #[error("{}: the gzip stream ends early (truncated, e.g. an interrupted download); delete the file and {}", .path.display(), refetch_hint(*.dataset))]
     TruncatedGzip {
+        /// The truncated `.gz` file.
         path: PathBuf,
+        /// The named data set being read, if known; picks the hint in the message.
         dataset: Option<DatasetName>,
     },
 
     /// A gzip stream with bad deflate data or a bad CRC.
     #[error("{}: corrupt gzip data ({reason}); delete the file and {}", .path.display(), refetch_hint(*.dataset))]
     CorruptGzip {
+        /// The corrupt `.gz` file.
         path: PathBuf,
+        /// The decoder's description of the fault.
         reason: String,
+        /// The named data set being read, if known; picks the hint in the message.
         dataset: Option<DatasetName>,
     },
 
@@ -61,9 +73,13 @@ pub enum DataError {
         .path.display()
     )]
     BadMagic {
+        /// The file at fault.
         path: PathBuf,
+        /// Whether the file was read as images or labels.
         kind: FileKind,
+        /// The big-endian 32-bit magic number in the file.
         found: u32,
+        /// The magic number an IDX file of `kind` has (0x0803 or 0x0801).
         expected: u32,
     },
 
@@ -73,9 +89,13 @@ pub enum DataError {
         .path.display()
     )]
     WrongDimensions {
+        /// The file at fault.
         path: PathBuf,
+        /// Whether the file was read as images or labels.
         kind: FileKind,
+        /// The number of dimensions the header declares.
         found: usize,
+        /// The number `kind` requires (3 for images, 1 for labels).
         expected: usize,
     },
 
@@ -89,9 +109,13 @@ pub enum DataError {
         refetch_hint(*.dataset)
     )]
     LengthMismatch {
+        /// The file at fault.
         path: PathBuf,
+        /// Bytes the header calls for (or the header's own length).
         expected: u64,
+        /// Bytes actually present.
         found: u64,
+        /// The named data set being read, if known; picks the hint in the message.
         dataset: Option<DatasetName>,
     },
 
@@ -102,9 +126,13 @@ pub enum DataError {
         .labels.display()
     )]
     CountMismatch {
+        /// The images file.
         images: PathBuf,
+        /// The labels file.
         labels: PathBuf,
+        /// Number of images in `images`.
         images_len: usize,
+        /// Number of labels in `labels`.
         labels_len: usize,
     },
 
@@ -114,9 +142,13 @@ pub enum DataError {
         .path.display()
     )]
     ChecksumMismatch {
+        /// The file at fault.
         path: PathBuf,
+        /// The data set the file was expected to belong to.
         dataset: DatasetName,
+        /// The published SHA-256 of the uncompressed data, in hex.
         expected: String,
+        /// The SHA-256 actually computed, in hex.
         found: String,
     },
 
@@ -127,9 +159,13 @@ pub enum DataError {
         .labels.display()
     )]
     MixedDatasets {
+        /// The images file.
         images: PathBuf,
+        /// The labels file.
         labels: PathBuf,
+        /// The data set the images file's checksum identifies.
         images_from: DatasetName,
+        /// The data set the labels file's checksum identifies.
         labels_from: DatasetName,
     },
 
@@ -140,7 +176,9 @@ pub enum DataError {
         if .attempts.is_empty() { "no mirrors given".to_string() } else { .attempts.join("; ") }
     )]
     Download {
+        /// Where the file would have been written.
         path: PathBuf,
+        /// The data set being downloaded.
         dataset: DatasetName,
         /// One `url: reason` entry per mirror tried, in order.
         attempts: Vec<String>,
@@ -148,7 +186,10 @@ pub enum DataError {
 
     /// A data set name that is neither `mnist` nor `fashion-mnist`.
     #[error("unknown data set `{name}`; known data sets: mnist, fashion-mnist (or pass --data-dir DIR with IDX files)")]
-    UnknownDataset { name: String },
+    UnknownDataset {
+        /// The name as given.
+        name: String,
+    },
 }
 
 impl DataError {

@@ -18,8 +18,11 @@ pub struct ImageSet {
     pub images: Vec<u8>,
     /// One class label per image.
     pub labels: Vec<u8>,
+    /// Number of images (and labels).
     pub len: usize,
+    /// Image height in pixels (rows).
     pub height: usize,
+    /// Image width in pixels (columns).
     pub width: usize,
     /// The largest label plus one (10 for MNIST and Fashion-MNIST; 0 for an
     /// empty set).
@@ -270,8 +273,7 @@ fn assemble(images: IdxFile, labels: IdxFile) -> ImageSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::location::{bundled_mnist_dir, shared_data_dir};
-    use crate::test_util::{gzip, idx_bytes, write_tiny_set, TempDir};
+    use crate::test_util::{bundled_mnist_dir, gzip, idx_bytes, real_fashion_mnist, write_tiny_set, TempDir};
 
     #[test]
     fn bundled_mnist_loads_and_is_recognised() {
@@ -304,12 +306,10 @@ mod tests {
     }
 
     #[test]
-    fn fashion_mnist_loads_from_the_shared_folder() {
-        let Some(shared) = shared_data_dir() else {
-            println!("note: no ../shared/data beside the workspace; skipping the Fashion-MNIST check");
+    fn real_fashion_mnist_is_recognised() {
+        let Some(dir) = real_fashion_mnist("the Fashion-MNIST check") else {
             return;
         };
-        let dir = shared.join("fashion-mnist");
         let test = load_named(DatasetName::FashionMnist, &dir, Split::Test).unwrap();
         assert_eq!(test.len, 10_000);
         assert_eq!(test.label_counts(), vec![1000; 10]);
@@ -448,14 +448,13 @@ mod tests {
 
     #[test]
     fn images_of_one_known_set_with_labels_of_another_are_refused() {
-        let Some(shared) = shared_data_dir() else {
-            println!("note: no ../shared/data beside the workspace; skipping the mixed-set check");
+        let Some(fashion) = real_fashion_mnist("the mixed-set check") else {
             return;
         };
         let dir = TempDir::new("set-mixed");
         for (from, file) in [
             (bundled_mnist_dir(), "t10k-images-idx3-ubyte.gz"),
-            (shared.join("fashion-mnist"), "t10k-labels-idx1-ubyte.gz"),
+            (fashion, "t10k-labels-idx1-ubyte.gz"),
         ] {
             std::fs::copy(from.join(file), dir.path().join(file)).unwrap();
         }

@@ -10,8 +10,11 @@ use crate::name::{DatasetName, FileKind, Split};
 /// One file of a known data set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KnownFile {
+    /// The data set the file belongs to.
     pub dataset: DatasetName,
+    /// Whether it is the training or the test split.
     pub split: Split,
+    /// Whether it holds the images or the labels.
     pub kind: FileKind,
     /// Lower-case hex SHA-256 of the uncompressed IDX file.
     pub sha256: &'static str,

@@ -2,18 +2,23 @@
 //! IDX files, downloading named data sets, and a prefetching batch loader
 //! that turns them into [burn] tensors.
 //!
-//! MNIST is bundled in the repository (`data/mnist`), so a fresh clone
-//! trains offline. Fashion-MNIST, or any directory of IDX files in the same
-//! layout, is read from a folder you name; [`download()`] fetches a named data
-//! set that is missing.
+//! Every function takes the folder to read; [`default_dir`] says where a
+//! named data set lives when you have no folder of your own (the
+//! `DIFFUSION_DATA_DIR` environment variable, else a per-user cache
+//! folder), and [`download()`] fetches a missing one from its mirrors. Any
+//! directory of IDX files in the MNIST layout loads too.
 //!
 //! ```
 //! use std::sync::Arc;
 //! use burn::backend::Flex;
-//! use diffusion_data::{bundled_mnist_dir, load_split, BatchLoader, DatasetName, Split};
+//! use diffusion_data::{load_split, BatchLoader, DatasetName, Split};
 //!
-//! // Read and verify the bundled MNIST test split (10,000 images).
-//! let set = load_split(&bundled_mnist_dir(), Split::Test)?;
+//! // A folder holding MNIST's four IDX files: here the copy this repository
+//! // bundles; elsewhere `diffusion_data::default_dir(DatasetName::Mnist)`
+//! // after `diffusion_data::download`.
+//! let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist");
+//! // Read and verify the MNIST test split (10,000 images).
+//! let set = load_split(&dir, Split::Test)?;
 //! assert_eq!(set.known, Some(DatasetName::Mnist));
 //! assert_eq!((set.len, set.height, set.width, set.num_classes), (10_000, 28, 28, 10));
 //!
@@ -59,5 +64,5 @@ pub use download::{canonical_mirrors, download, DownloadEvent, DownloadProgress}
 pub use error::DataError;
 pub use image_set::{is_present, load_named, load_split, ImageSet};
 pub use loader::{BatchLoader, Epoch};
-pub use location::{bundled_mnist_dir, default_dir, shared_data_dir, workspace_dir};
+pub use location::{data_root, default_dir, DATA_DIR_ENV};
 pub use name::{DatasetName, FileKind, Split};

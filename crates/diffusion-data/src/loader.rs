@@ -73,18 +73,22 @@ impl BatchLoader {
         self.used == 0
     }
 
+    /// Images per batch.
     pub fn batch_size(&self) -> usize {
         self.batch_size
     }
 
+    /// The seed the epochs' shuffles derive from.
     pub fn seed(&self) -> u64 {
         self.seed
     }
 
+    /// Worker threads preparing batches (0: batches are prepared on the calling thread).
     pub fn workers(&self) -> usize {
         self.workers
     }
 
+    /// The whole image set, including images beyond [`limit`](Self::limit).
     pub fn set(&self) -> &Arc<ImageSet> {
         &self.set
     }

@@ -1,44 +1,42 @@
-//! Where data sets live on disk.
+//! Where data sets live on disk when the caller names no folder.
 //!
-//! The paths are found from this crate's manifest directory at compile
-//! time, so they point into the source tree the binary was built from: the
-//! bundled MNIST in `<workspace>/data/mnist`, and a downloaded data set in
-//! `<workspace>/data/<name>`. A binary moved elsewhere should be given
-//! `--data-dir`.
+//! Every loading function takes the folder as an argument; this module
+//! only answers "where by default", the way burn's own MNIST data set does:
+//! the folder named by the environment variable [`DATA_DIR_ENV`] if set,
+//! else a per-user cache folder (`$XDG_CACHE_HOME/diffusion-rs`, or
+//! `~/.cache/diffusion-rs`), each holding one sub-folder per data set
+//! (`mnist/`, `fashion-mnist/`). [`crate::download()`] fills it. Nothing
+//! here depends on where this crate's source lives, so it works the same
+//! when the crate is a dependency of another project.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::name::DatasetName;
 
-/// The workspace root: two levels above this crate's manifest.
-pub fn workspace_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(manifest)
-        .to_path_buf()
+/// The environment variable that overrides the data root.
+pub const DATA_DIR_ENV: &str = "DIFFUSION_DATA_DIR";
+
+/// The folder that holds one sub-folder per data set: `$DIFFUSION_DATA_DIR`,
+/// else `$XDG_CACHE_HOME/diffusion-rs`, else `$HOME/.cache/diffusion-rs`,
+/// else `./data` when no home folder is known.
+pub fn data_root() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = var(DATA_DIR_ENV) {
+        return dir;
+    }
+    if let Some(cache) = var("XDG_CACHE_HOME") {
+        return cache.join("diffusion-rs");
+    }
+    if let Some(home) = var("HOME").or_else(|| var("USERPROFILE")) {
+        return home.join(".cache").join("diffusion-rs");
+    }
+    PathBuf::from("data")
 }
 
-/// `<workspace>/data/mnist`: MNIST as shipped in the repository.
-pub fn bundled_mnist_dir() -> PathBuf {
-    default_dir(DatasetName::Mnist)
-}
-
-/// Where a named data set is read from (and downloaded to) when no
-/// directory is given: `<workspace>/data/<name>`. For MNIST that is the
-/// bundled copy; `data/.gitignore` keeps downloads out of git.
+/// Where a named data set is read from (and downloaded to) when no folder
+/// is given: `<data_root()>/<name>`.
 pub fn default_dir(name: DatasetName) -> PathBuf {
-    workspace_dir().join("data").join(name.as_str())
-}
-
-/// `<workspace>/../shared/data` if it exists: where developers and CI keep
-/// a copy of the project's shared files beside the clone (it holds
-/// `mnist/` and `fashion-mnist/`). Tests use it for Fashion-MNIST, which is
-/// not bundled, and skip with a note when it is absent.
-pub fn shared_data_dir() -> Option<PathBuf> {
-    let dir = workspace_dir().join("..").join("shared").join("data");
-    dir.is_dir().then_some(dir)
+    data_root().join(name.as_str())
 }
 
 #[cfg(test)]
@@ -46,14 +44,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bundled_mnist_is_in_the_workspace_data_folder() {
-        let dir = bundled_mnist_dir();
-        assert!(dir.ends_with("data/mnist"), "{}", dir.display());
-        assert!(workspace_dir().join("Cargo.toml").is_file());
-        assert!(
-            crate::is_present(&dir),
-            "bundled MNIST missing at {}",
-            dir.display()
-        );
+    fn the_default_folder_is_the_root_plus_the_data_set_name() {
+        let dir = default_dir(DatasetName::FashionMnist);
+        assert_eq!(dir, data_root().join("fashion-mnist"));
+        // Never inside this crate's source tree.
+        assert!(!dir.starts_with(env!("CARGO_MANIFEST_DIR")), "{}", dir.display());
     }
 }

@@ -1,46 +1,11 @@
 //! A small, seedable shuffle that gives the same order on every platform.
 //!
-//! SplitMix64 (Steele, Lea and Flood 2014; the generator Java's
-//! `SplittableRandom` and xoshiro's seeding use) drives a Fisher–Yates
+//! SplitMix64 ([`diffusion_core::rng`]) drives a Fisher–Yates
 //! shuffle, with Lemire's unbiased multiply-and-reject for the bounded
 //! draws. Only integer arithmetic, so the order is a pure function of the
 //! seed on any machine.
 
-/// The SplitMix64 generator.
-#[derive(Debug, Clone)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64 { state: seed }
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` without modulo bias (Lemire 2019).
-    ///
-    /// # Panics
-    /// If `n == 0`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "SplitMix64::below(0)");
-        let mut m = u128::from(self.next_u64()) * u128::from(n);
-        if (m as u64) < n {
-            let threshold = n.wrapping_neg() % n;
-            while (m as u64) < threshold {
-                m = u128::from(self.next_u64()) * u128::from(n);
-            }
-        }
-        (m >> 64) as u64
-    }
-}
+pub use diffusion_core::rng::SplitMix64;
 
 /// The order in which epoch `epoch` visits the indices `0..len`: a
 /// Fisher–Yates shuffle from a generator seeded by `(seed, epoch)`.
@@ -64,29 +29,6 @@ pub fn epoch_permutation(len: usize, seed: u64, epoch: u64) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splitmix64_matches_the_reference_sequence() {
-        // The reference C implementation (Vigna, splitmix64.c) from state 0
-        // gives e220a8397b1dcdaf, 6e789e6aa1b965f4, 06c45d188009454f.
-        let mut rng = SplitMix64::new(0);
-        assert_eq!(rng.next_u64(), 0xe220_a839_7b1d_cdaf);
-        assert_eq!(rng.next_u64(), 0x6e78_9e6a_a1b9_65f4);
-        assert_eq!(rng.next_u64(), 0x06c4_5d18_8009_454f);
-    }
-
-    #[test]
-    fn below_stays_in_range_and_is_roughly_uniform() {
-        let mut rng = SplitMix64::new(7);
-        let mut counts = [0usize; 3];
-        for _ in 0..30_000 {
-            counts[rng.below(3) as usize] += 1;
-        }
-        for c in counts {
-            // Binomial(30000, 1/3): sd ≈ 82, so ±500 is > 6 sd.
-            assert!((9_500..10_500).contains(&c), "{counts:?}");
-        }
-    }
 
     #[test]
     fn a_permutation_is_a_pure_function_of_seed_and_epoch() {

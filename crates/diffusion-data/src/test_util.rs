@@ -71,3 +71,25 @@ pub fn write_tiny_set(dir: &Path, n_train: usize, n_test: usize, h: usize, w: us
         std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), gzip(&lab)).unwrap();
     }
 }
+
+/// The MNIST copy bundled in this repository (tests only: a crate used as
+/// a dependency has no such folder).
+pub fn bundled_mnist_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist")
+}
+
+/// The real Fashion-MNIST in the default data folder, or `None` (with a
+/// note) when it is not there.
+pub fn real_fashion_mnist(check: &str) -> Option<PathBuf> {
+    let dir = crate::default_dir(crate::DatasetName::FashionMnist);
+    if crate::is_present(&dir) {
+        Some(dir)
+    } else {
+        println!(
+            "note: no Fashion-MNIST in {} (set {} or run `diffusion download fashion-mnist`); skipping {check}",
+            dir.display(),
+            crate::DATA_DIR_ENV
+        );
+        None
+    }
+}

@@ -22,9 +22,14 @@ use std::time::{Duration, Instant};
 
 use diffusion_data::idx::read_idx;
 use diffusion_data::{
-    bundled_mnist_dir, download, is_present, load_named, shared_data_dir, DataError, DatasetName,
-    DownloadEvent, DownloadProgress, FileKind, Split,
+    default_dir, download, is_present, load_named, DataError, DatasetName, DownloadEvent, DownloadProgress,
+    FileKind, Split,
 };
+
+/// The MNIST copy bundled in this repository.
+fn bundled_mnist_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist")
+}
 
 /// A one-thread HTTP/1.1 server for the files in `root`. It stops when
 /// dropped, and by itself after two minutes.
@@ -313,12 +318,16 @@ fn no_mirror_at_all_is_an_error_not_a_panic() {
 }
 
 #[test]
-fn fashion_mnist_downloads_from_a_mirror_of_the_shared_copy() {
-    let Some(shared) = shared_data_dir() else {
-        println!("note: no ../shared/data beside the workspace; skipping the Fashion-MNIST download");
+fn fashion_mnist_downloads_from_a_mirror_of_a_real_copy() {
+    let real = default_dir(DatasetName::FashionMnist);
+    if !is_present(&real) {
+        println!(
+            "note: no Fashion-MNIST in {} (set DIFFUSION_DATA_DIR); skipping the Fashion-MNIST download",
+            real.display()
+        );
         return;
-    };
-    let server = Server::start(shared.join("fashion-mnist"));
+    }
+    let server = Server::start(real);
     let dir = TempDir::new("fashion");
     let mirrors = [server.mirror("missing"), server.mirror("good")];
     download(DatasetName::FashionMnist, &dir.0, &mirrors, &mut |_| {}).unwrap();

@@ -25,7 +25,9 @@ pub enum AttentionImpl {
 /// Builds an [`AttentionBlock`].
 #[derive(Config, Debug)]
 pub struct AttentionConfig {
+    /// Channels d of the input, also the width of q, k and v.
     pub channels: usize,
+    /// How the attention itself is computed.
     #[config(default = "AttentionImpl::Fused")]
     pub implementation: AttentionImpl,
 }
@@ -33,15 +35,18 @@ pub struct AttentionConfig {
 /// x + Wo·attention(split₃(Wx·GN(x))) over the H·W positions.
 #[derive(Module, Debug)]
 pub struct AttentionBlock<B: Backend> {
+    /// GroupNorm with one group over the d channels, before the projection.
     pub norm: GroupNorm<B>,
     /// Linear(d → 3d); output features split into q, k, v in that order.
     pub qkv: Linear<B>,
     /// Linear(d → d).
     pub out: Linear<B>,
+    /// How the attention itself is computed.
     pub implementation: AttentionImpl,
 }
 
 impl AttentionConfig {
+    /// Creates the block on `device` with freshly initialised weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> AttentionBlock<B> {
         let d = self.channels;
         AttentionBlock {

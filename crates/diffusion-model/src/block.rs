@@ -10,6 +10,7 @@ use crate::convnext::{ConvNeXtBlock, ConvNeXtConfig};
 /// Builds a [`Block`].
 #[derive(Config, Debug)]
 pub struct BlockConfig {
+    /// The ConvNeXt block, which sets the input and output channels.
     pub convnext: ConvNeXtConfig,
     /// Attention after the ConvNeXt block (over `out_channels`), or none.
     pub attention: Option<AttentionImpl>,
@@ -18,11 +19,14 @@ pub struct BlockConfig {
 /// ConvNeXt block, then self-attention when enabled at this level.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
+    /// The ConvNeXt block, in → out channels.
     pub convnext: ConvNeXtBlock<B>,
+    /// Self-attention over the out channels, if enabled at this level.
     pub attention: Option<AttentionBlock<B>>,
 }
 
 impl BlockConfig {
+    /// Creates the block on `device` with freshly initialised weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Block<B> {
         Block {
             convnext: self.convnext.init(device),

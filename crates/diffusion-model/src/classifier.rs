@@ -14,10 +14,13 @@ use burn::tensor::activation::relu;
 /// Builds a [`Classifier`].
 #[derive(Config, Debug)]
 pub struct ClassifierConfig {
+    /// Channels of the input images (1 for grey-scale).
     #[config(default = 1)]
     pub image_channels: usize,
+    /// Height and width of the (square) input images.
     #[config(default = 28)]
     pub image_size: usize,
+    /// Number of output classes (logits).
     #[config(default = 10)]
     pub num_classes: usize,
     /// Width of the penultimate (feature) layer.
@@ -28,14 +31,20 @@ pub struct ClassifierConfig {
 /// See the module docs.
 #[derive(Module, Debug)]
 pub struct Classifier<B: Backend> {
+    /// Conv 5x5, image channels → 32, padding 2.
     pub conv1: Conv2d<B>,
+    /// Conv 5x5, 32 → 64, padding 2.
     pub conv2: Conv2d<B>,
+    /// 2x2 max-pool with stride 2, used after each conv.
     pub pool: MaxPool2d,
+    /// Linear(64·(size/4)² → features).
     pub fc1: Linear<B>,
+    /// Linear(features → classes): the logits.
     pub fc2: Linear<B>,
 }
 
 impl ClassifierConfig {
+    /// Creates the classifier on `device` with freshly initialised weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Classifier<B> {
         let pad = PaddingConfig2d::Explicit(2, 2, 2, 2);
         let flat = 64 * (self.image_size / 4) * (self.image_size / 4);

@@ -11,7 +11,9 @@ use crate::kernels;
 /// Builds a [`ConvNeXtBlock`].
 #[derive(Config, Debug)]
 pub struct ConvNeXtConfig {
+    /// Input channels, in.
     pub in_channels: usize,
+    /// Output channels, out.
     pub out_channels: usize,
     /// Width of the time and class embeddings, E.
     pub embed_dim: usize,
@@ -34,9 +36,11 @@ pub struct ConvNeXtBlock<B: Backend> {
     pub time_proj: Linear<B>,
     /// Linear(E → in) of SiLU(class embedding).
     pub class_proj: Option<Linear<B>>,
+    /// GroupNorm with one group over the in channels, before `conv1`.
     pub norm1: GroupNorm<B>,
     /// Conv 3x3, in → out·m.
     pub conv1: Conv2d<B>,
+    /// GroupNorm with one group over the out·m channels, after the GELU.
     pub norm2: GroupNorm<B>,
     /// Conv 3x3, out·m → out.
     pub conv2: Conv2d<B>,
@@ -45,6 +49,7 @@ pub struct ConvNeXtBlock<B: Backend> {
 }
 
 impl ConvNeXtConfig {
+    /// Creates the block on `device` with freshly initialised weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> ConvNeXtBlock<B> {
         let (cin, cout, hidden) = (self.in_channels, self.out_channels, self.out_channels * self.mult);
         let pad = |p| PaddingConfig2d::Explicit(p, p, p, p);

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 /// far), so that early, poor weights are forgotten quickly.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EmaConfig {
+    /// The decay d once warm-up is over (0.999 by default).
     pub decay: f64,
+    /// Whether d is capped at (1 + n)/(10 + n) for the first updates.
     pub warmup: bool,
 }
 
@@ -36,7 +38,9 @@ impl EmaConfig {
 /// An averaged copy of a model (on a backend without autodiff).
 #[derive(Debug, Clone)]
 pub struct Ema<M> {
+    /// The averaged model.
     pub model: M,
+    /// The decay settings.
     pub config: EmaConfig,
     /// Updates made so far.
     pub updates: u64,

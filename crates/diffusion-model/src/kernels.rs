@@ -56,9 +56,13 @@ pub type GeluFn<B> = fn(Tensor<B, 4>) -> Tensor<B, 4>;
 
 /// The replaceable kernels of one backend type.
 pub struct Kernels<B: Backend> {
+    /// Single-head attention, used by [`AttentionImpl::Fused`](crate::AttentionImpl::Fused).
     pub attention: AttentionFn<B>,
+    /// 2-D convolution of a `Conv2d` module.
     pub conv2d: Conv2dFn<B>,
+    /// Group norm of a `GroupNorm` module.
     pub group_norm: GroupNormFn<B>,
+    /// Exact GELU.
     pub gelu: GeluFn<B>,
 }
 

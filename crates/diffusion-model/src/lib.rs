@@ -37,8 +37,10 @@
 //! assert!(UNetConfig::new().with_strides(vec![2, 2]).init::<B>(&device).is_err());
 //! ```
 //!
-//! The U-Net implements [`diffusion_core::Denoiser`], so it plugs straight
-//! into the samplers of `diffusion-core`.
+//! The U-Net implements [`diffusion_core::Denoiser`] (one t for the batch),
+//! so it plugs straight into the samplers of `diffusion-core`, and
+//! [`diffusion_core::BatchDenoiser`] (one t per sample), so it trains with
+//! `diffusion-core`'s objective and the `diffusion-train` crate.
 
 pub mod attention;
 pub mod block;
@@ -55,15 +57,16 @@ pub(crate) mod test_util;
 
 pub use attention::{AttentionBlock, AttentionConfig, AttentionImpl};
 pub use block::{Block, BlockConfig};
-pub use class_embedding::{ClassEmbedding, ClassEmbeddingConfig, NO_CLASS};
+pub use class_embedding::{ClassCondition, ClassEmbedding, ClassEmbeddingConfig};
 pub use classifier::{Classifier, ClassifierConfig};
 pub use convnext::{ConvNeXtBlock, ConvNeXtConfig};
 pub use ema::Ema;
-pub use unet::{UNet, UNetConfig};
+pub use unet::{materialize, UNet, UNetConfig};
 
 /// A model that cannot be built as configured.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
+    /// The U-Net configuration is inconsistent; the message says how.
     #[error("invalid U-Net configuration: {0}")]
     InvalidConfig(String),
 }

@@ -1,11 +1,11 @@
 //! The U-Net of the reference (SPEC.md, "Network"), configurable.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use diffusion_core::{Denoiser, Prediction};
+use diffusion_core::{BatchDenoiser, Denoiser, Labels, Prediction};
 
 use crate::attention::AttentionImpl;
 use crate::block::{Block, BlockConfig};
@@ -24,17 +24,22 @@ use crate::ModelError;
 /// level i have self-attention.
 #[derive(Config, Debug)]
 pub struct UNetConfig {
+    /// Channels of the images (1 for grey-scale).
     #[config(default = 1)]
     pub image_channels: usize,
     /// Height and width of the (square) images.
     #[config(default = 28)]
     pub image_size: usize,
+    /// Channel count at each level 0..=L.
     #[config(default = "vec![16, 32, 64, 128]")]
     pub widths: Vec<usize>,
+    /// Stride from level i to i+1; one fewer than `widths`.
     #[config(default = "vec![2, 2, 3]")]
     pub strides: Vec<usize>,
+    /// Output width of each up block, coarsest first; one fewer than `widths`.
     #[config(default = "vec![64, 32, 8]")]
     pub up_widths: Vec<usize>,
+    /// Whether the blocks at each level have self-attention; one per level.
     #[config(default = "vec![true, true, true, true]")]
     pub attention: Vec<bool>,
     /// ConvNeXt hidden width multiplier m.
@@ -52,6 +57,7 @@ pub struct UNetConfig {
     /// What the network is trained to predict.
     #[config(default = "Prediction::Epsilon")]
     pub prediction: Prediction,
+    /// How the attention blocks compute attention.
     #[config(default = "AttentionImpl::Fused")]
     pub attention_impl: AttentionImpl,
 }
@@ -61,6 +67,7 @@ pub struct UNetConfig {
 pub struct UNet<B: Backend> {
     /// Fixed sinusoidal table [T + 1, E]; a constant, not a parameter.
     pub time_table: Tensor<B, 2>,
+    /// Class embedding table; `None` for an unconditional model.
     pub class_embedding: Option<ClassEmbedding<B>>,
     /// Block(image_channels → `widths[0]`) at level 0.
     pub stem: Block<B>,
@@ -74,6 +81,7 @@ pub struct UNet<B: Backend> {
     pub up_blocks: Vec<Block<B>>,
     /// ConvNeXt block (up_widths.last → image_channels), no attention.
     pub head: ConvNeXtBlock<B>,
+    /// What the network's output is: ε, x0 or v.
     pub prediction: Prediction,
 }
 
@@ -150,6 +158,17 @@ impl UNetConfig {
         dst - ((src - 1) * s + 1)
     }
 
+    /// Builds the network with weights drawn from the backend's generator
+    /// seeded with `seed`, every parameter drawn now in a fixed order (burn
+    /// otherwise draws them lazily, at first use), so the same seed gives
+    /// the same weights on a backend. Reseeds the backend's generator.
+    pub fn init_seeded<B: Backend>(&self, device: &B::Device, seed: u64) -> Result<UNet<B>, ModelError> {
+        B::seed(device, seed);
+        let model = self.init(device)?;
+        materialize(&model);
+        Ok(model)
+    }
+
     /// Builds the network on `device`, or says what is wrong with the config.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<UNet<B>, ModelError> {
         let sizes = self.level_sizes()?;
@@ -212,28 +231,36 @@ impl UNetConfig {
 }
 
 impl<B: Backend> UNet<B> {
-    /// The prediction (ε, x0 or v per [`UNet::prediction`]) for a batch.
-    ///
-    /// `classes` holds one id per sample in 0..num_classes, or
-    /// [`crate::NO_CLASS`] (−1) for a sample that takes the unconditional
-    /// branch; `None` leaves the class term out for the whole batch, as the
-    /// reference does. Set `may_have_null` when `classes` can hold −1.
+    /// The prediction (ε, x0 or v per [`UNet::prediction`]) for a batch
+    /// whose class ids (if any) are all valid; `None` leaves the class term
+    /// out for the whole batch, as the reference does.
     ///
     /// # Shapes
     /// - `x`: [B, C, H, W] (C, H, W as configured)
     /// - `t`: `[B]`, integers in 0..=T
-    /// - `classes`: `[B]`
+    /// - `classes`: `[B]`, in 0..num_classes
     /// - returns [B, C, H, W]
-    pub fn forward_masked(
+    pub fn forward(
         &self,
         x: Tensor<B, 4>,
         t: Tensor<B, 1, Int>,
         classes: Option<Tensor<B, 1, Int>>,
-        may_have_null: bool,
     ) -> Tensor<B, 4> {
+        let labels = match classes {
+            Some(c) => Labels::Classes(c),
+            None => Labels::None,
+        };
+        self.forward_labels(x, t, labels)
+    }
+
+    /// [`UNet::forward`] with labels that may hold
+    /// [`diffusion_core::NO_CLASS`] (label dropout, guidance): such a
+    /// sample takes the unconditional branch.
+    pub fn forward_labels(&self, x: Tensor<B, 4>, t: Tensor<B, 1, Int>, labels: Labels<B>) -> Tensor<B, 4> {
         let time = silu(time_embedding::lookup(&self.time_table, t)); // [B, E]
-        let class = match (&self.class_embedding, classes) {
-            (Some(emb), Some(c)) => Some(emb.forward(c, may_have_null)),
+        let class = match (&self.class_embedding, labels) {
+            (Some(emb), Labels::Classes(c)) => Some(emb.forward(c)),
+            (Some(emb), Labels::WithDropped(c)) => Some(emb.forward_with_dropped(c)),
             _ => None,
         };
         let class = class.as_ref();
@@ -251,16 +278,6 @@ impl<B: Backend> UNet<B> {
         self.head.forward(x, &time, class)
     }
 
-    /// [`UNet::forward_masked`] with every class id valid (no −1).
-    pub fn forward(
-        &self,
-        x: Tensor<B, 4>,
-        t: Tensor<B, 1, Int>,
-        classes: Option<Tensor<B, 1, Int>>,
-    ) -> Tensor<B, 4> {
-        self.forward_masked(x, t, classes, false)
-    }
-
     /// T, the number of diffusion steps the time table covers.
     pub fn num_steps(&self) -> usize {
         self.time_table.dims()[0] - 1
@@ -272,10 +289,37 @@ impl<B: Backend> Denoiser<B> for UNet<B> {
         let n = x_t.dims()[0];
         let t = Tensor::<B, 1, Int>::full([n], t as i64, &x_t.device());
         // Ids may be NO_CLASS when the caller mixes branches (guidance).
-        self.forward_masked(x_t, t, classes, true)
+        let labels = match classes {
+            Some(c) => Labels::WithDropped(c),
+            None => Labels::None,
+        };
+        self.forward_labels(x_t, t, labels)
     }
 
     fn prediction(&self) -> Prediction {
         self.prediction
     }
+}
+
+impl<B: Backend> BatchDenoiser<B> for UNet<B> {
+    fn predict(&self, x_t: Tensor<B, 4>, t: Tensor<B, 1, Int>, labels: Labels<B>) -> Tensor<B, 4> {
+        self.forward_labels(x_t, t, labels)
+    }
+
+    fn prediction(&self) -> Prediction {
+        self.prediction
+    }
+}
+
+/// Touches every parameter of `module` once, in visit order, so that burn's
+/// lazy initialisation draws them now (from the backend's generator as it
+/// stands) rather than at first use.
+pub fn materialize<B: Backend, M: Module<B>>(module: &M) {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
 }

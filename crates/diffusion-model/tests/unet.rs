@@ -5,7 +5,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use diffusion_model::{UNetConfig, NO_CLASS};
+use diffusion_core::{Labels, NO_CLASS};
+use diffusion_model::UNetConfig;
 
 type B = Flex;
 type AB = Autodiff<Flex>;
@@ -97,7 +98,7 @@ fn no_class_samples_match_the_unconditional_forward() {
     let x = Tensor::<B, 4>::random([2, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device);
     let t = Tensor::<B, 1, Int>::from_ints([120, 300], &device);
     let mixed = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![7i32, NO_CLASS as i32], [2]), &device);
-    let y_mixed = values(unet.forward_masked(x.clone(), t.clone(), Some(mixed), true));
+    let y_mixed = values(unet.forward_labels(x.clone(), t.clone(), Labels::WithDropped(mixed)));
     let y_cond = values(unet.forward(x.clone(), t.clone(), Some(Tensor::from_ints([7, 7], &device))));
     let y_uncond = values(unet.forward(x, t, None));
     let half = 28 * 28;

@@ -71,11 +71,17 @@ pub trait Sampler<B: Backend> {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SamplerKind {
     /// The reference notebook's loop (SPEC.md); η = 0.1 there.
-    Reference { eta: f64 },
+    Reference {
+        /// Noise scale η ≥ 0: the added noise is √β·√η·z; 0 is deterministic.
+        eta: f64,
+    },
     /// DDPM ancestral sampling on any timestep subsequence.
     Ddpm,
     /// DDIM with η ≥ 0.
-    Ddim { eta: f64 },
+    Ddim {
+        /// η ≥ 0: 0 is deterministic DDIM, 1 gives DDPM's posterior variance.
+        eta: f64,
+    },
     /// DPM-Solver++(2M), deterministic.
     DpmSolverPp,
 }
@@ -93,11 +99,14 @@ pub enum Clip {
 /// Everything that fixes a sampler: algorithm, step count, spacing, clipping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplerConfig {
+    /// The sampling algorithm and its parameters.
     pub kind: SamplerKind,
     /// Number of steps (denoiser evaluations; the reference spacing makes
     /// one fewer, as the notebook does).
     pub steps: usize,
+    /// How the sampled timesteps are picked from 0..=T.
     pub spacing: Spacing,
+    /// Whether and where x̂0 is clamped before each update.
     pub clip: Clip,
 }
 

@@ -1,7 +1,7 @@
 //! The reference U-Net on the CPU backend with burn's generic operations
 //! and with this crate's CPU kernels installed, side by side in one run.
 //!
-//!     cargo bench -p diffusion-cli --bench cpu_kernels
+//!     cargo bench -p diffusion-flex-kernels --features unet
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
@@ -22,8 +22,8 @@ fn inputs<B: Backend>(n: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 
 /// Installs burn's generic kernels or ours for both CPU backend types.
 fn use_kernels(ours: bool) -> &'static str {
     if ours {
-        diffusion_cli::cpu_kernels::install();
-        "cpu_kernels"
+        diffusion_flex_kernels::install_for_unet();
+        "flex_kernels"
     } else {
         kernels::install::<Flex>(Kernels::default());
         kernels::install::<AB>(Kernels::default());

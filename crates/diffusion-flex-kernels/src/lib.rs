@@ -1,31 +1,45 @@
-//! Faster kernels for the CPU backend (burn's Flex), installed into
-//! [`diffusion_model::kernels`] for `Flex` and `Autodiff<Flex>`.
+//! Faster kernels for burn's Flex CPU backend: attention, conv2d, group
+//! norm and GELU for `Flex` (inference) and `Autodiff<Flex>` (training),
+//! each computing the same function as burn's own operation.
 //!
-//! burn builds attention, group norm and the conv backward pass out of
-//! generic operations; on Flex several of those are slow paths (a
-//! single-threaded direct transposed conv for every conv's input gradient,
-//! one conv per channel for a depthwise weight gradient, broadcasts through
-//! a strided iterator, libm's scalar `expf`, a [batch, 784, 784] score
-//! matrix written out and kept for the backward pass). Each kernel here
-//! computes the same function (tested against burn's to float rounding)
-//! with fewer passes, on rayon's pool (the one Flex uses), with loops that
-//! vectorise:
-//! - `attention`: FlashAttention forward and backward (`flash`);
-//! - `conv`: conv2d as shifted matrix products (forward, input gradient)
+//! This is the one library crate of the workspace that names a backend; it
+//! depends on burn, `gemm` and `rayon` only, so any burn program on Flex can
+//! call these functions. The diffusion U-Net picks them up through its
+//! table of replaceable kernels (`diffusion_model::kernels`), where the
+//! `diffusion` binary installs them:
+//!
+//! `install_for_unet()` (feature `unet`) does that for `Flex` and
+//! `Autodiff<Flex>`; without the feature the crate does not depend on the
+//! U-Net at all, and its functions serve any burn program on Flex.
+//!
+//! Why they are faster: burn builds attention, group norm and the conv
+//! backward pass out of generic operations; on Flex several of those are
+//! slow paths (a single-threaded direct transposed conv for every conv's
+//! input gradient, one conv per channel for a depthwise weight gradient,
+//! broadcasts through a strided iterator, libm's scalar `expf`, a
+//! [batch, 784, 784] score matrix written out and kept for the backward
+//! pass). Each kernel here computes the same function (tested against
+//! burn's to float rounding) with fewer passes, on rayon's pool (the one
+//! Flex uses), with loops that vectorise:
+//! - [`attention`]: FlashAttention forward and backward (`flash`);
+//! - [`conv`]: conv2d as shifted matrix products (forward, input gradient)
 //!   and im2col + gemm or direct loops (weight gradient);
-//! - `group_norm`: one pass for statistics, one for the output, one fused
+//! - [`group_norm`]: one pass for statistics, one for the output, one fused
 //!   backward pass;
-//! - `gelu`: one pass each way with a vectorised erf.
+//! - [`gelu`]: one pass each way with a vectorised erf.
+//!
+//! Invariants: results are deterministic (parallel partial sums are
+//! combined in a fixed order), hot loops are compiled for baseline x86-64
+//! and for AVX2+FMA and chosen at run time, and a shape a kernel does not
+//! cover falls back to burn's operation.
 
 use burn::backend::flex::FlexTensor;
-use burn::backend::{Autodiff, Flex};
-use diffusion_model::kernels::{self, Kernels};
 
-mod attention;
-mod conv;
+pub mod attention;
+pub mod conv;
 mod flash;
-mod gelu;
-mod group_norm;
+pub mod gelu;
+pub mod group_norm;
 mod matmul;
 
 /// Defines `fn $name(args)` whose body is compiled twice: for the baseline
@@ -55,15 +69,19 @@ macro_rules! vectorised {
 
 pub(crate) use vectorised;
 
-/// Installs the kernels of this module for the CPU backend (idempotent).
-pub fn install() {
-    kernels::install::<Flex>(Kernels {
+/// Installs these kernels into the diffusion U-Net's table of replaceable
+/// kernels for `Flex` and `Autodiff<Flex>` (idempotent).
+#[cfg(feature = "unet")]
+pub fn install_for_unet() {
+    use burn::backend::{Autodiff, Flex};
+    use diffusion_model::kernels::{install, Kernels};
+    install::<Flex>(Kernels {
         attention: attention::inference,
+        conv2d: conv::inference,
         group_norm: group_norm::inference,
         gelu: gelu::inference,
-        conv2d: conv::inference,
     });
-    kernels::install::<Autodiff<Flex>>(Kernels {
+    install::<Autodiff<Flex>>(Kernels {
         attention: attention::autodiff,
         conv2d: conv::autodiff,
         group_norm: group_norm::autodiff,
@@ -206,78 +224,3 @@ mod tests {
     }
 }
 
-#[cfg(test)]
-mod unet_tests {
-    //! The whole reference U-Net with and without the kernels installed.
-    //! (No other test of this library reads the kernel table, so installing
-    //! here cannot disturb tests running in parallel.)
-
-    use super::test_util::values;
-    use super::*;
-    use burn::module::AutodiffModule;
-    use burn::optim::GradientsParams;
-    use burn::tensor::{Distribution, Int, Tensor};
-    use diffusion_model::{UNet, UNetConfig};
-
-    type Ad = Autodiff<Flex>;
-
-    fn use_kernels(ours: bool) {
-        if ours {
-            install();
-        } else {
-            kernels::install::<Flex>(Kernels::default());
-            kernels::install::<Ad>(Kernels::default());
-        }
-    }
-
-    /// Measured when written: output 8.9e-7, gradients 5e-7 to 1.4e-6
-    /// (relative to the largest value), i.e. float rounding.
-    #[test]
-    fn reference_unet_output_and_gradients_match_burn_generic() {
-        let device = Default::default();
-        <Ad as burn::tensor::backend::Backend>::seed(&device, 7);
-        let model: UNet<Ad> = UNetConfig::new().init(&device).unwrap();
-        let x = Tensor::<Ad, 4>::random([3, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device);
-        let t = Tensor::<Ad, 1, Int>::from_ints([3, 250, 499], &device);
-        let c = Tensor::<Ad, 1, Int>::from_ints([0, 4, 9], &device);
-        let eps = Tensor::<Ad, 4>::random([3, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device);
-        let run = |ours: bool| {
-            use_kernels(ours);
-            let inference = values(model.valid().forward(
-                x.clone().inner(),
-                t.clone().inner(),
-                Some(c.clone().inner()),
-            ));
-            let y = model.forward(x.clone(), t.clone(), Some(c.clone()));
-            let loss = (y - eps.clone()).powi_scalar(2).mean();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            // The gradient of a few parameters of every kind of block.
-            let g = |p: &burn::module::Param<Tensor<Ad, 4>>| values(grads.get::<Flex, 4>(p.id).unwrap());
-            let picked = vec![
-                g(&model.head.depthwise.weight),
-                g(&model.stem.convnext.conv1.weight),
-                g(&model.head.conv2.weight),
-            ];
-            let attention = values(
-                grads
-                    .get::<Flex, 2>(model.stem.attention.as_ref().unwrap().qkv.weight.id)
-                    .unwrap(),
-            );
-            (inference, picked, attention)
-        };
-        let (ours, ours_g, ours_att) = run(true);
-        let (generic, generic_g, generic_att) = run(false);
-        use_kernels(true);
-        let scale = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let rel = |a: &[f32], b: &[f32]| super::test_util::max_abs_diff(a, b) / scale(b).max(1e-12);
-        assert!(rel(&ours, &generic) < 1e-5, "output: {}", rel(&ours, &generic));
-        for (i, (a, b)) in ours_g.iter().zip(&generic_g).enumerate() {
-            assert!(rel(a, b) < 1e-5, "gradient {i}: {}", rel(a, b));
-        }
-        assert!(
-            rel(&ours_att, &generic_att) < 1e-5,
-            "attention gradient: {}",
-            rel(&ours_att, &generic_att)
-        );
-    }
-}

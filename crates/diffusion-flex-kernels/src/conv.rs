@@ -24,7 +24,7 @@ use super::{dims4, dot, f32s, sum};
 /// (depthwise) instead of one conv per group; the bias gradient is a
 /// per-channel sum without a transposed copy. Anything else falls back to
 /// burn's default backward.
-pub(super) fn autodiff(
+pub fn autodiff(
     conv: &Conv2d<Autodiff<Flex>>,
     x: Tensor<Autodiff<Flex>, 4>,
 ) -> Tensor<Autodiff<Flex>, 4> {
@@ -65,7 +65,7 @@ pub(super) fn autodiff(
 }
 
 /// The conv of a module on `Flex` without autodiff, through [`conv2d`].
-pub(super) fn inference(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
+pub fn inference(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
     let Some(options) = conv_options(conv, &x) else {
         return conv.forward(x);
     };
@@ -348,7 +348,7 @@ fn depthwise_weight_grad(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_kernels::test_util::{max_rel_diff, values};
+    use crate::test_util::{max_rel_diff, values};
     use burn::module::Param;
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::Distribution;

@@ -17,7 +17,9 @@ use super::{exp, f32s, vectorised};
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
 
-pub(super) fn inference(x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
+/// Exact (erf) GELU on `Flex` without autodiff, in one vectorised pass;
+/// non-f32 input falls back to burn's.
+pub fn inference(x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
     if x.dtype() != DType::F32 {
         return burn::tensor::activation::gelu(x);
     }
@@ -25,7 +27,9 @@ pub(super) fn inference(x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
     Tensor::from_primitive(TensorPrimitive::Float(forward(&x)))
 }
 
-pub(super) fn autodiff(x: Tensor<Autodiff<Flex>, 4>) -> Tensor<Autodiff<Flex>, 4> {
+/// Exact (erf) GELU under autodiff, with a one-pass backward; non-f32
+/// input falls back to burn's.
+pub fn autodiff(x: Tensor<Autodiff<Flex>, 4>) -> Tensor<Autodiff<Flex>, 4> {
     if x.dtype() != DType::F32 {
         return burn::tensor::activation::gelu(x);
     }
@@ -120,7 +124,7 @@ fn erf(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_kernels::test_util::{max_abs_diff, values};
+    use crate::test_util::{max_abs_diff, values};
     use burn::tensor::Distribution;
 
     /// erf(x) = 2/√π · Σ (−1)ⁿ x^(2n+1) / (n!·(2n+1)), summed in f64

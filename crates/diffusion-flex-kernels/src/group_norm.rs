@@ -16,7 +16,7 @@ use super::{dot, sum, sum_sq_dev, vectorised};
 /// Group norm as one pass for the statistics and one for the output
 /// (burn's runs a dozen, the affine part as broadcasts through a strided
 /// iterator), and one fused backward pass.
-pub(super) fn autodiff(
+pub fn autodiff(
     norm: &GroupNorm<Autodiff<Flex>>,
     x: Tensor<Autodiff<Flex>, 4>,
 ) -> Tensor<Autodiff<Flex>, 4> {
@@ -52,7 +52,9 @@ pub(super) fn autodiff(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-pub(super) fn inference(norm: &GroupNorm<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
+/// Group norm on `Flex` without autodiff, through the same fused forward
+/// pass; a non-affine norm or non-f32 input falls back to burn's.
+pub fn inference(norm: &GroupNorm<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
     let Some((gamma, beta)) = affine_params(norm, &x) else {
         return norm.forward(x);
     };
@@ -238,7 +240,7 @@ vectorised! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_kernels::test_util::{max_rel_diff, values};
+    use crate::test_util::{max_rel_diff, values};
     use burn::module::Param;
     use burn::nn::GroupNormConfig;
     use burn::tensor::Distribution;

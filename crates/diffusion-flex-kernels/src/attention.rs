@@ -7,16 +7,33 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use diffusion_model::kernels;
 
 use super::f32s;
 use super::flash::{self, Dims};
 
+/// burn's own attention op, used for shapes the flash kernel does not
+/// cover (and as the reference in the tests).
+pub fn generic<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, l, d] = q.dims();
+    let lk = k.dims()[1];
+    let y = burn_attention(
+        q.reshape([b, 1, l, d]),
+        k.reshape([b, 1, lk, d]),
+        v.reshape([b, 1, lk, d]),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    );
+    y.reshape([b, l, d])
+}
+
 /// Attention through [`flash`] on `Flex`: no score matrix is materialised.
-pub(super) fn inference(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
+pub fn inference(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
     let Some(dims) = flash_dims(&q, &k, &v) else {
-        return kernels::generic_attention(q, k, v);
+        return generic(q, k, v);
     };
     let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor().to_contiguous());
     let (o, _) = forward(&q, &k, &v, dims);
@@ -26,13 +43,13 @@ pub(super) fn inference(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 
 /// Attention through [`flash`] under autodiff: the forward pass keeps q, k,
 /// v, the output and one log-sum-exp per row; the backward pass recomputes
 /// the probabilities block by block.
-pub(super) fn autodiff(
+pub fn autodiff(
     q: Tensor<Autodiff<Flex>, 3>,
     k: Tensor<Autodiff<Flex>, 3>,
     v: Tensor<Autodiff<Flex>, 3>,
 ) -> Tensor<Autodiff<Flex>, 3> {
     let Some(dims) = flash_dims(&q, &k, &v) else {
-        return kernels::generic_attention(q, k, v);
+        return generic(q, k, v);
     };
     let [q, k, v] = [q, k, v].map(|t| t.into_primitive().tensor());
     let [qf, kf, vf] = [&q, &k, &v].map(|t| t.primitive.to_contiguous());
@@ -116,7 +133,7 @@ impl Backward<Flex, 3> for FlashBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu_kernels::test_util::{max_abs_diff as max_diff, values};
+    use crate::test_util::{max_abs_diff as max_diff, values};
     use burn::tensor::Distribution;
 
     #[test]
@@ -143,7 +160,7 @@ mod tests {
                 (out, g)
             };
             let (ours, ours_g) = run(autodiff);
-            let (generic, generic_g) = run(kernels::generic_attention::<Ad>);
+            let (generic, generic_g) = run(crate::attention::generic::<Ad>);
             let what = format!("batch {batch} len {len} d {d}");
             assert!(
                 max_diff(&ours, &generic) < 2e-5,

@@ -1,0 +1,234 @@
+//! Checkpoints of a training run: model, EMA and optimizer state and the
+//! [`TrainState`] (step, epoch, position, random state).
+//!
+//! Layout inside a run directory:
+//!
+//! ```text
+//! checkpoints/
+//!   latest.json            {"dir": "step-00000500", "state": {...}}
+//!   step-00000500/
+//!     model.mpk  ema.mpk  optimizer.mpk
+//! ```
+//!
+//! Each checkpoint folder is written in full under a temporary name
+//! (`step-N.partial`) and then renamed; `latest.json` names the newest
+//! complete one and is itself replaced atomically; older folders are
+//! removed afterwards. A kill at any moment therefore leaves the last good
+//! checkpoint intact and pointed at.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::tensor::backend::Backend;
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::write_bytes_atomically;
+
+/// The recorder of every weights file: named MessagePack, f32.
+pub type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+/// The model's weights file in a checkpoint folder (without `.mpk`).
+pub const MODEL: &str = "model";
+/// The EMA weights file.
+pub const EMA: &str = "ema";
+/// The optimizer state file.
+pub const OPTIMIZER: &str = "optimizer";
+/// The checkpoint index inside `checkpoints/`.
+pub const LATEST: &str = "latest.json";
+
+/// Where training stands. Together with the run's seed it is the whole
+/// random state: every step seeds the backend's generator with
+/// `mix_seed(seed, step)`, and the data order is a function of
+/// `(seed, epoch)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epoch the next step belongs to (from 0).
+    pub epoch: u64,
+    /// Batch of that epoch the next step uses.
+    pub batch_in_epoch: u64,
+    /// EMA updates done.
+    pub ema_updates: u64,
+    /// Whether every epoch is done.
+    pub finished: bool,
+}
+
+impl TrainState {
+    /// The state of a run that has not started.
+    pub fn start() -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            ema_updates: 0,
+            finished: false,
+        }
+    }
+}
+
+/// Why a checkpoint could not be written or read. Each message is one line
+/// that names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// No `latest.json`: the run has no checkpoint yet.
+    #[error("{}: no checkpoint found; train first, or point at a run directory made by `train`", .path.display())]
+    NotFound {
+        /// The index that is missing.
+        path: PathBuf,
+    },
+    /// `latest.json` is not what a checkpoint index looks like.
+    #[error("{}: corrupt checkpoint index ({reason})", .path.display())]
+    CorruptIndex {
+        /// The index.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The folder `latest.json` names is gone.
+    #[error("{}: the checkpoint named by latest.json is missing", .path.display())]
+    Missing {
+        /// The folder.
+        path: PathBuf,
+    },
+    /// A weights or optimizer file that does not load.
+    #[error("{}: cannot load the {what} ({reason}); the checkpoint is corrupt or from another model", .path.display())]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// `weights` or `optimizer state`.
+        what: &'static str,
+        /// The recorder's message.
+        reason: String,
+    },
+    /// A file that could not be written.
+    #[error("{}: cannot save the {what}: {reason}", .path.display())]
+    Save {
+        /// The file.
+        path: PathBuf,
+        /// What was being saved.
+        what: &'static str,
+        /// The recorder's message.
+        reason: String,
+    },
+    /// A file-system error.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Latest {
+    dir: String,
+    state: TrainState,
+}
+
+/// `RUN_DIR/checkpoints`.
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Writes a checkpoint for `state` through `save(dir)` (which writes the
+/// files into the new folder `dir`), then points `latest.json` at it and
+/// removes older checkpoints. Returns the new folder.
+pub fn write(
+    run_dir: &Path,
+    state: TrainState,
+    save: impl FnOnce(&Path) -> Result<(), CheckpointError>,
+) -> Result<PathBuf, CheckpointError> {
+    let root = checkpoints_dir(run_dir);
+    let name = format!("step-{:08}", state.step);
+    let final_dir = root.join(&name);
+    let tmp_dir = root.join(format!("{name}.partial"));
+    if tmp_dir.exists() {
+        fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+    }
+    fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+    if let Err(e) = save(&tmp_dir) {
+        let _ = fs::remove_dir_all(&tmp_dir);
+        return Err(e);
+    }
+    if final_dir.exists() {
+        fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+    }
+    fs::rename(&tmp_dir, &final_dir).map_err(io_err(&tmp_dir))?;
+    let latest = serde_json::to_string_pretty(&Latest {
+        dir: name.clone(),
+        state,
+    })
+    .expect("a checkpoint index serialises");
+    let index = root.join(LATEST);
+    write_bytes_atomically(&index, latest.as_bytes()).map_err(io_err(&index))?;
+    // Older checkpoints (and partial leftovers of killed runs) go.
+    if let Ok(entries) = fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().to_string();
+            if file_name.starts_with("step-") && file_name != name && entry.path().is_dir() {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    Ok(final_dir)
+}
+
+/// The newest complete checkpoint of a run: its folder and its state.
+pub fn latest(run_dir: &Path) -> Result<(PathBuf, TrainState), CheckpointError> {
+    let path = checkpoints_dir(run_dir).join(LATEST);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CheckpointError::NotFound { path }),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let latest: Latest = serde_json::from_str(&text).map_err(|e| CheckpointError::CorruptIndex {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if latest.dir.is_empty() || latest.dir.contains(['/', '\\']) || latest.dir.starts_with('.') {
+        return Err(CheckpointError::CorruptIndex {
+            path,
+            reason: format!("it names {:?}, not a checkpoint folder", latest.dir),
+        });
+    }
+    let dir = checkpoints_dir(run_dir).join(&latest.dir);
+    if !dir.is_dir() {
+        return Err(CheckpointError::Missing { path: dir });
+    }
+    Ok((dir, latest.state))
+}
+
+/// Saves a module's weights as `file`.mpk.
+pub fn save_module<B: Backend, M: Module<B>>(module: M, file: &Path) -> Result<(), CheckpointError> {
+    module
+        .save_file(file.to_path_buf(), &Recorder::new())
+        .map_err(|e| CheckpointError::Save {
+            path: file.with_extension("mpk"),
+            what: "weights",
+            reason: e.to_string(),
+        })
+}
+
+/// Loads weights saved by [`save_module`] (`file`.mpk) into `module`,
+/// which must have the same structure.
+pub fn load_module<B: Backend, M: Module<B>>(module: M, file: &Path, device: &B::Device) -> Result<M, CheckpointError> {
+    module
+        .load_file(file.to_path_buf(), &Recorder::new(), device)
+        .map_err(|e| CheckpointError::Load {
+            path: file.with_extension("mpk"),
+            what: "weights",
+            reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+        })
+}

@@ -1,0 +1,226 @@
+//! The trainer: model, Adam, EMA, step counter and random state, with a
+//! step that returns the loss and checkpoints that resume exactly.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{Adam, AdamConfig, Optimizer};
+use burn::record::Recorder as _;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor};
+use diffusion_core::rng::mix_seed;
+use diffusion_core::{BatchDenoiser, ForwardProcess, NoiseSchedule, Objective};
+use diffusion_model::ema::EmaConfig;
+use diffusion_model::Ema;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointError, Recorder, TrainState};
+use crate::lr::LrSchedule;
+use crate::shard::sharded_gradients;
+
+/// Everything a [`Trainer`] needs to know besides the model and the data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerConfig {
+    /// Peak learning rate of Adam.
+    pub lr: f64,
+    /// Warm-up and decay of the learning rate.
+    pub lr_schedule: LrSchedule,
+    /// Adam's ε (PyTorch's 1e-8; burn's default is 1e-5).
+    pub adam_epsilon: f64,
+    /// Seed of the per-step draws (t, ε, label drops).
+    pub seed: u64,
+    /// The loss.
+    pub objective: Objective,
+    /// Averaging of the weights.
+    pub ema: EmaConfig,
+    /// Pieces each batch is split into and run in parallel threads (1 =
+    /// none); the gradient is that of the whole batch either way.
+    pub shards: usize,
+    /// Steps of the whole run (where the learning-rate decay ends).
+    pub total_steps: u64,
+}
+
+impl TrainerConfig {
+    /// The reference's settings (Adam 1e-3 constant, ε 1e-8, plain ε-MSE,
+    /// EMA 0.999 with warm-up, seed 0, no sharding) for a run of
+    /// `total_steps` steps.
+    pub fn new(total_steps: u64) -> Self {
+        Self {
+            lr: 1e-3,
+            lr_schedule: LrSchedule::constant(),
+            adam_epsilon: 1e-8,
+            seed: 0,
+            objective: Objective::default(),
+            ema: EmaConfig::default(),
+            shards: 1,
+            total_steps,
+        }
+    }
+}
+
+/// What a step returns.
+#[derive(Debug, Clone)]
+pub struct StepOutput<B: AutodiffBackend> {
+    /// The batch's mean loss, left on the device (reading it back waits
+    /// for the device, so callers do that only when they log).
+    pub loss: Tensor<B::InnerBackend, 1>,
+    /// The learning rate the step used.
+    pub lr: f64,
+}
+
+/// Trains a denoiser `M` (any [`AutodiffModule`] that is a
+/// [`BatchDenoiser`], such as `diffusion_model::UNet`).
+///
+/// The random state is the config's seed and the step counter: step `k`
+/// seeds the backend's generator with `mix_seed(seed, k)` before drawing,
+/// so a resumed run draws exactly what an uninterrupted one would.
+pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
+    model: M,
+    optim: OptimizerAdaptor<Adam, M, B>,
+    ema: Ema<M::InnerModule>,
+    state: TrainState,
+    config: TrainerConfig,
+    fp: ForwardProcess<B>,
+    num_steps: usize,
+    device: B::Device,
+}
+
+impl<B, M> Trainer<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + BatchDenoiser<B>,
+{
+    /// A trainer at step 0 for `model`, with noise `schedule`.
+    pub fn new(model: M, schedule: &NoiseSchedule, config: TrainerConfig, device: &B::Device) -> Self {
+        let optim = AdamConfig::new()
+            .with_epsilon(config.adam_epsilon as f32)
+            .init::<B, M>();
+        let ema = Ema::new(model.valid(), config.ema);
+        Self {
+            model,
+            optim,
+            ema,
+            state: TrainState::start(),
+            fp: ForwardProcess::new(schedule, device),
+            num_steps: schedule.num_steps(),
+            config,
+            device: device.clone(),
+        }
+    }
+
+    /// One optimizer step on clean data `x0` ([B, C, H, W]) with optional
+    /// labels (`[B]`): draws t, ε and label drops, computes the loss and its
+    /// gradient (over `shards` threads), steps Adam at the scheduled
+    /// learning rate and updates the EMA.
+    pub fn step(&mut self, x0: Tensor<B, 4>, labels: Option<Tensor<B, 1, Int>>) -> StepOutput<B> {
+        B::seed(&self.device, mix_seed(self.config.seed, self.state.step));
+        let objective = self.config.objective;
+        let batch = objective.draw(x0, labels, self.num_steps);
+        let n = batch.len();
+        let fp = &self.fp;
+        let (grads, loss) = sharded_gradients(&self.model, n, self.config.shards, |model: &M, range| {
+            let part = if range.len() == n {
+                batch.clone()
+            } else {
+                batch.narrow(range.start, range.len())
+            };
+            objective.loss(model, fp, part)
+        });
+        let lr = self.lr_at(self.state.step);
+        self.model = self.optim.step(lr, self.model.clone(), grads);
+        self.ema.update(&self.model.valid());
+        self.state.step += 1;
+        self.state.batch_in_epoch += 1;
+        self.state.ema_updates = self.ema.updates;
+        StepOutput { loss, lr }
+    }
+
+    /// The learning rate of step `step`.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        self.config
+            .lr_schedule
+            .at(self.config.lr, step, self.config.total_steps)
+    }
+
+    /// Marks the end of an epoch (`finished` when it was the last).
+    pub fn end_epoch(&mut self, finished: bool) {
+        self.state.epoch += 1;
+        self.state.batch_in_epoch = 0;
+        self.state.finished = finished;
+    }
+
+    /// Lets training continue past a finished run (for more epochs).
+    pub fn reopen(&mut self) {
+        self.state.finished = false;
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The averaged weights (on the inner backend, ready to sample).
+    pub fn ema(&self) -> &Ema<M::InnerModule> {
+        &self.ema
+    }
+
+    /// Where training stands.
+    pub fn state(&self) -> TrainState {
+        self.state
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// Changes the run's length (extending a run by more epochs); the
+    /// learning-rate schedule follows.
+    pub fn set_total_steps(&mut self, total: u64) {
+        self.config.total_steps = total;
+    }
+
+    /// Writes a checkpoint of the current state into `run_dir`
+    /// (see [`crate::checkpoint`]) and returns its folder.
+    pub fn save(&self, run_dir: &Path) -> Result<PathBuf, CheckpointError> {
+        checkpoint::write(run_dir, self.state, |dir| {
+            checkpoint::save_module(self.model.clone(), &dir.join(checkpoint::MODEL))?;
+            checkpoint::save_module(self.ema.model.clone(), &dir.join(checkpoint::EMA))?;
+            let file = dir.join(checkpoint::OPTIMIZER);
+            Recorder::new()
+                .record(self.optim.to_record(), file.clone())
+                .map_err(|e| CheckpointError::Save {
+                    path: file.with_extension("mpk"),
+                    what: "optimizer state",
+                    reason: e.to_string(),
+                })
+        })
+    }
+
+    /// Loads the newest checkpoint of `run_dir` (model, EMA, optimizer,
+    /// state), so the next step is the one an uninterrupted run would take.
+    pub fn resume(&mut self, run_dir: &Path) -> Result<TrainState, CheckpointError> {
+        let (dir, state) = checkpoint::latest(run_dir)?;
+        let model = checkpoint::load_module(self.model.clone(), &dir.join(checkpoint::MODEL), &self.device)?;
+        let ema = checkpoint::load_module(self.ema.model.clone(), &dir.join(checkpoint::EMA), &self.device)?;
+        let file = dir.join(checkpoint::OPTIMIZER);
+        let record = Recorder::new()
+            .load(file.clone(), &self.device)
+            .map_err(|e| CheckpointError::Load {
+                path: file.with_extension("mpk"),
+                what: "optimizer state",
+                reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+            })?;
+        let optim = AdamConfig::new()
+            .with_epsilon(self.config.adam_epsilon as f32)
+            .init::<B, M>()
+            .load_record(record);
+        self.model = model;
+        self.ema.model = ema;
+        self.ema.updates = state.ema_updates;
+        self.optim = optim;
+        self.state = state;
+        Ok(state)
+    }
+}
