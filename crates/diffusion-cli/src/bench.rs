@@ -197,22 +197,22 @@ impl Task for BenchTask {
             sample_81x35_s: ts,
             peak_rss_mib: peak_rss_mib(),
         };
-        println!(
+        say!(
             "backend {} ({} threads), {} attention, kernels: {}, {} parameters",
             result.backend, result.threads, result.attention, result.kernels, result.params
         );
         if let (Some(ms), Some(ips)) = (result.train_ms_per_step_b128, result.train_images_per_s_b128) {
-            println!("train b128   {ms:>9.1} ms/step  {ips:>8.1} img/s");
+            say!("train b128   {ms:>9.1} ms/step  {ips:>8.1} img/s");
         }
-        println!(
+        say!(
             "train b32    {:>9.1} ms/step  {:>8.1} img/s",
             result.train_ms_per_step_b32, result.train_images_per_s_b32
         );
-        println!("sample 81x35 {:>9.2} s", result.sample_81x35_s);
+        say!("sample 81x35 {:>9.2} s", result.sample_81x35_s);
         if let Some(m) = result.peak_rss_mib {
-            println!("peak RSS     {m:>9.0} MiB (host)");
+            say!("peak RSS     {m:>9.0} MiB (host)");
         }
-        println!("{}", serde_json::to_string(&result)?);
+        say!("{}", serde_json::to_string(&result)?);
         Ok(0)
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use diffusion_core::{Clip, SamplerConfig, SamplerKind, Schedule};
 use diffusion_data::DatasetName;
 use diffusion_model::ema::EmaConfig;
@@ -230,7 +230,64 @@ impl RunConfig {
         }
     }
 
-    /// Reads `RUN_DIR/config.json`.
+    /// Checks every value a run depends on, whether it came from flags or
+    /// from a `config.json` edited by hand: one error naming the field.
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let at_least_1 = [
+            ("epochs (--epochs)", t.epochs),
+            ("batch_size (--batch)", t.batch_size),
+            ("workers (--workers)", t.workers),
+            ("shards (--shards)", t.shards),
+            ("log_every", t.log_every as usize),
+            ("preview.n", self.preview.n),
+            ("sampler.steps (--steps)", self.sampler.steps),
+            ("preview.sampler.steps", self.preview.sampler.steps),
+        ];
+        for (name, v) in at_least_1 {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if t.limit == Some(0) {
+            bail!("limit (--limit) must be at least 1");
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite() && t.lr <= 1.0) {
+            bail!("lr (--lr) must be a number in (0, 1], got {}", t.lr);
+        }
+        if !(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite()) {
+            bail!("adam_epsilon must be a positive number, got {}", t.adam_epsilon);
+        }
+        if !(0.0..1.0).contains(&t.label_dropout) {
+            bail!("label_dropout (--label-dropout) must be in [0, 1), got {}", t.label_dropout);
+        }
+        if !(0.0..1.0).contains(&t.ema.decay) {
+            bail!("ema.decay (--ema-decay) must be in [0, 1), got {}", t.ema.decay);
+        }
+        if let Some(g) = t.min_snr_gamma {
+            if !(g > 0.0 && g.is_finite()) {
+                bail!("min_snr_gamma (--min-snr-gamma) must be a positive number, got {g}");
+            }
+        }
+        let lr = &t.lr_schedule;
+        if !(0.0..=1.0).contains(&lr.min_factor) {
+            bail!("lr_schedule.min_factor must be in [0, 1], got {}", lr.min_factor);
+        }
+        if t.label_dropout > 0.0 && self.model.num_classes.is_none() {
+            bail!("label_dropout (--label-dropout) needs a class-conditional model");
+        }
+        self.model.level_sizes()?;
+        if self.model.image_channels != 1 {
+            bail!("model.image_channels must be 1 (grey images), got {}", self.model.image_channels);
+        }
+        let schedule = diffusion_core::NoiseSchedule::new(self.schedule, self.model.num_steps)?;
+        for s in [&self.sampler, &self.preview.sampler] {
+            s.validate(&schedule)?;
+        }
+        Ok(())
+    }
+
+    /// Reads and validates `RUN_DIR/config.json`.
     pub fn load(run_dir: &Path) -> Result<Self> {
         let path = run_dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).with_context(|| {
@@ -240,12 +297,16 @@ impl RunConfig {
                 run_dir.display()
             )
         })?;
-        serde_json::from_str(&text).with_context(|| {
+        let config: RunConfig = serde_json::from_str(&text).with_context(|| {
             format!(
                 "{}: not a valid run config (corrupt, or from another version)",
                 path.display()
             )
-        })
+        })?;
+        config
+            .validate()
+            .with_context(|| format!("{}: invalid value", path.display()))?;
+        Ok(config)
     }
 
     /// Writes `RUN_DIR/config.json` atomically.
@@ -301,7 +362,7 @@ pub struct SamplingFlags {
 
 impl SamplingFlags {
     /// The run's default sampler with these flags applied.
-    pub fn sampler(&self, run: &RunConfig) -> SamplerConfig {
+    pub fn sampler(&self, run: &RunConfig) -> Result<SamplerConfig> {
         sampler_from_flags(&run.sampler, self.sampler, self.steps, self.eta, self.clip)
     }
 
@@ -331,7 +392,7 @@ pub fn sampler_from_flags(
     steps: Option<usize>,
     eta: Option<f64>,
     clip: Option<bool>,
-) -> SamplerConfig {
+) -> Result<SamplerConfig> {
     let current_eta = match default.kind {
         SamplerKind::Reference { eta } | SamplerKind::Ddim { eta } => Some(eta),
         _ => None,
@@ -362,13 +423,16 @@ pub fn sampler_from_flags(
         config.kind = match config.kind {
             SamplerKind::Reference { .. } => SamplerKind::Reference { eta },
             SamplerKind::Ddim { .. } => SamplerKind::Ddim { eta },
-            other => other,
+            other => bail!("--eta applies to the reference and ddim samplers only, not {other:?}; leave it out"),
         };
+    }
+    if steps == Some(0) {
+        bail!("--steps must be at least 1");
     }
     if let Some(clip) = clip {
         config.clip = if clip { Clip::Range(-1.0, 1.0) } else { Clip::Off };
     }
-    config
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -102,10 +102,10 @@ pub fn download(args: DownloadArgs) -> Result<i32> {
     let name: DatasetName = args.dataset.into();
     let folder = args.data_dir.unwrap_or_else(|| resolve_dir(name, None));
     if diffusion_data::is_present(&folder) {
-        println!("{name} is already in {}", folder.display());
+        say!("{name} is already in {}", folder.display());
         return Ok(0);
     }
     fetch(name, &folder)?;
-    println!("{name} downloaded and verified into {}", folder.display());
+    say!("{name} downloaded and verified into {}", folder.display());
     Ok(0)
 }

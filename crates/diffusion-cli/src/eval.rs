@@ -83,8 +83,8 @@ pub struct Report {
 
 pub fn run(args: EvalArgs) -> Result<i32> {
     let backend = BackendKind::resolve(args.backend);
-    if args.per_class == 0 || args.batch == 0 {
-        bail!("--per-class and --batch must be at least 1");
+    if args.per_class == 0 || args.batch == 0 || args.per_class > 10_000 {
+        bail!("--per-class must be in 1..=10000 and --batch at least 1");
     }
     let source = match (&args.checkpoint, &args.npy, &args.labels) {
         (Some(dir), _, _) => {
@@ -102,7 +102,7 @@ pub fn run(args: EvalArgs) -> Result<i32> {
             }
             args.sampling.guidance(&config)?;
             let (ckpt, _) = checkpoint::latest(dir)?;
-            let sampler = args.sampling.sampler(&config);
+            let sampler = args.sampling.sampler(&config)?;
             let weights = args.sampling.weights(&config);
             Source::Run {
                 dir: dir.clone(),
@@ -121,7 +121,25 @@ pub fn run(args: EvalArgs) -> Result<i32> {
                     a.shape
                 );
             }
+            if a.shape[0] < 2 {
+                bail!(
+                    "{}: {} image(s); the Fréchet distance needs at least 2 (use a few hundred for a meaningful one)",
+                    images.display(),
+                    a.shape[0]
+                );
+            }
+            if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "{}: image {} holds a non-finite value ({}); eval judges finite pixels in [-1, 1]",
+                    images.display(),
+                    i / 784,
+                    a.data[i]
+                );
+            }
             let l = npy::read(labels)?;
+            if l.shape.len() != 1 {
+                bail!("{}: shape {:?}; labels must be one-dimensional, [n]", labels.display(), l.shape);
+            }
             if l.data.len() != a.shape[0] {
                 bail!(
                     "{}: {} labels for {} images",
@@ -130,13 +148,21 @@ pub fn run(args: EvalArgs) -> Result<i32> {
                     a.shape[0]
                 );
             }
-            let labels: Vec<usize> = l.data.iter().map(|&v| v.round().max(0.0) as usize).collect();
-            if let Some(bad) = labels.iter().find(|&&c| c >= 10) {
-                bail!(
-                    "{}: label {bad} is not a digit class 0..9",
-                    args.labels.as_ref().expect("given").display()
-                );
-            }
+            let labels: Vec<usize> = l
+                .data
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if v.is_finite() && v.fract() == 0.0 && (0.0..10.0).contains(&v) {
+                        Ok(v as usize)
+                    } else {
+                        Err(anyhow::anyhow!(
+                            "{}: label {i} is {v}, not a digit class 0..9",
+                            labels.display()
+                        ))
+                    }
+                })
+                .collect::<Result<_>>()?;
             Source::Files {
                 name: images.display().to_string(),
                 images: a.data,
@@ -306,7 +332,7 @@ impl Task for EvalTask {
             eprintln!("wrote {}", file.display());
         }
         if args.json {
-            println!("{json}");
+            say!("{json}");
         } else {
             print_table(&report);
         }
@@ -397,9 +423,9 @@ fn generate_batch<B: Backend>(
 }
 
 fn print_table(r: &Report) {
-    println!("source      {}", r.source);
+    say!("source      {}", r.source);
     if let Some(s) = &r.sampler {
-        println!(
+        say!(
             "sampler     {:?}, {} steps, guidance {}, {:?} weights",
             s.kind,
             s.steps,
@@ -407,11 +433,11 @@ fn print_table(r: &Report) {
             r.weights.unwrap_or(Weights::Ema)
         );
     }
-    println!(
+    say!(
         "samples     {} (seed {}), {:.1} s",
         r.samples, r.seed, r.wall_time_s
     );
-    println!(
+    say!(
         "accuracy    {:.2}%  (judge: {:.2}% on the MNIST test set)",
         100.0 * r.accuracy,
         100.0 * r.classifier_test_accuracy
@@ -422,14 +448,14 @@ fn print_table(r: &Report) {
         .enumerate()
         .map(|(c, a)| format!("{c}:{:.0}%", 100.0 * a))
         .collect();
-    println!("per class   {}", per.join(" "));
-    println!(
+    say!("per class   {}", per.join(" "));
+    say!(
         "Fréchet     {:.3}   (train vs test floor {:.3}, noise vs test ceiling {:.1})",
         r.frechet, r.frechet_floor_train_vs_test, r.frechet_ceiling_noise_vs_test
     );
-    println!("confusion (rows: intended class, columns: judged class)");
+    say!("confusion (rows: intended class, columns: judged class)");
     for (c, row) in r.confusion.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|v| format!("{v:>5}")).collect();
-        println!("  {c} {}", cells.join(""));
+        say!("  {c} {}", cells.join(""));
     }
 }

@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn_store::{
-    ApplyResult, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+    ApplyResult, BurnToPyTorchAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore,
+    SafetensorsStore,
 };
 use diffusion_model::{UNet, UNetConfig};
 
@@ -167,6 +168,7 @@ fn check(result: &ApplyResult, file: &Path, levels: usize) -> Result<()> {
 pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::Device) -> Result<UNet<B>> {
     let levels = config.widths.len();
     let mut model = config.init::<B>(device)?;
+    let expected = diffusion_train::params::describe(&model);
     let is_safetensors = file.extension().is_some_and(|e| e == "safetensors");
     let result = if is_safetensors {
         let mut store = SafetensorsStore::from_file(file.to_path_buf())
@@ -177,6 +179,7 @@ pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::
         for (from, to) in reference_to_burn(levels) {
             store = store.with_key_remapping(from, to);
         }
+        check_dtypes(&mut store, file)?;
         model
             .load_from(&mut store)
             .map_err(|e| anyhow::anyhow!("{}: cannot read safetensors: {e}", file.display()))?
@@ -188,6 +191,7 @@ pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::
         for (from, to) in reference_to_burn(levels) {
             store = store.with_key_remapping(from, to);
         }
+        check_dtypes(&mut store, file)?;
         model.load_from(&mut store).map_err(|e| {
             anyhow::anyhow!(
                 "{}: cannot read a PyTorch state_dict (torch.save(model.state_dict(), path)): {e}",
@@ -196,7 +200,30 @@ pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::
         })?
     };
     check(&result, file, levels)?;
-    Ok(model)
+    Ok(diffusion_train::checkpoint::check_loaded(&expected, model, file)?)
+}
+
+/// Refuses a file in which a tensor is not floating point, before any
+/// tensor is built: burn-store panics on such a tensor ("Expected float
+/// dtype"), and in burn 0.21 that panic, raised while the store holds its
+/// tensors, ends the process with SIGSEGV instead of an error.
+fn check_dtypes<S: ModuleStore>(store: &mut S, file: &Path) -> Result<()>
+where
+    S::Error: std::fmt::Display,
+{
+    let snapshots = store
+        .get_all_snapshots()
+        .map_err(|e| anyhow::anyhow!("{}: cannot read the tensors: {e}", file.display()))?;
+    for (name, snapshot) in snapshots {
+        if !snapshot.dtype.is_float() {
+            bail!(
+                "{}: tensor {name} holds {:?} values; weights must be floating point (save the model's float state_dict)",
+                file.display(),
+                snapshot.dtype
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes a U-Net's weights as safetensors with the reference's names.
@@ -307,7 +334,7 @@ impl Task for ImportTask {
             checkpoint::save_module(model.clone(), &dir.join(checkpoint::MODEL))?;
             checkpoint::save_module(model.clone(), &dir.join(checkpoint::EMA))
         })?;
-        println!(
+        say!(
             "imported {} into {}; sample with: cargo xtask sample --checkpoint {}",
             self.file.display(),
             self.out.display(),
@@ -348,7 +375,7 @@ impl Task for ExportTask {
         let model =
             checkpoint::load_unet::<AB::InnerBackend>(&self.config.model, &self.dir.join(file), &device)?;
         save_reference(&model, &self.out)?;
-        println!(
+        say!(
             "wrote {} ({:?} weights, reference names)",
             self.out.display(),
             self.weights

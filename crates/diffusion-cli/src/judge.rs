@@ -227,7 +227,7 @@ impl Task for TrainClassifier {
             out.join(format!("{WEIGHTS}.mpk")),
         )?;
         write_bytes_atomically(&out.join(INFO), serde_json::to_string_pretty(&info)?.as_bytes())?;
-        println!("test accuracy {:.2}%; wrote {}", 100.0 * accuracy, out.display());
+        say!("test accuracy {:.2}%; wrote {}", 100.0 * accuracy, out.display());
         if accuracy < 0.99 {
             eprintln!("warning: below the 99% the evaluation protocol asks of its judge; train longer");
         }

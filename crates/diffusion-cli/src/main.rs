@@ -4,6 +4,16 @@
 //! with the right backend feature. Errors are printed as one line and give
 //! a non-zero exit status.
 
+/// `println!` that ignores a closed stdout (`diffusion ... | head`): files
+/// are written whatever happens to the terminal, and a reader that went
+/// away is not an error.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod backend;
 mod bench;
 mod checkpoint;

@@ -95,12 +95,14 @@ fn parse(bytes: &[u8]) -> Result<Array> {
         .map(|s| s.parse::<usize>())
         .collect::<Result<_, _>>()
         .context("unreadable shape")?;
-    let count: usize = shape.iter().product();
     let body = &bytes[start + header_len..];
-    if body.len() != count * width {
+    let needed = shape
+        .iter()
+        .try_fold(width as usize, |acc: usize, &d| acc.checked_mul(d))
+        .filter(|&n| n == body.len());
+    if needed.is_none() {
         bail!(
-            "shape {shape:?} needs {} bytes of data, the file has {}",
-            count * width,
+            "shape {shape:?} of {width}-byte values does not match the {} bytes of data in the file",
             body.len()
         );
     }
@@ -205,6 +207,11 @@ mod tests {
         );
         // Too little data for the shape.
         let bytes = header("<f4", "(3, 2)");
-        assert!(parse(&bytes).unwrap_err().to_string().contains("needs 24 bytes"));
+        let err = parse(&bytes).unwrap_err().to_string();
+        assert!(err.contains("shape [3, 2] of 4-byte values does not match the 0 bytes"), "{err}");
+        // A shape whose product overflows is an error, not a panic.
+        let bytes = header("<f4", "(4294967296, 4294967296, 16)");
+        let err = parse(&bytes).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
     }
 }

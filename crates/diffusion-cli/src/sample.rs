@@ -84,11 +84,15 @@ pub fn parse_classes(text: &str, num_classes: Option<usize>) -> Result<Option<Ve
     Ok(Some(list))
 }
 
+/// The most images one `sample` draws: a grid, a GIF or a .npy of more
+/// would not be looked at, and memory grows with the count.
+pub const MAX_SAMPLES: usize = 10_000;
+
 pub fn run(args: SampleArgs) -> Result<i32> {
     let backend = BackendKind::resolve(args.backend);
     let config = RunConfig::load(&args.checkpoint)?;
     let (ckpt_dir, state) = checkpoint::latest(&args.checkpoint)?;
-    let sampler = args.sampling.sampler(&config);
+    let sampler = args.sampling.sampler(&config)?;
     let classes = parse_classes(&args.classes, config.model.num_classes)?;
     let noise = match &args.noise {
         Some(path) => {
@@ -105,6 +109,13 @@ pub fn run(args: SampleArgs) -> Result<i32> {
                     want[2]
                 );
             }
+            if let Some(i) = array.data.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "{}: the noise holds a non-finite value ({} at index {i}); sampling needs finite numbers",
+                    path.display(),
+                    array.data[i]
+                );
+            }
             if args.n.is_some_and(|n| n != array.shape[0]) {
                 bail!(
                     "--n {} disagrees with the {} images in {}",
@@ -118,8 +129,8 @@ pub fn run(args: SampleArgs) -> Result<i32> {
         None => None,
     };
     let n = noise.as_ref().map(|a| a.shape[0]).or(args.n).unwrap_or(81);
-    if n == 0 {
-        bail!("--n must be at least 1");
+    if n == 0 || n > MAX_SAMPLES {
+        bail!("--n must be between 1 and {MAX_SAMPLES} (for more, run again with another --seed)");
     }
     let guidance = args.sampling.guidance(&config)?;
     let weights = args.sampling.weights(&config);
@@ -200,7 +211,7 @@ impl Task for SampleTask {
         let secs = started.elapsed().as_secs_f64();
         let values = host_values(out);
         write_png(&self.out, &layout, &values, &labels)?;
-        println!(
+        say!(
             "wrote {} ({} images, {} steps of {:?}, {secs:.1} s)",
             self.out.display(),
             self.n,
@@ -209,11 +220,11 @@ impl Task for SampleTask {
         );
         if let (Some(path), Some(gif)) = (&self.gif, &gif) {
             gif.write(path)?;
-            println!("wrote {} ({} frames)", path.display(), gif.len());
+            say!("wrote {} ({} frames)", path.display(), gif.len());
         }
         if let Some(path) = &self.npy {
             npy::write(path, &shape, &values)?;
-            println!("wrote {} (f32 {:?})", path.display(), shape);
+            say!("wrote {} (f32 {:?})", path.display(), shape);
         }
         Ok(0)
     }

@@ -13,7 +13,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use diffusion_core::{NoiseSchedule, Prediction};
 use diffusion_data::{BatchLoader, ImageSet, Split};
 use diffusion_model::UNet;
-use diffusion_train::Trainer;
+use diffusion_train::{CheckpointError, RunLock, Trainer};
 
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
@@ -148,36 +148,17 @@ fn configure(args: &TrainArgs) -> Result<RunConfig> {
     if let Some(p) = args.prediction {
         c.model.prediction = p.into();
     }
-    let t = &c.train;
-    if t.epochs == 0 || t.batch_size == 0 || t.workers == 0 {
-        bail!("--epochs, --batch and --workers must be at least 1");
-    }
-    if !(t.lr > 0.0 && t.lr.is_finite()) {
-        bail!("--lr must be a positive number, got {}", t.lr);
-    }
-    if !(0.0..1.0).contains(&t.label_dropout) {
-        bail!("--label-dropout must be in [0, 1), got {}", t.label_dropout);
-    }
-    if !(0.0..1.0).contains(&t.ema.decay) {
-        bail!("--ema-decay must be in [0, 1), got {}", t.ema.decay);
-    }
-    if t.label_dropout > 0.0 && c.model.num_classes.is_none() {
-        bail!("--label-dropout needs a class-conditional model");
-    }
+    c.validate()?;
     Ok(c)
 }
 
 pub fn run(args: TrainArgs) -> Result<i32> {
+    if args.stop_after == Some(0) {
+        bail!("--stop-after must be at least 1 (the step count to stop at)");
+    }
     let backend = BackendKind::resolve(args.backend);
-    let (config, run_dir, resume) = match &args.resume {
-        Some(dir) => {
-            let mut config = RunConfig::load(dir)?;
-            checkpoint::latest(dir)?;
-            if let Some(e) = args.epochs {
-                config.train.epochs = e;
-            }
-            (config, dir.clone(), true)
-        }
+    let (mut config, run_dir, resume) = match &args.resume {
+        Some(dir) => (RunConfig::load(dir)?, dir.clone(), true),
         None => {
             let config = configure(&args)?;
             let run_dir = args
@@ -185,15 +166,32 @@ pub fn run(args: TrainArgs) -> Result<i32> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("runs").join(format!("{:?}", args.preset).to_lowercase()));
             if run_dir.join(crate::config::CONFIG_FILE).exists() {
+                let started = if checkpoint::latest(&run_dir).is_ok() {
+                    "a run"
+                } else {
+                    "a run stopped before its first checkpoint"
+                };
                 bail!(
-                    "{} already holds a run; continue it with --resume {0}, or choose another --out",
+                    "{} already holds {started}; continue it with --resume {0} (it starts again from step 0 when there is no checkpoint), or choose another --out",
                     run_dir.display()
                 );
             }
             (config, run_dir, false)
         }
     };
-    config.model.level_sizes()?;
+    // --epochs may extend a resumed run; config.json changes only once the
+    // resume has succeeded.
+    let new_epochs = args.epochs.filter(|&e| resume && e != config.train.epochs);
+    if let Some(e) = new_epochs {
+        config.train.epochs = e;
+        config.validate()?;
+    }
+    let lock = RunLock::acquire(&run_dir)?;
+    if let Some(pid) = lock.removed_stale {
+        eprintln!(
+            "note: removed a stale lock of process {pid}, which no longer runs (killed before it could clean up)"
+        );
+    }
     let set = data::load(
         config.train.dataset,
         config.train.data_dir.as_deref(),
@@ -211,18 +209,20 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             config.train.batch_size
         );
     }
-    fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    config.save(&run_dir)?;
+    if !resume {
+        config.save(&run_dir)?;
+    }
 
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
+        // Ctrl-C, SIGTERM (timeout, docker stop, batch schedulers) and SIGHUP.
         let _ = ctrlc::set_handler(move || {
             if flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\nsecond Ctrl-C: exiting without a checkpoint");
+                eprintln!("\nsecond interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again to quit at once)");
+            eprintln!("\ninterrupted: saving a checkpoint after this step (interrupt again to quit at once)");
         });
     }
     eprintln!(
@@ -239,9 +239,11 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         cpu: backend.is_cpu(),
         run_dir,
         resume,
+        save_config: new_epochs.is_some(),
         set: Arc::new(set),
         interrupted,
         stop_after: args.stop_after,
+        _lock: lock,
     };
     dispatch(backend, task)
 }
@@ -263,11 +265,31 @@ fn check_data_fits(config: &RunConfig, set: &ImageSet) -> Result<()> {
             bail!("the data has {} classes but the model has {n}", set.num_classes);
         }
     }
+    // Files recognised by their checksums as another data set than the
+    // one asked for (say MNIST files under --dataset fashion-mnist).
+    if let Some(known) = set.known {
+        if known != config.train.dataset {
+            bail!(
+                "{}: these files are {known}, but the run asks for {}; pass --dataset {known} or point --data-dir at {1}",
+                config
+                    .train
+                    .data_dir
+                    .as_deref()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_else(|| "the data folder".into()),
+                config.train.dataset
+            );
+        }
+    }
     Ok(())
 }
 
 struct TrainTask {
     config: RunConfig,
+    /// Whether to rewrite config.json once the resume has succeeded.
+    save_config: bool,
+    /// Held for the whole run; released on return.
+    _lock: RunLock,
     /// Whether the backend is the CPU one (shards the batch over threads).
     cpu: bool,
     run_dir: PathBuf,
@@ -283,6 +305,8 @@ impl Task for TrainTask {
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<i32> {
         let TrainTask {
             config,
+            save_config,
+            _lock,
             cpu,
             run_dir,
             resume,
@@ -299,22 +323,38 @@ impl Task for TrainTask {
         let model: UNet<B> = config.model.init_seeded::<B>(&device, tc.seed)?;
         let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), &device);
         if resume {
-            let state = trainer.resume(&run_dir)?;
-            if state.finished && state.epoch as usize >= tc.epochs {
-                eprintln!(
-                    "the run already finished {} epochs; pass --epochs N to train longer",
-                    state.epoch
-                );
-                return Ok(0);
+            match trainer.resume(&run_dir) {
+                Err(CheckpointError::NotFound { .. }) => {
+                    eprintln!("no checkpoint yet (the run stopped before its first one): starting it from step 0");
+                }
+                Err(e) => return Err(e.into()),
+                Ok(state) => {
+                    if state.finished && state.epoch as usize >= tc.epochs {
+                        eprintln!(
+                            "the run already finished {} epochs; pass --epochs N (more than {0}) to train longer",
+                            state.epoch
+                        );
+                        return Ok(0);
+                    }
+                    trainer.reopen();
+                    eprintln!(
+                        "resuming at step {} (epoch {}, batch {})",
+                        state.step,
+                        state.epoch + 1,
+                        state.batch_in_epoch
+                    );
+                }
             }
-            trainer.reopen();
-            eprintln!(
-                "resuming at step {} (epoch {}, batch {})",
-                state.step,
-                state.epoch + 1,
-                state.batch_in_epoch
-            );
+            if save_config {
+                config.save(&run_dir)?;
+            }
         }
+        let save = |trainer: &mut Trainer<B, UNet<B>>| -> Result<()> {
+            trainer.save(&run_dir).map(|_| ()).map_err(|e| match e {
+                CheckpointError::NonFiniteLoss { step, loss } => non_finite(loss, step, &config, &run_dir),
+                other => other.into(),
+            })
+        };
 
         let mut metrics = Metrics::open(&run_dir, trainer.state().step)?;
         let bar = progress::bar(total, "steps");
@@ -345,7 +385,7 @@ impl Task for TrainTask {
                     let sum: f64 = loss_sum.take().expect("at least one loss").into_scalar().elem();
                     let mean = sum / loss_count as f64;
                     if !mean.is_finite() {
-                        bail!("the loss became {mean} at step {}; lower --lr", state.step);
+                        return Err(non_finite(mean, state.step, &config, &run_dir));
                     }
                     epoch_loss.0 += mean * loss_count as f64;
                     epoch_loss.1 += loss_count;
@@ -361,7 +401,7 @@ impl Task for TrainTask {
                 }
                 let stop = interrupted.load(Ordering::SeqCst) || stop_after.is_some_and(|s| state.step >= s);
                 if stop || (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) {
-                    trainer.save(&run_dir)?;
+                    save(&mut trainer)?;
                 }
                 if stop {
                     bar.abandon();
@@ -378,7 +418,7 @@ impl Task for TrainTask {
                 }
             }
             trainer.end_epoch(epoch as usize + 1 >= tc.epochs);
-            trainer.save(&run_dir)?;
+            save(&mut trainer)?;
             let state = trainer.state();
             let grid = run_dir
                 .join("samples")
@@ -418,6 +458,20 @@ impl Task for TrainTask {
         );
         Ok(0)
     }
+}
+
+/// The error for a NaN or infinite loss: what happened, what was kept,
+/// what to change.
+fn non_finite(loss: f64, step: u64, config: &RunConfig, run_dir: &Path) -> anyhow::Error {
+    let kept = match checkpoint::latest(run_dir) {
+        Ok((_, s)) => format!("the last good checkpoint (step {}) stays latest", s.step),
+        Err(_) => "no checkpoint was written".to_string(),
+    };
+    anyhow::anyhow!(
+        "the loss became {loss} by step {step}; nothing of this state was saved and {kept}. Lower the learning rate (lr {} in {}) or add --warmup-steps, then train again (--resume continues from the last checkpoint)",
+        config.train.lr,
+        run_dir.join(crate::config::CONFIG_FILE).display()
+    )
 }
 
 /// `metrics.csv`: step, epoch, loss, lr, img/s, elapsed seconds.

@@ -12,20 +12,30 @@
 //!
 //! Each checkpoint folder is written in full under a temporary name
 //! (`step-N.partial`) and then renamed; `latest.json` names the newest
-//! complete one and is itself replaced atomically; older folders are
-//! removed afterwards. A kill at any moment therefore leaves the last good
-//! checkpoint intact and pointed at.
+//! complete one, with the SHA-256 of each of its files, and is itself
+//! replaced atomically; older folders are removed afterwards. A kill at any
+//! moment therefore leaves the last good checkpoint intact and pointed at,
+//! and a file changed afterwards (a flipped byte, a truncation) is refused
+//! when loaded. Loaded weights are also checked against the model they are
+//! loaded into (every parameter's path and shape) and for NaN or infinite
+//! values, before anything computes with them.
+//!
+//! Indexes written before checksums existed (no `files` entry) still load,
+//! without the checksum check.
 
+use std::collections::BTreeMap;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::atomic::write_bytes_atomically;
+use crate::params;
 
 /// The recorder of every weights file: named MessagePack, f32.
 pub type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
@@ -114,6 +124,41 @@ pub enum CheckpointError {
         /// The recorder's message.
         reason: String,
     },
+    /// Weights whose parameters differ from the model's (another
+    /// configuration).
+    #[error("{}: these weights are for another model configuration: {detail}", .path.display())]
+    WrongModel {
+        /// The weights file.
+        path: PathBuf,
+        /// The first difference.
+        detail: String,
+    },
+    /// Weights holding NaN or infinite values.
+    #[error("{}: the weights hold NaN or infinite values (first in {param}); they cannot be used", .path.display())]
+    NonFiniteWeights {
+        /// The weights file.
+        path: PathBuf,
+        /// The first parameter with such a value.
+        param: String,
+    },
+    /// A file whose bytes changed since the checkpoint was written.
+    #[error("{}: the file changed since it was written (SHA-256 {actual}, the index recorded {expected}); the checkpoint is corrupt", .path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The checksum in `latest.json`.
+        expected: String,
+        /// The checksum of the file now.
+        actual: String,
+    },
+    /// The loss became NaN or infinite: the state is not saved.
+    #[error("the loss became {loss} by step {step}; no checkpoint of this state was written, the last good one stays latest")]
+    NonFiniteLoss {
+        /// The step by which it happened.
+        step: u64,
+        /// The value read back.
+        loss: f64,
+    },
     /// A file-system error.
     #[error("{}: {source}", .path.display())]
     Io {
@@ -135,6 +180,24 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
 struct Latest {
     dir: String,
     state: TrainState,
+    /// SHA-256 (hex) of each file of the checkpoint folder, by file name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    files: BTreeMap<String, String>,
+}
+
+/// The SHA-256 of a file, in hex.
+pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `RUN_DIR/checkpoints`.
@@ -158,10 +221,24 @@ pub fn write(
         fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
     }
     fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
-    if let Err(e) = save(&tmp_dir) {
-        let _ = fs::remove_dir_all(&tmp_dir);
-        return Err(e);
-    }
+    let files = save(&tmp_dir).and_then(|()| {
+        let mut files = BTreeMap::new();
+        for entry in fs::read_dir(&tmp_dir).map_err(io_err(&tmp_dir))? {
+            let path = entry.map_err(io_err(&tmp_dir))?.path();
+            // Written files reach the disk before the index names them.
+            fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+            let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+            files.insert(name, sha256_file(&path)?);
+        }
+        Ok(files)
+    });
+    let files = match files {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp_dir);
+            return Err(e);
+        }
+    };
     if final_dir.exists() {
         fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
     }
@@ -169,6 +246,7 @@ pub fn write(
     let latest = serde_json::to_string_pretty(&Latest {
         dir: name.clone(),
         state,
+        files,
     })
     .expect("a checkpoint index serialises");
     let index = root.join(LATEST);
@@ -207,6 +285,20 @@ pub fn latest(run_dir: &Path) -> Result<(PathBuf, TrainState), CheckpointError> 
     if !dir.is_dir() {
         return Err(CheckpointError::Missing { path: dir });
     }
+    for (name, expected) in &latest.files {
+        let file = dir.join(name);
+        if !file.is_file() {
+            return Err(CheckpointError::Missing { path: file });
+        }
+        let actual = sha256_file(&file)?;
+        if &actual != expected {
+            return Err(CheckpointError::Corrupt {
+                path: file,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
     Ok((dir, latest.state))
 }
 
@@ -221,14 +313,53 @@ pub fn save_module<B: Backend, M: Module<B>>(module: M, file: &Path) -> Result<(
         })
 }
 
-/// Loads weights saved by [`save_module`] (`file`.mpk) into `module`,
-/// which must have the same structure.
+/// Loads weights saved by [`save_module`] (`file`.mpk) into `module`, and
+/// checks them: every parameter's path and shape as in `module`, every
+/// value finite.
 pub fn load_module<B: Backend, M: Module<B>>(module: M, file: &Path, device: &B::Device) -> Result<M, CheckpointError> {
-    module
+    let path = file.with_extension("mpk");
+    if !path.is_file() {
+        return Err(CheckpointError::Missing { path });
+    }
+    let expected = params::describe(&module);
+    let loaded = module
         .load_file(file.to_path_buf(), &Recorder::new(), device)
         .map_err(|e| CheckpointError::Load {
-            path: file.with_extension("mpk"),
+            path: path.clone(),
             what: "weights",
-            reason: e.to_string().lines().next().unwrap_or_default().to_string(),
-        })
+            reason: recorder_reason(&e.to_string()),
+        })?;
+    check_loaded(&expected, loaded, &path)
+}
+
+/// Checks weights just loaded into a module built as `expected` describes.
+pub fn check_loaded<B: Backend, M: Module<B>>(
+    expected: &[params::ParamInfo],
+    loaded: M,
+    path: &Path,
+) -> Result<M, CheckpointError> {
+    if let Some(detail) = params::mismatch(expected, &params::describe(&loaded)) {
+        return Err(CheckpointError::WrongModel {
+            path: path.to_path_buf(),
+            detail,
+        });
+    }
+    if let Some(param) = params::first_non_finite(&loaded) {
+        return Err(CheckpointError::NonFiniteWeights {
+            path: path.to_path_buf(),
+            param,
+        });
+    }
+    Ok(loaded)
+}
+
+/// The recorder's message, first line only; a truncated file makes the
+/// decoder talk about its own internals, which helps nobody.
+fn recorder_reason(message: &str) -> String {
+    let first = message.lines().next().unwrap_or_default();
+    if first.contains("feature") || first.contains("unexpected end") || first.is_empty() {
+        "the file is truncated or not a weights file".to_string()
+    } else {
+        first.to_string()
+    }
 }

@@ -43,11 +43,14 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod lock;
 pub mod lr;
+pub mod params;
 pub mod shard;
 pub mod trainer;
 
 pub use checkpoint::{CheckpointError, TrainState};
+pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
 pub use trainer::{StepOutput, Trainer, TrainerConfig};
 

@@ -8,7 +8,7 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{Adam, AdamConfig, Optimizer};
 use burn::record::Recorder as _;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{ElementConversion, Int, Tensor};
 use diffusion_core::rng::mix_seed;
 use diffusion_core::{BatchDenoiser, ForwardProcess, NoiseSchedule, Objective};
 use diffusion_model::ema::EmaConfig;
@@ -84,6 +84,8 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
     fp: ForwardProcess<B>,
     num_steps: usize,
     device: B::Device,
+    /// Σ loss of the steps since the last finiteness check (on the device).
+    unchecked: Option<Tensor<B::InnerBackend, 1>>,
 }
 
 impl<B, M> Trainer<B, M>
@@ -106,6 +108,7 @@ where
             num_steps: schedule.num_steps(),
             config,
             device: device.clone(),
+            unchecked: None,
         }
     }
 
@@ -133,7 +136,29 @@ where
         self.state.step += 1;
         self.state.batch_in_epoch += 1;
         self.state.ema_updates = self.ema.updates;
+        self.unchecked = Some(match self.unchecked.take() {
+            Some(sum) => sum + loss.clone(),
+            None => loss.clone(),
+        });
         StepOutput { loss, lr }
+    }
+
+    /// Checks that every loss since the last check was finite (reads one
+    /// number back from the device). [`Trainer::save`] calls it first, so a
+    /// state reached through a NaN or infinite loss is never saved.
+    pub fn check_finite(&mut self) -> Result<(), CheckpointError> {
+        if let Some(sum) = self.unchecked.take() {
+            let loss: f64 = sum.into_scalar().elem();
+            if !loss.is_finite() {
+                // Keep failing: this state stays unsaveable.
+                self.unchecked = Some(Tensor::from_floats([loss as f32], &self.device));
+                return Err(CheckpointError::NonFiniteLoss {
+                    step: self.state.step,
+                    loss,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The learning rate of step `step`.
@@ -182,8 +207,11 @@ where
     }
 
     /// Writes a checkpoint of the current state into `run_dir`
-    /// (see [`crate::checkpoint`]) and returns its folder.
-    pub fn save(&self, run_dir: &Path) -> Result<PathBuf, CheckpointError> {
+    /// (see [`crate::checkpoint`]) and returns its folder; refuses (with
+    /// [`CheckpointError::NonFiniteLoss`]) when a loss since the last check
+    /// was NaN or infinite.
+    pub fn save(&mut self, run_dir: &Path) -> Result<PathBuf, CheckpointError> {
+        self.check_finite()?;
         checkpoint::write(run_dir, self.state, |dir| {
             checkpoint::save_module(self.model.clone(), &dir.join(checkpoint::MODEL))?;
             checkpoint::save_module(self.ema.model.clone(), &dir.join(checkpoint::EMA))?;
@@ -221,6 +249,7 @@ where
         self.ema.updates = state.ema_updates;
         self.optim = optim;
         self.state = state;
+        self.unchecked = None;
         Ok(state)
     }
 }

@@ -155,6 +155,37 @@ impl SamplerConfig {
         self.build_with_timesteps(schedule, ts)
     }
 
+    /// Checks the configuration against a schedule without building
+    /// anything: what [`SamplerConfig::build`] would refuse.
+    pub fn validate(&self, schedule: &NoiseSchedule) -> Result<(), CoreError> {
+        let ts = self.spacing.timesteps(schedule.num_steps(), self.steps)?;
+        timesteps::validate(&ts, schedule.num_steps())?;
+        self.check_parameters().map(|_| ())
+    }
+
+    /// The clip range and η checked; returns η where the kind has one.
+    fn check_parameters(&self) -> Result<Option<f64>, CoreError> {
+        if let Clip::Range(lo, hi) = self.clip {
+            if !(lo < hi) {
+                return Err(CoreError::InvalidSampler(format!(
+                    "clip range must have lo < hi, got [{lo}, {hi}]"
+                )));
+            }
+        }
+        match self.kind {
+            SamplerKind::Reference { eta } | SamplerKind::Ddim { eta } => {
+                if eta.is_finite() && eta >= 0.0 {
+                    Ok(Some(eta))
+                } else {
+                    Err(CoreError::InvalidSampler(format!(
+                        "eta must be a finite number >= 0, got {eta}"
+                    )))
+                }
+            }
+            SamplerKind::Ddpm | SamplerKind::DpmSolverPp => Ok(None),
+        }
+    }
+
     /// Builds the sampler on a hand-made, strictly decreasing timestep list
     /// (the config's `steps` and `spacing` are ignored).
     pub fn build_with_timesteps<B: Backend>(
@@ -163,27 +194,12 @@ impl SamplerConfig {
         timesteps: Vec<usize>,
     ) -> Result<Box<dyn Sampler<B>>, CoreError> {
         timesteps::validate(&timesteps, schedule.num_steps())?;
-        if let Clip::Range(lo, hi) = self.clip {
-            if !(lo < hi) {
-                return Err(CoreError::InvalidSampler(format!(
-                    "clip range must have lo < hi, got [{lo}, {hi}]"
-                )));
-            }
-        }
+        let eta = self.check_parameters()?.unwrap_or(0.0);
         let steps = Steps::new(schedule, timesteps, self.clip);
-        let check_eta = |eta: f64| {
-            if eta.is_finite() && eta >= 0.0 {
-                Ok(eta)
-            } else {
-                Err(CoreError::InvalidSampler(format!(
-                    "eta must be a finite number >= 0, got {eta}"
-                )))
-            }
-        };
         Ok(match self.kind {
-            SamplerKind::Reference { eta } => Box::new(ReferenceSampler::new(steps, check_eta(eta)?)),
+            SamplerKind::Reference { .. } => Box::new(ReferenceSampler::new(steps, eta)),
             SamplerKind::Ddpm => Box::new(Ddpm::new(steps)),
-            SamplerKind::Ddim { eta } => Box::new(Ddim::new(steps, check_eta(eta)?)),
+            SamplerKind::Ddim { .. } => Box::new(Ddim::new(steps, eta)),
             SamplerKind::DpmSolverPp => Box::new(DpmSolverPp::new(steps)),
         })
     }

@@ -1,0 +1,135 @@
+//! What a module's parameters are: their paths, shapes and whether their
+//! values are finite. Used to check weights loaded from a file against the
+//! model they are meant for, before anything computes with them.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor};
+
+/// One float parameter of a module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamInfo {
+    /// Its path in the module, e.g. `stem.convnext.conv1.weight`.
+    pub path: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+/// The float parameters of `module`, in visit order.
+pub fn describe<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
+    let mut v = Describe {
+        stack: Vec::new(),
+        out: Vec::new(),
+        finite: None,
+    };
+    module.visit(&mut v);
+    v.out
+}
+
+/// The path of the first float parameter of `module` holding a NaN or an
+/// infinity, if any.
+pub fn first_non_finite<B: Backend, M: Module<B>>(module: &M) -> Option<String> {
+    let mut v = Describe {
+        stack: Vec::new(),
+        out: Vec::new(),
+        finite: Some(None),
+    };
+    module.visit(&mut v);
+    v.finite.flatten()
+}
+
+/// The first difference between the parameters a module should have
+/// (`expected`) and those it has (`found`), as a sentence.
+pub fn mismatch(expected: &[ParamInfo], found: &[ParamInfo]) -> Option<String> {
+    for (e, f) in expected.iter().zip(found) {
+        if e.path != f.path {
+            return Some(format!("parameter {} where {} was expected", f.path, e.path));
+        }
+        if e.shape != f.shape {
+            return Some(format!("{} has shape {:?}, the configuration needs {:?}", e.path, f.shape, e.shape));
+        }
+    }
+    if expected.len() != found.len() {
+        return Some(format!("{} parameters, the configuration needs {}", found.len(), expected.len()));
+    }
+    None
+}
+
+struct Describe {
+    stack: Vec<String>,
+    out: Vec<ParamInfo>,
+    /// `Some` when checking values: the first non-finite path found.
+    finite: Option<Option<String>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Describe {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.stack.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.stack.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let path = self.stack.join(".");
+        match &mut self.finite {
+            None => self.out.push(ParamInfo {
+                path,
+                shape: param.val().dims().to_vec(),
+            }),
+            Some(found) => {
+                if found.is_none() {
+                    // Σ|w| is NaN or infinite exactly when some value is
+                    // (weights near f32::MAX aside, which are broken anyway).
+                    let s: f64 = param.val().abs().sum().into_scalar().elem();
+                    if !s.is_finite() {
+                        *found = Some(path);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::module::Module;
+    use burn::nn::{Linear, LinearConfig};
+
+    #[derive(Module, Debug)]
+    struct Two<B: Backend> {
+        a: Linear<B>,
+        b: Linear<B>,
+    }
+
+    #[test]
+    fn paths_shapes_and_non_finite_values() {
+        let device = Default::default();
+        let m = Two::<Flex> {
+            a: LinearConfig::new(3, 2).init(&device),
+            b: LinearConfig::new(2, 4).init(&device),
+        };
+        let d = describe(&m);
+        let paths: Vec<&str> = d.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["a.weight", "a.bias", "b.weight", "b.bias"]);
+        assert_eq!(d[2].shape, [2, 4]);
+        assert_eq!(first_non_finite(&m), None);
+        let other = Two::<Flex> {
+            a: LinearConfig::new(3, 2).init(&device),
+            b: LinearConfig::new(2, 5).init(&device),
+        };
+        let msg = mismatch(&d, &describe(&other)).unwrap();
+        assert_eq!(msg, "b.weight has shape [2, 5], the configuration needs [2, 4]");
+        let nan = Two {
+            b: Linear {
+                weight: Param::from_tensor(Tensor::full([2, 4], f32::NAN, &device)),
+                bias: None,
+            },
+            ..m
+        };
+        assert_eq!(first_non_finite(&nan).as_deref(), Some("b.weight"));
+    }
+}
