@@ -192,6 +192,13 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             "note: removed a stale lock of process {pid}, which no longer runs (killed before it could clean up)"
         );
     }
+    if !resume && run_dir.join(crate::config::CONFIG_FILE).exists() {
+        // Another `train` made this run between our check and the lock.
+        bail!(
+            "{} already holds a run (made a moment ago by another process); choose another --out",
+            run_dir.display()
+        );
+    }
     let set = data::load(
         config.train.dataset,
         config.train.data_dir.as_deref(),
