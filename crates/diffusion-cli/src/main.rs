@@ -22,6 +22,8 @@ mod data;
 mod eval;
 mod font;
 mod frechet;
+#[cfg(test)]
+mod fuzz;
 mod fsutil;
 mod grid;
 mod interop;

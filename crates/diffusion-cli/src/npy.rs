@@ -50,7 +50,7 @@ pub fn read(path: &Path) -> Result<Array> {
     parse(&bytes).with_context(|| format!("{}: not a usable .npy file", path.display()))
 }
 
-fn parse(bytes: &[u8]) -> Result<Array> {
+pub(crate) fn parse(bytes: &[u8]) -> Result<Array> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         bail!("missing the \\x93NUMPY magic; save it with numpy.save");
     }
