@@ -82,9 +82,38 @@ fn take_flag(args: &mut Vec<String>, name: &str) -> Result<Option<String>, Strin
     Ok(None)
 }
 
-/// `cargo run --release -p diffusion-cli --features <backend> -- <command> --backend <backend> <args>`
+/// Where cargo puts the release binary.
+fn release_binary() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("release").join(format!("diffusion{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// `cargo build --release -p diffusion-cli --features <backend>` with
+/// cargo's own progress, then `cargo run` of the same (already built, so
+/// silent): `-- <command> --backend <backend> <args>`.
 fn run_cli(backend: Backend, command: &str, args: &[String]) -> i32 {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    if !release_binary().exists() {
+        eprintln!(
+            "xtask: first build of the `diffusion` binary (release, feature {}): it compiles burn, \
+             which takes several minutes (about 5 to 15 on 2 cores); cargo's progress follows. \
+             Later runs start at once.",
+            backend.feature()
+        );
+    }
+    let built = Command::new(&cargo)
+        .args(["build", "--release", "--package", "diffusion-cli", "--features", backend.feature()])
+        .status();
+    match built {
+        Ok(s) if s.success() => {}
+        Ok(s) => return s.code().unwrap_or(1),
+        Err(e) => {
+            eprintln!("error: could not run cargo: {e}");
+            return 1;
+        }
+    }
     let status = Command::new(cargo)
         .args([
             "run",
