@@ -15,16 +15,24 @@
 #      checkpoint yet), no panic, latest.json says finished at the reference's
 #      step, no `*.partial` checkpoint folder is left, the loss curve (columns
 #      step and loss of metrics.csv) equals the reference's row for row, and
-#      `diffusion sample --npy` gives the same bytes for both runs.
+#      `diffusion sample --npy` gives the same bytes for both runs. A
+#      `*.tmp-*` file that a kill between write and rename left is noted, not
+#      failed.
 #   2. Full disk. A 6 MiB tmpfs (or, where tmpfs cannot be mounted, a small
-#      ext4 image on a loop device), shrunk further by a filler file so that
-#      the run fills it after a few epochs. Checks: `train` fails with exactly
-#      one `error:` line that names a file on the small file system and no
-#      panic, no `*.partial` folder or `*.tmp-*` file is left, latest.json
-#      still points at a complete checkpoint that `sample` loads, and after the
-#      filler is removed `--resume` finishes the run, with the same loss curve
-#      and samples as the reference run. Skipped (with a note) where no small
-#      file system can be mounted.
+#      ext4 image on a loop device), shrunk further by a filler file. First a
+#      whole run with room for two checkpoints and about half the epochs'
+#      sample grids, so that it fills the disk mid-run; then a sweep of short
+#      runs (--stop-after 6) whose second checkpoint runs out of space at
+#      different points (inside model.mpk, ema.mpk, optimizer.mpk, at
+#      latest.json, or not at all). Checks each time: `train` fails with
+#      exactly one `error:` line, its last, naming a file on the small file
+#      system, and no panic; no `*.partial` folder, `*.tmp-*` file or .lock
+#      is left, nor a checkpoint folder that latest.json does not point at;
+#      latest.json points at a complete checkpoint that `sample` loads; after
+#      the filler is removed `--resume` continues (the whole run: to its end,
+#      with the reference's loss curve and samples). Notes (not failures) for
+#      an error that does not say the disk is full or repeats its cause.
+#      Skipped (with a note) where no small file system can be mounted.
 #
 # Usage:
 #   CARGO_TARGET_DIR=$HOME/.cache/diffusion-target cargo build --release -p diffusion-cli
@@ -39,8 +47,8 @@
 #               ~/.cache/diffusion-target/release/diffusion, else target/release/diffusion)
 #   --keep      keep the scratch folder (printed at the end) for inspection
 #
-# Takes about 2-3 minutes on a 2-core CPU (reference run ~35 s, the killed
-# run ~1 min, the full-disk run ~40 s). Exits non-zero, with a FAIL: line per
+# Takes about 3 minutes on a 2-core CPU (reference run ~45 s, the killed
+# run ~1 min, the full-disk part ~1 min). Exits non-zero, with a FAIL: line per
 # failed check, if any check fails.
 set -euo pipefail
 
@@ -240,7 +248,9 @@ kill_check() {
     fi
     local resumed_msg="all resumed"
     ((ok)) || resumed_msg="resumed"
-    summaries+=("kill -9: $kills kills, $resumed_msg ($resumes with --resume, $fresh_starts fresh starts before config.json existed, $stale_notes stale-lock notes), $curve_msg, $sample_msg")
+    # The first start is a fresh one; later fresh starts follow kills that
+    # came before config.json existed.
+    summaries+=("kill -9: $kills kills, $resumed_msg ($resumes with --resume, $((fresh_starts - 1)) with --out after a kill before config.json existed, $stale_notes stale-lock notes), $curve_msg, $sample_msg")
 }
 
 # ---------------------------------------------------------------- full disk
@@ -262,101 +272,175 @@ mount_small() {
     return 1
 }
 
+df_avail() { df -k --output=avail "$small" | tail -n 1 | tr -d ' '; }
+
+# fill_to KIB: empty the small file system, then leave KIB KiB free with a filler file.
+fill_to() {
+    rm -rf "${small:?}"/*
+    local avail
+    avail=$(df_avail)
+    if (($1 > avail)); then return 1; fi
+    dd if=/dev/zero of="$small/filler" bs=1k count=$((avail - $1)) status=none
+}
+
+# disk_case LABEL FREE_KIB MODE: one training run on the small file system
+# with FREE_KIB free. MODE full: the whole run, which must fail, then resume
+# to its end and compare with the reference. MODE short: a run stopped after
+# $short_steps steps, which may fail; if it does, the same checks, then a
+# resume to $short_steps. Sets case_msg (what happened) and returns 1 when
+# a check failed.
+short_steps=6
+disk_case() {
+    local label=$1 free_kb=$2 mode=$3
+    local run=$small/run log=$scratch/disk-$label.log rc=0 ok=1 stop=()
+    local error_line errors left dir step file orphans
+    case_msg=""
+    [[ $mode == short ]] && stop=(--stop-after "$short_steps")
+    if ! fill_to "$free_kb"; then
+        fail "full disk [$label]: the $small_kind holds only $(df_avail) KiB, $free_kb KiB wanted"
+        return 1
+    fi
+    "$bin" train "${train_args[@]}" "${stop[@]}" --out "$run" >"$log" 2>&1 &
+    child=$!
+    wait "$child" || rc=$?
+    child=""
+    if grep -q 'panicked' "$log"; then fail "full disk [$label]: train panicked:"; cat "$log" >&2; return 1; fi
+    if ((rc == 0)); then
+        if [[ $mode == full ]]; then
+            fail "full disk [$label]: the run finished although the disk was to fill (make the filler larger)"
+            return 1
+        fi
+        case_msg="no failure"
+        return 0
+    fi
+    errors=$(grep -c '^error:' "$log" || true)
+    error_line=$(grep '^error:' "$log" | head -n 1 || true)
+    if [[ $errors != 1 ]]; then
+        fail "full disk [$label]: expected one 'error:' line, got $errors (exit status $rc):"; cat "$log" >&2; ok=0
+    elif [[ $error_line != *"$small/"* ]]; then
+        fail "full disk [$label]: the error names no file on the full file system: $error_line"; ok=0
+    elif [[ $(tail -n 1 "$log") != error:* ]]; then
+        fail "full disk [$label]: the error is not the last line of the output (a multi-line message?):"; tail -n 5 "$log" >&2; ok=0
+    fi
+    if [[ $error_line != *"os error 28"* && $error_line != *"No space left"* ]]; then
+        echo "  note [$label]: the error does not say that the disk is full: $error_line" >&2
+    fi
+    if [[ $error_line =~ (\(os\ error\ [0-9]+\)).*\(os\ error ]]; then
+        echo "  note [$label]: the error repeats its cause: $error_line" >&2
+    fi
+    file=${error_line#error: }
+    file=${file%%: *}
+    case_msg="failed writing ${file#"$run/"}"
+    left=$(leftovers "$small")
+    if [[ -n $left ]]; then fail "full disk [$label]: left behind: $left"; ok=0; fi
+    if [[ -e $run/.lock ]]; then fail "full disk [$label]: train exited with an error but left its .lock"; ok=0; fi
+    if [[ ! -f $run/checkpoints/latest.json ]]; then
+        fail "full disk [$label]: no checkpoint was written before the disk filled (make the filler smaller):"
+        cat "$log" >&2
+        return 1
+    fi
+    dir=$(latest_field "$run" dir)
+    step=$(latest_field "$run" step)
+    case_msg+=" after the checkpoint of step $step"
+    for file in model.mpk ema.mpk optimizer.mpk; do
+        if [[ ! -s $run/checkpoints/$dir/$file ]]; then
+            fail "full disk [$label]: latest.json points at $dir, which lacks $file"; ok=0
+        fi
+    done
+    orphans=$(find "$run/checkpoints" -mindepth 1 -maxdepth 1 -type d ! -name "$dir" -print)
+    if [[ -n $orphans ]]; then
+        fail "full disk [$label]: checkpoint folders that latest.json does not point at were left behind (they take $(du -csk $orphans | tail -n 1 | cut -f1) KiB of the full disk): $orphans"
+        ok=0
+    fi
+    if ! "$bin" sample "${sample_args[@]}" --checkpoint "$run" --out "$scratch/disk-$label.png" \
+        --npy "$scratch/disk-$label.npy" >"$scratch/disk-$label-sample.log" 2>&1; then
+        fail "full disk [$label]: the checkpoint latest.json points at ($dir) does not load:"
+        cat "$scratch/disk-$label-sample.log" >&2; ok=0
+    fi
+    rm -f "$small/filler"
+    rc=0
+    "$bin" train --backend cpu --resume "$run" "${stop[@]}" >"$scratch/disk-$label-resume.log" 2>&1 || rc=$?
+    if ((rc != 0)); then
+        fail "full disk [$label]: --resume after freeing space failed (status $rc; $(df_avail) KiB free on the $small_kind, which held the run up to step $step with $free_kb KiB):"
+        cat "$scratch/disk-$label-resume.log" >&2
+        if [[ -n $orphans ]]; then
+            echo "  (the unreferenced folder(s) $orphans left by the failed write take the freed space)" >&2
+        fi
+        case_msg+=", resume FAILED"
+        return 1
+    fi
+    case_msg+=", resumed"
+    if [[ $mode == full ]]; then
+        if [[ $(latest_field "$run" finished) != true ]]; then
+            fail "full disk [$label]: the resumed run does not say finished"; ok=0
+        fi
+        if ! diff <(loss_curve "$ref") <(loss_curve "$run") >"$scratch/disk-$label-curve.diff"; then
+            fail "full disk [$label]: the loss curve after resume differs from the reference (< reference, > resumed):"
+            head -n 20 "$scratch/disk-$label-curve.diff" >&2
+            case_msg+=", loss curve DIFFERS"; ok=0
+        else
+            case_msg+=" to the end, loss curve identical"
+        fi
+        if "$bin" sample "${sample_args[@]}" --checkpoint "$run" --out "$scratch/disk-$label-end.png" \
+            --npy "$scratch/disk-$label-end.npy" >"$scratch/disk-$label-sample2.log" 2>&1 \
+            && cmp -s "$scratch/ref.npy" "$scratch/disk-$label-end.npy"; then
+            case_msg+=", samples identical"
+        else
+            fail "full disk [$label]: samples of the resumed run differ from the reference's (or sampling failed)"
+            case_msg+=", samples DIFFER"; ok=0
+        fi
+    elif [[ $(latest_field "$run" step) != "$short_steps" ]]; then
+        fail "full disk [$label]: the resume stopped at step $(latest_field "$run" step), not $short_steps"; ok=0
+    fi
+    left=$(leftovers "$small")
+    if [[ -n $left ]]; then fail "full disk [$label]: left behind after resume: $left"; ok=0; fi
+    ((ok))
+}
+
 disk_check() {
     local small_kind skip_reason
     if ! mount_small; then
         summaries+=("full disk: SKIPPED (cannot mount a small filesystem here: $skip_reason)")
         return
     fi
-    # Size: the run needs two checkpoints at once (the new one is written
-    # beside the old, which goes after the rename), then grows by a sample
-    # grid per epoch and a metrics row per step. Leave room for two
-    # checkpoints and about half the epochs' grids, so it fails mid-run.
-    local ckpt_kb png_kb avail target filler_kb
-    ckpt_kb=$(du -sk "$ref/checkpoints" | cut -f1)
-    png_kb=$(( $(du -sk "$ref/samples" | cut -f1) / epochs + 4 ))
-    avail=$(df -k --output=avail "$small" | tail -n 1 | tr -d ' ')
-    target=$((2 * ckpt_kb + png_kb * epochs / 2))
-    filler_kb=$((avail - target))
-    if ((filler_kb < 0)); then
-        fail "full disk: the $small_kind holds only $avail KiB, the run needs ~$target KiB"
-        return
-    fi
-    dd if=/dev/zero of="$small/filler" bs=1k count="$filler_kb" status=none
-    echo "full disk: $small_kind, $(df -k --output=avail "$small" | tail -n 1 | tr -d ' ') KiB free (checkpoint ~$ckpt_kb KiB, grid ~$png_kb KiB)"
+    # Sizes on the small file system: a checkpoint's files (rounded to 4 KiB
+    # pages), a sample grid. A run needs two checkpoints at once (the new one
+    # is written beside the old, which goes after latest.json names the new),
+    # plus config.json, metrics.csv, latest.json and its temporary, .lock.
+    local ckpt_kb png_kb need d label verdict
+    ckpt_kb=$(find "$ref/checkpoints" -mindepth 2 -type f -printf '%s\n' | awk '{ kb += int(($1 + 4095) / 4096) * 4 } END { print kb }')
+    png_kb=$(find "$ref/samples" -type f -printf '%s\n' | awk '{ kb += int(($1 + 4095) / 4096) * 4; n++ } END { print int(kb / n) }')
+    need=$((2 * ckpt_kb + 5 * 4))
+    echo "full disk: $small_kind of $(df_avail) KiB; a checkpoint takes $ckpt_kb KiB, a sample grid $png_kb KiB"
 
-    local run=$small/run log=$scratch/disk.log rc=0 ok=1
-    "$bin" train "${train_args[@]}" --out "$run" >"$log" 2>&1 &
-    child=$!
-    wait "$child" || rc=$?
-    child=""
-    if ((rc == 0)); then
-        fail "full disk: the run finished although the disk was to fill (make the filler larger)"
-        return
-    fi
-    if grep -q 'panicked' "$log"; then fail "full disk: train panicked:"; cat "$log" >&2; ok=0; fi
-    local errors error_line
-    errors=$(grep -c '^error:' "$log" || true)
-    error_line=$(grep '^error:' "$log" | head -n 1 || true)
-    if [[ $errors != 1 ]]; then
-        fail "full disk: expected one 'error:' line, got $errors (exit status $rc):"; cat "$log" >&2; ok=0
-    elif [[ $error_line != *"$small/"* ]]; then
-        fail "full disk: the error names no file on the full file system: $error_line"; ok=0
-    fi
-    if [[ $(tail -n 1 "$log") != error:* ]]; then
-        fail "full disk: the error is not the last line of the output (a multi-line message?):"; tail -n 5 "$log" >&2; ok=0
-    fi
-    local left
-    left=$(leftovers "$small")
-    if [[ -n $left ]]; then fail "full disk: left behind: $left"; ok=0; fi
-    if [[ -e $run/.lock ]]; then fail "full disk: train exited with an error but left its .lock"; ok=0; fi
-    if [[ ! -f $run/checkpoints/latest.json ]]; then
-        fail "full disk: no checkpoint was written before the disk filled (make the filler smaller)"
-        cat "$log" >&2
-        return
-    fi
-    local dir step file
-    dir=$(latest_field "$run" dir)
-    step=$(latest_field "$run" step)
-    for file in model.mpk ema.mpk optimizer.mpk; do
-        if [[ ! -s $run/checkpoints/$dir/$file ]]; then
-            fail "full disk: latest.json points at $dir, which lacks $file"; ok=0
+    # Mid-run: room for about half the epochs' grids beyond two checkpoints.
+    local mid_ok=1
+    disk_case mid $((need + png_kb * epochs / 2)) full || mid_ok=0
+    verdict=ok; ((mid_ok)) || verdict=FAILED
+    echo "  mid-run: $case_msg"
+    summaries+=("full disk ($small_kind), mid-run: $verdict: $case_msg")
+
+    # Sweep: the second checkpoint (step 2) runs out of space at different
+    # points: inside each weights file, at latest.json, just around it.
+    local cases=0 bad=0 details=()
+    for d in -1800 -1300 -500 -24 -20 -16 -12 -8 -4 0 4 8; do
+        label=sweep$d
+        cases=$((cases + 1))
+        if disk_case "$label" $((need + d)) short; then
+            echo "  free $((need + d)) KiB: ok: $case_msg"
+        else
+            bad=$((bad + 1))
+            echo "  free $((need + d)) KiB: FAILED: $case_msg"
+            details+=("$((need + d)) KiB: $case_msg")
         fi
     done
-    if ! "$bin" sample "${sample_args[@]}" --checkpoint "$run" --out "$scratch/disk.png" --npy "$scratch/disk-mid.npy" >"$scratch/disk-sample.log" 2>&1; then
-        fail "full disk: the checkpoint latest.json points at ($dir) does not load:"; cat "$scratch/disk-sample.log" >&2; ok=0
-    fi
-    echo "full disk: failed at checkpoint step $step with: $error_line"
-
-    rm -f "$small/filler"
-    rc=0
-    "$bin" train --backend cpu --resume "$run" >"$scratch/disk-resume.log" 2>&1 || rc=$?
-    local resume_msg
-    if ((rc != 0)) || [[ $(latest_field "$run" finished) != true ]]; then
-        fail "full disk: --resume after freeing space failed (status $rc):"; cat "$scratch/disk-resume.log" >&2
-        resume_msg="resume FAILED"; ok=0
+    if ((bad)); then
+        local joined
+        joined=$(printf '%s; ' "${details[@]}")
+        summaries+=("full disk ($small_kind), sweep of the second checkpoint: FAILED in $bad of $cases cases (${joined%; })")
     else
-        resume_msg="--resume finished the run after freeing space"
-        if ! diff <(loss_curve "$ref") <(loss_curve "$run") >"$scratch/disk-curve.diff"; then
-            fail "full disk: the loss curve after resume differs from the reference (< reference, > resumed):"
-            head -n 20 "$scratch/disk-curve.diff" >&2
-            resume_msg+=", loss curve DIFFERS"; ok=0
-        else
-            resume_msg+=", loss curve identical"
-        fi
-        if "$bin" sample "${sample_args[@]}" --checkpoint "$run" --out "$scratch/disk-end.png" --npy "$scratch/disk-end.npy" >"$scratch/disk-sample2.log" 2>&1 \
-            && cmp -s "$scratch/ref.npy" "$scratch/disk-end.npy"; then
-            resume_msg+=", samples identical"
-        else
-            fail "full disk: samples of the resumed run differ from the reference's (or sampling failed)"
-            resume_msg+=", samples DIFFER"; ok=0
-        fi
+        summaries+=("full disk ($small_kind), sweep of the second checkpoint: $cases cases, all ok (one error line naming the file, no leftovers, latest.json loads, resume works)")
     fi
-    left=$(leftovers "$small")
-    if [[ -n $left ]]; then fail "full disk: left behind after resume: $left"; ok=0; fi
-    local verdict="ok"
-    ((ok)) || verdict="FAILED"
-    summaries+=("full disk ($small_kind): $verdict: failed with one error line naming a file (${error_line:0:160}), no .partial/.tmp-* left, latest.json -> $dir (step $step) loads, $resume_msg")
 }
 
 ((skip_kill)) || kill_check

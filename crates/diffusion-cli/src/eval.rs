@@ -100,7 +100,7 @@ pub fn run(args: EvalArgs) -> Result<i32> {
             if config.model.num_classes.is_none() {
                 bail!("eval measures conditional accuracy; this run's model is unconditional");
             }
-            args.sampling.guidance(&config)?;
+            let guidance = args.sampling.guidance(&config)?;
             let (ckpt, _) = checkpoint::latest(dir)?;
             let sampler = args.sampling.sampler(&config)?;
             let weights = args.sampling.weights(&config);
@@ -110,6 +110,7 @@ pub fn run(args: EvalArgs) -> Result<i32> {
                 ckpt,
                 sampler,
                 weights,
+                guidance,
             }
         }
         (None, Some(images), Some(labels)) => {
@@ -192,6 +193,7 @@ enum Source {
         ckpt: PathBuf,
         sampler: SamplerConfig,
         weights: Weights,
+        guidance: f64,
     },
     Files {
         name: String,
@@ -226,6 +228,7 @@ impl Task for EvalTask {
         let (classifier, info) = judge::load::<B<AB>>(&classifier_dir, &device)?;
         let started = Instant::now();
         let shape = [1, 28, 28];
+        let mut guidance = 1.0;
         let (images, labels, name, sampler, weights) = match source {
             Source::Run {
                 dir,
@@ -233,7 +236,9 @@ impl Task for EvalTask {
                 ckpt,
                 sampler,
                 weights,
+                guidance: w,
             } => {
+                guidance = w;
                 let file = weights.file();
                 let model = checkpoint::load_unet::<B<AB>>(&config.model, &ckpt.join(file), &device)?;
                 let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
@@ -249,7 +254,7 @@ impl Task for EvalTask {
                     &model,
                     &schedule,
                     &sampler,
-                    args.sampling.guidance,
+                    guidance,
                     &labels,
                     args.batch,
                     args.seed,
@@ -299,7 +304,7 @@ impl Task for EvalTask {
         let report = Report {
             source: name,
             sampler,
-            guidance: args.sampling.guidance,
+            guidance,
             weights,
             samples: n,
             seed: args.seed,
@@ -326,7 +331,7 @@ impl Task for EvalTask {
                 .to_lowercase();
             let file = dir.join("eval").join(format!(
                 "{kind}-{}{eta}-w{}-n{n}-seed{}.json",
-                s.steps, args.sampling.guidance, args.seed
+                s.steps, guidance, args.seed
             ));
             write_bytes_atomically(&file, json.as_bytes())?;
             eprintln!("wrote {}", file.display());
@@ -457,5 +462,84 @@ fn print_table(r: &Report) {
     for (c, row) in r.confusion.iter().enumerate() {
         let cells: Vec<String> = row.iter().map(|v| format!("{v:>5}")).collect();
         say!("  {c} {}", cells.join(""));
+    }
+}
+
+/// A small evaluation run during training (after each epoch): a few digits
+/// per class with a fast sampler, judged like `eval` does, against the
+/// test set's features computed once.
+pub struct Probe<B: Backend> {
+    classifier: diffusion_model::Classifier<B>,
+    test: Gaussian,
+    /// Fréchet distance of as many training images as the probe draws, to
+    /// the test set: the best a model can score at this count.
+    pub floor: f64,
+    labels: Vec<usize>,
+    sampler: SamplerConfig,
+    guidance: f64,
+    seed: u64,
+    threads: usize,
+}
+
+/// What a [`Probe`] measures.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeResult {
+    /// Share of samples the classifier gives their own class.
+    pub accuracy: f64,
+    /// Fréchet distance of the samples' classifier features to the test set.
+    pub frechet: f64,
+}
+
+impl<B: Backend> Probe<B> {
+    /// Loads the judge and the MNIST test and train sets' features.
+    pub fn new(probe: &crate::config::QualityProbe, seed: u64, cpu: bool, device: &B::Device) -> Result<Self> {
+        let (classifier, _) = judge::load::<B>(&judge::default_dir(), device)?;
+        let test = data::load(DatasetName::Mnist, None, Split::Test)?;
+        let train = data::load(DatasetName::Mnist, None, Split::Train)?;
+        let labels: Vec<usize> = (0..10).flat_map(|c| std::iter::repeat_n(c, probe.per_class)).collect();
+        let shape = [1, 28, 28];
+        let features = |pixels: &[f32]| classify(&classifier, pixels, shape, 500, device).1;
+        let test_f = features(&set_pixels(&test, test.len));
+        let dim = test_f.len() / test.len;
+        let test = Gaussian::fit(&test_f, dim);
+        let floor = frechet_distance(&Gaussian::fit(&features(&set_pixels(&train, labels.len())), dim), &test);
+        let threads = if cpu {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            1
+        };
+        Ok(Self {
+            classifier,
+            test,
+            floor,
+            labels,
+            sampler: probe.sampler.clone(),
+            guidance: probe.guidance,
+            seed,
+            threads,
+        })
+    }
+
+    /// Samples and judges `model`'s digits (the same noise every time).
+    pub fn measure(&self, model: &diffusion_model::UNet<B>, schedule: &NoiseSchedule, device: &B::Device) -> Result<ProbeResult> {
+        let batch = self.labels.len().div_ceil(self.threads);
+        let images = generate(
+            model,
+            schedule,
+            &self.sampler,
+            self.guidance,
+            &self.labels,
+            batch,
+            self.seed,
+            self.threads,
+            device,
+        )?;
+        let (preds, feats) = classify(&self.classifier, &images, [1, 28, 28], 500, device);
+        let correct = preds.iter().zip(&self.labels).filter(|(p, l)| p == l).count();
+        let dim = feats.len() / self.labels.len();
+        Ok(ProbeResult {
+            accuracy: correct as f64 / self.labels.len() as f64,
+            frechet: frechet_distance(&Gaussian::fit(&feats, dim), &self.test),
+        })
     }
 }

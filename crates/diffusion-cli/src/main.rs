@@ -29,6 +29,7 @@ mod grid;
 mod interop;
 mod judge;
 mod npy;
+mod plot;
 mod progress;
 mod sample;
 mod train;

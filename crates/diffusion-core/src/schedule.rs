@@ -60,6 +60,10 @@ impl Default for Schedule {
     }
 }
 
+/// The most diffusion steps a schedule may have (DDPM used 1,000; the
+/// bound keeps a mistyped T from allocating gigabytes).
+pub const MAX_STEPS: usize = 100_000;
+
 impl Schedule {
     /// DDPM's linear schedule (β from 1e-4 to 0.02 at T = 1000), scaled by
     /// 1000/T as in Nichol & Dhariwal (2021) so that other T keep the same
@@ -124,8 +128,10 @@ impl Schedule {
 
     fn validate(&self, num_steps: usize) -> Result<(), CoreError> {
         let bad = |what: String| Err(CoreError::InvalidSchedule(what));
-        if num_steps == 0 {
-            return bad("the number of diffusion steps T must be at least 1".into());
+        if num_steps == 0 || num_steps > MAX_STEPS {
+            return bad(format!(
+                "the number of diffusion steps T must be in 1..={MAX_STEPS}, got {num_steps}"
+            ));
         }
         match *self {
             Schedule::Cosine { s } if !(s.is_finite() && s > 0.0) => {
@@ -154,7 +160,8 @@ pub struct NoiseSchedule {
 }
 
 impl NoiseSchedule {
-    /// Evaluates `kind` on t = 0..=`num_steps`, clipping β at [`MAX_BETA`].
+    /// Evaluates `kind` on t = 0..=`num_steps` (1..=[`MAX_STEPS`]),
+    /// clipping β at [`MAX_BETA`].
     pub fn new(kind: Schedule, num_steps: usize) -> Result<Self, CoreError> {
         kind.validate(num_steps)?;
         let raw = kind.raw_alpha_bar(num_steps);

@@ -126,6 +126,23 @@ impl UNetConfig {
         if self.image_channels == 0 || self.image_size == 0 || self.mult == 0 || self.num_steps == 0 {
             return bad("image channels and size, mult and num_steps must be positive".into());
         }
+        // Bounds far above any sensible network, so that a mistyped number
+        // is an error instead of an allocation of gigabytes.
+        let too_big = [
+            ("image_size", self.image_size, 4096),
+            ("image_channels", self.image_channels, 64),
+            ("mult", self.mult, 64),
+            ("embed_dim", self.embed_dim, 8192),
+            ("num_steps", self.num_steps, 100_000),
+            ("num_classes", self.num_classes.unwrap_or(1), 1_000_000),
+            ("widths", self.widths.iter().chain(&self.up_widths).copied().max().unwrap_or(1), 8192),
+            ("levels", levels, 16),
+        ];
+        for (name, value, max) in too_big {
+            if value > max {
+                return bad(format!("{name} must be at most {max}, got {value}"));
+            }
+        }
         if self.embed_dim == 0 || self.embed_dim % 2 != 0 {
             return bad(format!(
                 "embed_dim must be even and positive (sin/cos pairs), got {}",

@@ -29,7 +29,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Record};
 use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -159,20 +159,20 @@ pub enum CheckpointError {
         /// The value read back.
         loss: f64,
     },
-    /// A file-system error.
-    #[error("{}: {source}", .path.display())]
+    /// A file-system error (a full disk, say).
+    #[error("{}: {error}", .path.display())]
     Io {
         /// The file or folder.
         path: PathBuf,
-        /// The error.
-        source: io::Error,
+        /// The error (part of the message, so not a separate `source`).
+        error: io::Error,
     },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
+    move |error| CheckpointError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -217,8 +217,29 @@ pub fn write(
     let name = format!("step-{:08}", state.step);
     let final_dir = root.join(&name);
     let tmp_dir = root.join(format!("{name}.partial"));
-    if tmp_dir.exists() {
-        fs::remove_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+    // Leftovers of earlier failures (folders latest.json does not name,
+    // partial ones, temporary index files) go first, so that a disk with
+    // room for two checkpoints always has room for the next one. The
+    // caller holds the run's lock: nobody else writes here.
+    // Only when the index names a folder are other complete folders
+    // removed (an unreadable index removes nothing but partial leftovers).
+    let named = fs::read_to_string(root.join(LATEST))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Latest>(&t).ok())
+        .map(|l| l.dir);
+    if let Ok(entries) = fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let file_name = entry.file_name().to_string_lossy().to_string();
+            let orphan = file_name.starts_with("step-")
+                && (file_name.ends_with(".partial")
+                    || named.as_deref().is_some_and(|n| n != file_name));
+            if orphan && path.is_dir() {
+                fs::remove_dir_all(&path).map_err(io_err(&path))?;
+            } else if file_name.starts_with(&format!("{LATEST}.tmp-")) {
+                let _ = fs::remove_file(&path);
+            }
+        }
     }
     fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
     let files = save(&tmp_dir).and_then(|()| {
@@ -250,7 +271,11 @@ pub fn write(
     })
     .expect("a checkpoint index serialises");
     let index = root.join(LATEST);
-    write_bytes_atomically(&index, latest.as_bytes()).map_err(io_err(&index))?;
+    if let Err(e) = write_bytes_atomically(&index, latest.as_bytes()) {
+        // Not pointed at: it would only take space.
+        let _ = fs::remove_dir_all(&final_dir);
+        return Err(io_err(&index)(e));
+    }
     // Older checkpoints (and partial leftovers of killed runs) go.
     if let Ok(entries) = fs::read_dir(&root) {
         for entry in entries.flatten() {
@@ -304,13 +329,21 @@ pub fn latest(run_dir: &Path) -> Result<(PathBuf, TrainState), CheckpointError> 
 
 /// Saves a module's weights as `file`.mpk.
 pub fn save_module<B: Backend, M: Module<B>>(module: M, file: &Path) -> Result<(), CheckpointError> {
-    module
-        .save_file(file.to_path_buf(), &Recorder::new())
+    save_record::<B, _>(module.into_record(), file, "weights")
+}
+
+/// Saves a record (weights, optimizer state) as `file`.mpk in the format
+/// of [`Recorder`]: encoded in memory first, so that a failed write (a full
+/// disk) is reported as the file-system error it is.
+pub fn save_record<B: Backend, R: Record<B>>(record: R, file: &Path, what: &'static str) -> Result<(), CheckpointError> {
+    let path = file.with_extension("mpk");
+    let bytes = burn::record::Recorder::<B>::record(&NamedMpkBytesRecorder::<FullPrecisionSettings>::new(), record, ())
         .map_err(|e| CheckpointError::Save {
-            path: file.with_extension("mpk"),
-            what: "weights",
+            path: path.clone(),
+            what,
             reason: e.to_string(),
-        })
+        })?;
+    fs::write(&path, bytes).map_err(io_err(&path))
 }
 
 /// Loads weights saved by [`save_module`] (`file`.mpk) into `module`, and

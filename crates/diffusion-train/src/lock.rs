@@ -33,12 +33,12 @@ pub enum LockError {
         reason: String,
     },
     /// The lock file could not be written.
-    #[error("{}: cannot create the lock file: {source}", .path.display())]
+    #[error("{}: cannot create the lock file: {error}", .path.display())]
     Io {
         /// The lock file.
         path: PathBuf,
-        /// The error.
-        source: io::Error,
+        /// The error (part of the message).
+        error: io::Error,
     },
 }
 
@@ -54,9 +54,9 @@ impl RunLock {
     /// Locks `run_dir` (created if missing) for this process.
     pub fn acquire(run_dir: &Path) -> Result<RunLock, LockError> {
         let path = run_dir.join(LOCK_FILE);
-        let io_err = |source| LockError::Io {
+        let io_err = |error| LockError::Io {
             path: path.clone(),
-            source,
+            error,
         };
         fs::create_dir_all(run_dir).map_err(io_err)?;
         let mut removed_stale = None;

@@ -215,14 +215,7 @@ where
         checkpoint::write(run_dir, self.state, |dir| {
             checkpoint::save_module(self.model.clone(), &dir.join(checkpoint::MODEL))?;
             checkpoint::save_module(self.ema.model.clone(), &dir.join(checkpoint::EMA))?;
-            let file = dir.join(checkpoint::OPTIMIZER);
-            Recorder::new()
-                .record(self.optim.to_record(), file.clone())
-                .map_err(|e| CheckpointError::Save {
-                    path: file.with_extension("mpk"),
-                    what: "optimizer state",
-                    reason: e.to_string(),
-                })
+            checkpoint::save_record::<B, _>(self.optim.to_record(), &dir.join(checkpoint::OPTIMIZER), "optimizer state")
         })
     }
 

@@ -146,5 +146,23 @@ fn checkpoints_are_checked_on_load() {
     std::fs::write(&index, json.to_string()).unwrap();
     let (found, state) = checkpoint::latest(&dir).unwrap();
     assert_eq!((found, state.step), (ckpt, 1));
+
+    // Leftovers of a failed write (a folder latest.json does not name, a
+    // temporary index) are removed by the next checkpoint, before it is
+    // written: on a nearly full disk they would leave no room for it.
+    let root = checkpoint::checkpoints_dir(&dir);
+    std::fs::create_dir_all(root.join("step-00000099")).unwrap();
+    std::fs::write(root.join("step-00000099/model.mpk"), b"orphan").unwrap();
+    std::fs::write(root.join("latest.json.tmp-4194311"), b"{").unwrap();
+    let (x, y) = batch(1);
+    t.step(x, Some(y));
+    let newer = t.save(&dir).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["latest.json", "step-00000002"]);
+    assert_eq!(checkpoint::latest(&dir).unwrap().0, newer);
     std::fs::remove_dir_all(&dir).unwrap();
 }
