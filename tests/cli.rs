@@ -2,58 +2,11 @@
 //! tiny preset (a very small U-Net on 512 images; seconds on a CPU).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffusion"));
-    cmd.env("NO_COLOR", "1");
-    cmd
-}
-
-/// A fresh scratch folder under the target directory.
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("the diffusion binary runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "a panic: {stderr}");
-    out
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "command failed: {text}");
-    text
-}
-
-/// The error line of a command that must fail: exactly one non-empty line
-/// starting with "error:" (clap's usage errors included), non-zero exit.
-fn fails(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(!out.status.success(), "command should fail");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "want one error line, got: {stderr}");
-    errors[0].to_string()
-}
-
-fn train_tiny(dir: &Path, extra: &[&str]) -> String {
-    ok(bin()
-        .args(["train", "--backend", "cpu", "--preset", "tiny", "--out"])
-        .arg(dir)
-        .args(extra))
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::*;
 
 /// One tiny run shared by the tests that only read it.
 fn trained_run() -> &'static Path {
@@ -309,28 +262,6 @@ fn bad_input_gives_one_error_line() {
             .arg(root.join("r1")),
     );
     assert!(e.contains("train-images-idx3-ubyte"), "{e}");
-}
-
-/// Writes a little-endian f32 .npy file (the format numpy.save writes).
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 #[test]

@@ -6,46 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffusion"));
-    cmd.env("NO_COLOR", "1");
-    cmd
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("faults-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("the diffusion binary runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked") && !stderr.contains("internal failure"), "a panic: {stderr}");
-    out
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "command failed: {text}");
-    text
-}
-
-/// One `error:` line and a non-zero exit (not a signal).
-fn fails(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert_eq!(out.status.code(), Some(1), "want exit 1: {out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "want one error line, got: {stderr}");
-    errors[0].to_string()
-}
-
-fn train_tiny(dir: &Path, extra: &[&str]) -> String {
-    ok(bin().args(["train", "--backend", "cpu", "--preset", "tiny", "--out"]).arg(dir).args(extra))
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::*;
 
 fn sample(run: &Path, out: &Path) -> Command {
     let mut cmd = bin();
@@ -245,23 +208,6 @@ fn eval_refuses_nonsense_labels_and_images() {
     let one_label = write("one-label.npy", &[1], &[3.0]);
     let e = fails(&mut eval(&one, &one_label));
     assert!(e.contains("at least 2"), "{e}");
-}
-
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 #[test]

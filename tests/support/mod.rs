@@ -1,0 +1,82 @@
+//! Helpers shared by the end-to-end tests (`cli.rs`, `faults.rs`): running
+//! the real `diffusion` binary and checking how it ends.
+#![allow(dead_code)] // each test file uses a part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `diffusion` binary of this build.
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffusion"));
+    cmd.env("NO_COLOR", "1");
+    cmd
+}
+
+/// A fresh scratch folder under the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("e2e-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs a command; it must not panic, whatever else it does.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("the diffusion binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("internal failure"),
+        "a panic: {stderr}"
+    );
+    out
+}
+
+/// Runs a command that must succeed; returns stdout and stderr.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "command failed: {text}");
+    text
+}
+
+/// The error line of a command that must fail: exactly one line starting
+/// with "error:" (clap's usage errors included), a non-zero exit status
+/// (not a signal).
+pub fn fails(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        matches!(out.status.code(), Some(c) if c != 0),
+        "command should fail with an exit status: {out:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "want one error line, got: {stderr}");
+    errors[0].to_string()
+}
+
+/// `diffusion train --preset tiny --out DIR` plus `extra`.
+pub fn train_tiny(dir: &Path, extra: &[&str]) -> String {
+    ok(bin().args(["train", "--backend", "cpu", "--preset", "tiny", "--out"]).arg(dir).args(extra))
+}
+
+/// Writes a little-endian f32 .npy file (the format numpy.save writes).
+pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
