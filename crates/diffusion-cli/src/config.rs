@@ -535,6 +535,19 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_pretrained_run_is_the_full_preset() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pretrained/mnist");
+        let shipped = RunConfig::load(&dir).unwrap();
+        let mut preset = RunConfig::preset(Preset::Full);
+        // The measured best guidance (docs/quality.md) is the shipped default.
+        preset.guidance = shipped.guidance;
+        assert_eq!(
+            serde_json::to_value(&shipped).unwrap(),
+            serde_json::to_value(&preset).unwrap()
+        );
+    }
+
+    #[test]
     fn config_round_trips_through_json() {
         for p in [Preset::Seed, Preset::Quick, Preset::Tiny, Preset::Full] {
             let c = RunConfig::preset(p);

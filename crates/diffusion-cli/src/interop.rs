@@ -180,8 +180,7 @@ pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::
             store = store.with_key_remapping(from, to);
         }
         check_dtypes(&mut store, file)?;
-        model
-            .load_from(&mut store)
+        guarded(file, || model.load_from(&mut store))?
             .map_err(|e| anyhow::anyhow!("{}: cannot read safetensors: {e}", file.display()))?
     } else {
         let mut store = PytorchStore::from_file(file.to_path_buf())
@@ -192,7 +191,7 @@ pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::
             store = store.with_key_remapping(from, to);
         }
         check_dtypes(&mut store, file)?;
-        model.load_from(&mut store).map_err(|e| {
+        guarded(file, || model.load_from(&mut store))?.map_err(|e| {
             anyhow::anyhow!(
                 "{}: cannot read a PyTorch state_dict (torch.save(model.state_dict(), path)): {e}",
                 file.display()
@@ -203,6 +202,12 @@ pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::
     Ok(diffusion_train::checkpoint::check_loaded(&expected, model, file)?)
 }
 
+/// burn-store's decoding with its panics turned into an error naming the
+/// file.
+fn guarded<T>(file: &Path, decode: impl FnOnce() -> T) -> Result<T> {
+    Ok(diffusion_train::checkpoint::decode_guarded(file, "weights", decode)?)
+}
+
 /// Refuses a file in which a tensor is not floating point, before any
 /// tensor is built: burn-store panics on such a tensor ("Expected float
 /// dtype"), and in burn 0.21 that panic, raised while the store holds its
@@ -211,8 +216,7 @@ fn check_dtypes<S: ModuleStore>(store: &mut S, file: &Path) -> Result<()>
 where
     S::Error: std::fmt::Display,
 {
-    let snapshots = store
-        .get_all_snapshots()
+    let snapshots = guarded(file, || store.get_all_snapshots())?
         .map_err(|e| anyhow::anyhow!("{}: cannot read the tensors: {e}", file.display()))?;
     for (name, snapshot) in snapshots {
         if !snapshot.dtype.is_float() {

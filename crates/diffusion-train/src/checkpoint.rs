@@ -355,14 +355,37 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, file: &Path, device: &B:
         return Err(CheckpointError::Missing { path });
     }
     let expected = params::describe(&module);
-    let loaded = module
-        .load_file(file.to_path_buf(), &Recorder::new(), device)
+    let loaded = decode_guarded(&path, "weights", || module.load_file(file.to_path_buf(), &Recorder::new(), device))?
         .map_err(|e| CheckpointError::Load {
             path: path.clone(),
             what: "weights",
             reason: recorder_reason(&e.to_string()),
         })?;
     check_loaded(&expected, loaded, &path)
+}
+
+/// Runs a decoder of file contents, turning a panic inside it into an
+/// error. burn 0.21's record decoding panics on some malformed files
+/// (found by fuzzing: `ParamId::deserialize` says "Invalid id." on a
+/// mutated .mpk) instead of returning an error; the panic hook is silenced
+/// meanwhile, so the caller reports one error, not a crash report.
+pub fn decode_guarded<T>(path: &Path, what: &'static str, decode: impl FnOnce() -> T) -> Result<T, CheckpointError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));
+    std::panic::set_hook(hook);
+    result.map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the decoder failed");
+        CheckpointError::Load {
+            path: path.to_path_buf(),
+            what,
+            reason: format!("{message} (the file is corrupt)"),
+        }
+    })
 }
 
 /// Checks weights just loaded into a module built as `expected` describes.

@@ -226,9 +226,10 @@ where
         let model = checkpoint::load_module(self.model.clone(), &dir.join(checkpoint::MODEL), &self.device)?;
         let ema = checkpoint::load_module(self.ema.model.clone(), &dir.join(checkpoint::EMA), &self.device)?;
         let file = dir.join(checkpoint::OPTIMIZER);
-        let record = Recorder::new()
-            .load(file.clone(), &self.device)
-            .map_err(|e| CheckpointError::Load {
+        let record = checkpoint::decode_guarded(&file.with_extension("mpk"), "optimizer state", || {
+            Recorder::new().load(file.clone(), &self.device)
+        })?
+        .map_err(|e| CheckpointError::Load {
                 path: file.with_extension("mpk"),
                 what: "optimizer state",
                 reason: e.to_string().lines().next().unwrap_or_default().to_string(),
