@@ -170,6 +170,13 @@ fn flags_that_make_no_sense_are_refused() {
     assert!(e.contains("--eta"), "{e}");
     let e = fails(bin().args(["sample", "--backend", "cpu", "--n", "100000000", "--checkpoint"]).arg(&run));
     assert!(e.contains("--n"), "{e}");
+    // Start noise holding a NaN (once an all-NaN .npy and a black grid).
+    let noise = root.join("noise.npy");
+    let mut values = vec![0.5f32; 2 * 784];
+    values[900] = f32::NAN;
+    write_npy(&noise, &[2, 1, 28, 28], &values);
+    let e = fails(sample(&run, &root).arg("--noise").arg(&noise));
+    assert!(e.contains("noise.npy") && e.contains("non-finite"), "{e}");
 }
 
 #[test]
