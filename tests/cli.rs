@@ -271,8 +271,11 @@ fn eval_judges_real_test_digits_as_real() {
     // reaches >= 99% on the whole test set), and their Fréchet distance to
     // the test set must sit near the train-vs-test floor, far below noise.
     let root = scratch("eval-npy");
-    let test = diffusion_data::load_split(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist"), diffusion_data::Split::Test)
-        .unwrap();
+    let test = diffusion_data::load_split(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist"),
+        diffusion_data::Split::Test,
+    )
+    .unwrap();
     let n = 500;
     let pixels: Vec<f32> = test.images[..n * 784]
         .iter()

@@ -12,10 +12,19 @@ use support::*;
 
 fn sample(run: &Path, out: &Path) -> Command {
     let mut cmd = bin();
-    cmd.args(["sample", "--backend", "cpu", "--n", "4", "--steps", "2", "--checkpoint"])
-        .arg(run)
-        .arg("--out")
-        .arg(out.join("grid.png"));
+    cmd.args([
+        "sample",
+        "--backend",
+        "cpu",
+        "--n",
+        "4",
+        "--steps",
+        "2",
+        "--checkpoint",
+    ])
+    .arg(run)
+    .arg("--out")
+    .arg(out.join("grid.png"));
     cmd
 }
 
@@ -52,13 +61,34 @@ fn weights_files_are_checked_before_use() {
 
     // An integer tensor where a float weight belongs: once a SIGSEGV.
     let bad = root.join("int.safetensors");
-    safetensors(&bad, &[("final_conv.sequential.4.bias", "I32", &[1], 7i32.to_le_bytes().to_vec())]);
-    let e = fails(bin().args(["import", "--backend", "cpu", "--safetensors"]).arg(&bad).arg("--out").arg(root.join("i")));
-    assert!(e.contains("int.safetensors") && e.contains("floating point"), "{e}");
+    safetensors(
+        &bad,
+        &[(
+            "final_conv.sequential.4.bias",
+            "I32",
+            &[1],
+            7i32.to_le_bytes().to_vec(),
+        )],
+    );
+    let e = fails(
+        bin()
+            .args(["import", "--backend", "cpu", "--safetensors"])
+            .arg(&bad)
+            .arg("--out")
+            .arg(root.join("i")),
+    );
+    assert!(
+        e.contains("int.safetensors") && e.contains("floating point"),
+        "{e}"
+    );
 
     // Reference weights holding a NaN: refused by import.
     let st = root.join("export.safetensors");
-    ok(bin().args(["export", "--backend", "cpu", "--checkpoint"]).arg(&run).arg("--safetensors").arg(&st));
+    ok(bin()
+        .args(["export", "--backend", "cpu", "--checkpoint"])
+        .arg(&run)
+        .arg("--safetensors")
+        .arg(&st));
     let mut bytes = std::fs::read(&st).unwrap();
     let n = bytes.len();
     bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
@@ -87,7 +117,10 @@ fn weights_files_are_checked_before_use() {
     bytes[mid] ^= 0x01;
     std::fs::write(&ema, &bytes).unwrap();
     let e = fails(&mut sample(&copy, &root));
-    assert!(e.contains("ema.mpk") && e.contains("changed since it was written"), "{e}");
+    assert!(
+        e.contains("ema.mpk") && e.contains("changed since it was written"),
+        "{e}"
+    );
 
     // Weights of another configuration beside this config.json: sample and
     // --resume refuse (resume once said "already finished" and exited 0).
@@ -98,7 +131,10 @@ fn weights_files_are_checked_before_use() {
     cfg["model"]["widths"] = serde_json::json!([8, 16, 16, 64]);
     std::fs::write(other.join("config.json"), cfg.to_string()).unwrap();
     let e = fails(&mut sample(&other, &root));
-    assert!(e.contains("another model configuration") && e.contains("shape"), "{e}");
+    assert!(
+        e.contains("another model configuration") && e.contains("shape"),
+        "{e}"
+    );
     let e = fails(bin().args(["train", "--backend", "cpu", "--resume"]).arg(&other));
     assert!(e.contains("another model configuration"), "{e}");
 }
@@ -131,18 +167,37 @@ fn configs_edited_by_hand_are_validated() {
         let mut cfg: serde_json::Value = serde_json::from_str(&original).unwrap();
         cfg["train"][field] = value;
         std::fs::write(run.join("config.json"), cfg.to_string()).unwrap();
-        let e = fails(bin().args(["train", "--backend", "cpu", "--epochs", "2", "--resume"]).arg(&run));
+        let e = fails(
+            bin()
+                .args(["train", "--backend", "cpu", "--epochs", "2", "--resume"])
+                .arg(&run),
+        );
         assert!(e.contains("config.json") && e.contains(said), "{field}: {e}");
     }
     std::fs::write(run.join("config.json"), &original).unwrap();
     // --resume that does nothing, or fails, leaves config.json as it was.
-    let before = std::fs::metadata(run.join("config.json")).unwrap().modified().unwrap();
-    let text = ok(bin().args(["train", "--backend", "cpu", "--epochs", "1", "--resume"]).arg(&run));
+    let before = std::fs::metadata(run.join("config.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let text = ok(bin()
+        .args(["train", "--backend", "cpu", "--epochs", "1", "--resume"])
+        .arg(&run));
     assert!(text.contains("already finished"), "{text}");
-    fails(bin().args(["train", "--backend", "cpu", "--epochs", "0", "--resume"]).arg(&run));
-    let after = std::fs::metadata(run.join("config.json")).unwrap().modified().unwrap();
+    fails(
+        bin()
+            .args(["train", "--backend", "cpu", "--epochs", "0", "--resume"])
+            .arg(&run),
+    );
+    let after = std::fs::metadata(run.join("config.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
     assert_eq!(before, after);
-    assert_eq!(std::fs::read_to_string(run.join("config.json")).unwrap(), original);
+    assert_eq!(
+        std::fs::read_to_string(run.join("config.json")).unwrap(),
+        original
+    );
 }
 
 #[test]
@@ -151,7 +206,9 @@ fn flags_that_make_no_sense_are_refused() {
     let out = root.join("r");
     let train = |extra: &[&str]| {
         let mut cmd = bin();
-        cmd.args(["train", "--backend", "cpu", "--preset", "tiny", "--out"]).arg(&out).args(extra);
+        cmd.args(["train", "--backend", "cpu", "--preset", "tiny", "--out"])
+            .arg(&out)
+            .args(extra);
         cmd
     };
     let e = fails(&mut train(&["--shards", "0"]));
@@ -162,13 +219,20 @@ fn flags_that_make_no_sense_are_refused() {
     let mnist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist");
     let e = fails(train(&["--dataset", "fashion-mnist", "--data-dir"]).arg(&mnist));
     assert!(e.contains("mnist") && e.contains("fashion-mnist"), "{e}");
-    assert!(!out.join("config.json").exists(), "nothing written for a refused run");
+    assert!(
+        !out.join("config.json").exists(),
+        "nothing written for a refused run"
+    );
 
     let run = root.join("run");
     train_tiny(&run, &["--epochs", "1"]);
     let e = fails(sample(&run, &root).args(["--sampler", "dpm-solver++", "--eta", "0.5"]));
     assert!(e.contains("--eta"), "{e}");
-    let e = fails(bin().args(["sample", "--backend", "cpu", "--n", "100000000", "--checkpoint"]).arg(&run));
+    let e = fails(
+        bin()
+            .args(["sample", "--backend", "cpu", "--n", "100000000", "--checkpoint"])
+            .arg(&run),
+    );
     assert!(e.contains("--n"), "{e}");
     // Start noise holding a NaN (once an all-NaN .npy and a black grid).
     let noise = root.join("noise.npy");
@@ -190,7 +254,10 @@ fn eval_refuses_nonsense_labels_and_images() {
     let images = write("images.npy", &[3, 1, 28, 28], &vec![0.0; 3 * 784]);
     let eval = |images: &Path, labels: &Path| {
         let mut cmd = bin();
-        cmd.args(["eval", "--backend", "cpu", "--npy"]).arg(images).arg("--labels").arg(labels);
+        cmd.args(["eval", "--backend", "cpu", "--npy"])
+            .arg(images)
+            .arg("--labels")
+            .arg(labels);
         cmd
     };
     for (name, shape, labels) in [
@@ -247,14 +314,23 @@ fn runs_without_a_checkpoint_are_no_dead_end() {
     train_tiny(&run, &["--epochs", "1"]);
     // As if killed before its first checkpoint: config.json, no checkpoints.
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
-    let e = fails(bin().args(["train", "--backend", "cpu", "--preset", "tiny", "--out"]).arg(&run));
-    assert!(e.contains("before its first checkpoint") && e.contains("--resume"), "{e}");
+    let e = fails(
+        bin()
+            .args(["train", "--backend", "cpu", "--preset", "tiny", "--out"])
+            .arg(&run),
+    );
+    assert!(
+        e.contains("before its first checkpoint") && e.contains("--resume"),
+        "{e}"
+    );
     let text = ok(bin().args(["train", "--backend", "cpu", "--resume"]).arg(&run));
     assert!(text.contains("starting it from step 0"), "{text}");
     assert!(run.join("checkpoints/latest.json").is_file());
     // A stale lock left by a killed process is taken over, with a note.
     std::fs::write(run.join(".lock"), "4194311\n").unwrap();
-    let text = ok(bin().args(["train", "--backend", "cpu", "--epochs", "2", "--resume"]).arg(&run));
+    let text = ok(bin()
+        .args(["train", "--backend", "cpu", "--epochs", "2", "--resume"])
+        .arg(&run));
     assert!(text.contains("stale lock of process 4194311"), "{text}");
     assert!(!run.join(".lock").exists(), "the lock is released on exit");
 }
@@ -265,7 +341,16 @@ fn two_trainings_into_one_folder_cannot_mix() {
     let run = root.join("run");
     let start = |seed: &str| {
         bin()
-            .args(["train", "--backend", "cpu", "--preset", "tiny", "--seed", seed, "--out"])
+            .args([
+                "train",
+                "--backend",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--seed",
+                seed,
+                "--out",
+            ])
             .arg(&run)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -287,7 +372,10 @@ fn two_trainings_into_one_folder_cannot_mix() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["train"]["seed"], seed);
-    let rows = std::fs::read_to_string(run.join("metrics.csv")).unwrap().lines().count();
+    let rows = std::fs::read_to_string(run.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(rows, 1 + 32);
 }
 
@@ -296,7 +384,16 @@ fn sigterm_saves_a_checkpoint_like_ctrl_c() {
     let root = scratch("sigterm");
     let run = root.join("run");
     let child = bin()
-        .args(["train", "--backend", "cpu", "--preset", "tiny", "--epochs", "100", "--out"])
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--epochs",
+            "100",
+            "--out",
+        ])
         .arg(&run)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -304,11 +401,21 @@ fn sigterm_saves_a_checkpoint_like_ctrl_c() {
         .unwrap();
     // Wait until it is training (a few metrics rows), then send SIGTERM.
     let started = Instant::now();
-    while std::fs::read_to_string(run.join("metrics.csv")).map(|t| t.lines().count()).unwrap_or(0) < 4 {
-        assert!(started.elapsed() < Duration::from_secs(120), "training never started");
+    while std::fs::read_to_string(run.join("metrics.csv"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 4
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training never started"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

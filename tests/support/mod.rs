@@ -34,7 +34,11 @@ pub fn run(cmd: &mut Command) -> Output {
 /// Runs a command that must succeed; returns stdout and stderr.
 pub fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "command failed: {text}");
     text
 }
@@ -56,7 +60,10 @@ pub fn fails(cmd: &mut Command) -> String {
 
 /// `diffusion train --preset tiny --out DIR` plus `extra`.
 pub fn train_tiny(dir: &Path, extra: &[&str]) -> String {
-    ok(bin().args(["train", "--backend", "cpu", "--preset", "tiny", "--out"]).arg(dir).args(extra))
+    ok(bin()
+        .args(["train", "--backend", "cpu", "--preset", "tiny", "--out"])
+        .arg(dir)
+        .args(extra))
 }
 
 /// Writes a little-endian f32 .npy file (the format numpy.save writes).

@@ -87,7 +87,9 @@ fn release_binary() -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("release").join(format!("diffusion{}", std::env::consts::EXE_SUFFIX))
+    target
+        .join("release")
+        .join(format!("diffusion{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// `cargo build --release -p diffusion-cli --features <backend>` with
@@ -104,7 +106,14 @@ fn run_cli(backend: Backend, command: &str, args: &[String]) -> i32 {
         );
     }
     let built = Command::new(&cargo)
-        .args(["build", "--release", "--package", "diffusion-cli", "--features", backend.feature()])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "diffusion-cli",
+            "--features",
+            backend.feature(),
+        ])
         .status();
     match built {
         Ok(s) if s.success() => {}

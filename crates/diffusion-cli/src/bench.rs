@@ -90,7 +90,12 @@ fn time_training<B: AutodiffBackend>(
     device: &B::Device,
 ) -> Result<f64> {
     let model: UNet<B> = config.init_seeded(device, 0)?;
-    let mut trainer = Trainer::new(model, schedule, TrainerConfig::new((warmup + repeats) as u64), device);
+    let mut trainer = Trainer::new(
+        model,
+        schedule,
+        TrainerConfig::new((warmup + repeats) as u64),
+        device,
+    );
     let x0 = Tensor::<B, 4>::random([batch, 1, 28, 28], Distribution::Uniform(-1.0, 1.0), device);
     let classes = Tensor::<B, 1>::random([batch], Distribution::Uniform(0.0, 10.0), device).int();
     let mut times = Vec::new();
@@ -199,14 +204,19 @@ impl Task for BenchTask {
         };
         say!(
             "backend {} ({} threads), {} attention, kernels: {}, {} parameters",
-            result.backend, result.threads, result.attention, result.kernels, result.params
+            result.backend,
+            result.threads,
+            result.attention,
+            result.kernels,
+            result.params
         );
         if let (Some(ms), Some(ips)) = (result.train_ms_per_step_b128, result.train_images_per_s_b128) {
             say!("train b128   {ms:>9.1} ms/step  {ips:>8.1} img/s");
         }
         say!(
             "train b32    {:>9.1} ms/step  {:>8.1} img/s",
-            result.train_ms_per_step_b32, result.train_images_per_s_b32
+            result.train_ms_per_step_b32,
+            result.train_images_per_s_b32
         );
         say!("sample 81x35 {:>9.2} s", result.sample_81x35_s);
         if let Some(m) = result.peak_rss_mib {

@@ -324,7 +324,10 @@ impl RunConfig {
             bail!("adam_epsilon must be a positive number, got {}", t.adam_epsilon);
         }
         if !(0.0..1.0).contains(&t.label_dropout) {
-            bail!("label_dropout (--label-dropout) must be in [0, 1), got {}", t.label_dropout);
+            bail!(
+                "label_dropout (--label-dropout) must be in [0, 1), got {}",
+                t.label_dropout
+            );
         }
         if !(0.0..1.0).contains(&t.ema.decay) {
             bail!("ema.decay (--ema-decay) must be in [0, 1), got {}", t.ema.decay);
@@ -340,13 +343,22 @@ impl RunConfig {
         }
         if let Some(q) = &self.preview.quality {
             if !(1..=1000).contains(&q.per_class) {
-                bail!("preview.quality.per_class (--quality-per-class) must be in 1..=1000, got {}", q.per_class);
+                bail!(
+                    "preview.quality.per_class (--quality-per-class) must be in 1..=1000, got {}",
+                    q.per_class
+                );
             }
-            if t.dataset != DatasetName::Mnist || self.model.num_classes.is_none() || self.model.image_size != 28 {
+            if t.dataset != DatasetName::Mnist
+                || self.model.num_classes.is_none()
+                || self.model.image_size != 28
+            {
                 bail!("the quality probe (--quality-per-class) judges class-conditional 28x28 MNIST digits only");
             }
             if !(q.guidance.is_finite() && q.guidance >= 0.0) {
-                bail!("preview.quality.guidance must be a number >= 0, got {}", q.guidance);
+                bail!(
+                    "preview.quality.guidance must be a number >= 0, got {}",
+                    q.guidance
+                );
             }
         }
         if t.label_dropout > 0.0 && self.model.num_classes.is_none() {
@@ -354,7 +366,10 @@ impl RunConfig {
         }
         self.model.level_sizes()?;
         if self.model.image_channels != 1 {
-            bail!("model.image_channels must be 1 (grey images), got {}", self.model.image_channels);
+            bail!(
+                "model.image_channels must be 1 (grey images), got {}",
+                self.model.image_channels
+            );
         }
         let schedule = diffusion_core::NoiseSchedule::new(self.schedule, self.model.num_steps)?;
         for s in [&self.sampler, &self.preview.sampler] {
@@ -507,7 +522,9 @@ pub fn sampler_from_flags(
         config.kind = match config.kind {
             SamplerKind::Reference { .. } => SamplerKind::Reference { eta },
             SamplerKind::Ddim { .. } => SamplerKind::Ddim { eta },
-            other => bail!("--eta applies to the reference and ddim samplers only, not {other:?}; leave it out"),
+            other => {
+                bail!("--eta applies to the reference and ddim samplers only, not {other:?}; leave it out")
+            }
         };
     }
     if steps == Some(0) {

@@ -38,7 +38,10 @@ impl From<DatasetArg> for DatasetName {
 /// The repository's `data/` folder: the one of the source tree this
 /// binary was built from, when it is still there, else `./data`.
 pub fn repo_data_dir() -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("..").join("data");
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("..")
+        .join("data");
     if built.is_dir() {
         built
     } else {

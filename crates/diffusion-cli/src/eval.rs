@@ -139,7 +139,11 @@ pub fn run(args: EvalArgs) -> Result<i32> {
             }
             let l = npy::read(labels)?;
             if l.shape.len() != 1 {
-                bail!("{}: shape {:?}; labels must be one-dimensional, [n]", labels.display(), l.shape);
+                bail!(
+                    "{}: shape {:?}; labels must be one-dimensional, [n]",
+                    labels.display(),
+                    l.shape
+                );
             }
             if l.data.len() != a.shape[0] {
                 bail!(
@@ -251,15 +255,7 @@ impl Task for EvalTask {
                     1
                 };
                 let images = generate::<B<AB>>(
-                    &model,
-                    &schedule,
-                    &sampler,
-                    guidance,
-                    &labels,
-                    args.batch,
-                    args.seed,
-                    threads,
-                    &device,
+                    &model, &schedule, &sampler, guidance, &labels, args.batch, args.seed, threads, &device,
                 )?;
                 (
                     images,
@@ -440,7 +436,9 @@ fn print_table(r: &Report) {
     }
     say!(
         "samples     {} (seed {}), {:.1} s",
-        r.samples, r.seed, r.wall_time_s
+        r.samples,
+        r.seed,
+        r.wall_time_s
     );
     say!(
         "accuracy    {:.2}%  (judge: {:.2}% on the MNIST test set)",
@@ -456,7 +454,9 @@ fn print_table(r: &Report) {
     say!("per class   {}", per.join(" "));
     say!(
         "Fréchet     {:.3}   (train vs test floor {:.3}, noise vs test ceiling {:.1})",
-        r.frechet, r.frechet_floor_train_vs_test, r.frechet_ceiling_noise_vs_test
+        r.frechet,
+        r.frechet_floor_train_vs_test,
+        r.frechet_ceiling_noise_vs_test
     );
     say!("confusion (rows: intended class, columns: judged class)");
     for (c, row) in r.confusion.iter().enumerate() {
@@ -492,17 +492,27 @@ pub struct ProbeResult {
 
 impl<B: Backend> Probe<B> {
     /// Loads the judge and the MNIST test and train sets' features.
-    pub fn new(probe: &crate::config::QualityProbe, seed: u64, cpu: bool, device: &B::Device) -> Result<Self> {
+    pub fn new(
+        probe: &crate::config::QualityProbe,
+        seed: u64,
+        cpu: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
         let (classifier, _) = judge::load::<B>(&judge::default_dir(), device)?;
         let test = data::load(DatasetName::Mnist, None, Split::Test)?;
         let train = data::load(DatasetName::Mnist, None, Split::Train)?;
-        let labels: Vec<usize> = (0..10).flat_map(|c| std::iter::repeat_n(c, probe.per_class)).collect();
+        let labels: Vec<usize> = (0..10)
+            .flat_map(|c| std::iter::repeat_n(c, probe.per_class))
+            .collect();
         let shape = [1, 28, 28];
         let features = |pixels: &[f32]| classify(&classifier, pixels, shape, 500, device).1;
         let test_f = features(&set_pixels(&test, test.len));
         let dim = test_f.len() / test.len;
         let test = Gaussian::fit(&test_f, dim);
-        let floor = frechet_distance(&Gaussian::fit(&features(&set_pixels(&train, labels.len())), dim), &test);
+        let floor = frechet_distance(
+            &Gaussian::fit(&features(&set_pixels(&train, labels.len())), dim),
+            &test,
+        );
         let threads = if cpu {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         } else {
@@ -521,7 +531,12 @@ impl<B: Backend> Probe<B> {
     }
 
     /// Samples and judges `model`'s digits (the same noise every time).
-    pub fn measure(&self, model: &diffusion_model::UNet<B>, schedule: &NoiseSchedule, device: &B::Device) -> Result<ProbeResult> {
+    pub fn measure(
+        &self,
+        model: &diffusion_model::UNet<B>,
+        schedule: &NoiseSchedule,
+        device: &B::Device,
+    ) -> Result<ProbeResult> {
         let batch = self.labels.len().div_ceil(self.threads);
         let images = generate(
             model,

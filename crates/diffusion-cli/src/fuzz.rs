@@ -40,7 +40,18 @@ fn workdir(name: &str) -> PathBuf {
     dir
 }
 
-const INTERESTING_U32: [u32; 10] = [0, 1, 2, 0x7f, 0xff, 0xffff, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 60_000];
+const INTERESTING_U32: [u32; 10] = [
+    0,
+    1,
+    2,
+    0x7f,
+    0xff,
+    0xffff,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_ffff,
+    60_000,
+];
 const HUGE_TEXT: [&str; 6] = ["-1", "0", "1e309", "NaN", "18446744073709551616", "4294967296"];
 
 /// One to four mutations of `input` (splicing from `seeds`).
@@ -73,7 +84,11 @@ fn mutate(rng: &mut SplitMix64, input: &[u8], seeds: &[Vec<u8>]) -> Vec<u8> {
             5 if len >= 4 => {
                 let i = rng.below(len - 3) as usize;
                 let x = INTERESTING_U32[rng.below(INTERESTING_U32.len() as u64) as usize];
-                let b = if rng.below(2) == 0 { x.to_be_bytes() } else { x.to_le_bytes() };
+                let b = if rng.below(2) == 0 {
+                    x.to_be_bytes()
+                } else {
+                    x.to_le_bytes()
+                };
                 v[i..i + 4].copy_from_slice(&b);
             }
             6 if !seeds.is_empty() => {
@@ -90,9 +105,15 @@ fn mutate(rng: &mut SplitMix64, input: &[u8], seeds: &[Vec<u8>]) -> Vec<u8> {
                 // A run of ASCII digits becomes a huge or odd number.
                 if let Some(i) = v.iter().position(|b| b.is_ascii_digit()).map(|first| {
                     let skip = at(rng).max(first);
-                    v[skip..].iter().position(|b| b.is_ascii_digit()).map_or(first, |p| skip + p)
+                    v[skip..]
+                        .iter()
+                        .position(|b| b.is_ascii_digit())
+                        .map_or(first, |p| skip + p)
                 }) {
-                    let end = v[i..].iter().position(|b| !b.is_ascii_digit()).map_or(v.len(), |p| i + p);
+                    let end = v[i..]
+                        .iter()
+                        .position(|b| !b.is_ascii_digit())
+                        .map_or(v.len(), |p| i + p);
                     let text = HUGE_TEXT[rng.below(HUGE_TEXT.len() as u64) as usize];
                     v.splice(i..end, text.bytes());
                 }
@@ -105,7 +126,9 @@ fn mutate(rng: &mut SplitMix64, input: &[u8], seeds: &[Vec<u8>]) -> Vec<u8> {
 
 /// The committed corpus of a target.
 fn corpus(name: &str) -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz-corpus").join(name);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fuzz-corpus")
+        .join(name);
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -118,7 +141,12 @@ fn corpus(name: &str) -> Vec<Vec<u8>> {
 fn kind(message: &str) -> String {
     message
         .split_whitespace()
-        .filter(|w| !w.contains('/') && !w.contains('"') && !w.contains('\'') && !w.chars().any(|c| c.is_ascii_digit()))
+        .filter(|w| {
+            !w.contains('/')
+                && !w.contains('"')
+                && !w.contains('\'')
+                && !w.chars().any(|c| c.is_ascii_digit())
+        })
         .take(8)
         .collect::<Vec<_>>()
         .join(" ")
@@ -193,18 +221,26 @@ fn fuzz_idx_reader() {
         e.write_all(b).unwrap();
         e.finish().unwrap()
     };
-    let real = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist/t10k-labels-idx1-ubyte.gz"))
-        .unwrap();
+    let real = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist/t10k-labels-idx1-ubyte.gz"),
+    )
+    .unwrap();
     let seeds = vec![images.clone(), labels.clone(), gz(&images), gz(&labels), real];
     let file = dir.join("f");
     let kinds = fuzz("idx", seeds, execs(3_000), |bytes| {
         std::fs::write(&file, bytes).unwrap();
-        match (read_idx(&file, FileKind::Images), read_idx(&file, FileKind::Labels)) {
+        match (
+            read_idx(&file, FileKind::Images),
+            read_idx(&file, FileKind::Labels),
+        ) {
             (Err(a), Err(_)) => Err(a.to_string()),
             _ => Ok(()),
         }
     });
-    assert!(kinds >= 4, "the mutations should reach several kinds of error, got {kinds}");
+    assert!(
+        kinds >= 4,
+        "the mutations should reach several kinds of error, got {kinds}"
+    );
 }
 
 #[test]
@@ -247,7 +283,10 @@ fn fuzz_run_config_and_checkpoint_index() {
     };
     let device = Default::default();
     let model = config.model.init::<Flex>(&device).unwrap();
-    crate::checkpoint::write(&run, state, |d| crate::checkpoint::save_module(model.clone(), &d.join("ema"))).unwrap();
+    crate::checkpoint::write(&run, state, |d| {
+        crate::checkpoint::save_module(model.clone(), &d.join("ema"))
+    })
+    .unwrap();
     let index = run.join("checkpoints/latest.json");
     let seeds = vec![
         serde_json::to_vec_pretty(&config).unwrap(),
@@ -258,7 +297,9 @@ fn fuzz_run_config_and_checkpoint_index() {
         std::fs::write(run.join("config.json"), bytes).unwrap();
         std::fs::write(&index, bytes).unwrap();
         let a = RunConfig::load(&run).map(|_| ()).map_err(|e| format!("{e:#}"));
-        let b = crate::checkpoint::latest(&run).map(|_| ()).map_err(|e| format!("{e:#}"));
+        let b = crate::checkpoint::latest(&run)
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"));
         a.or(b)
     });
     assert!(kinds >= 4, "{kinds}");
@@ -288,7 +329,8 @@ fn fuzz_weights_files() {
     let reference: diffusion_model::UNetConfig =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("unet.json")).unwrap()).unwrap();
     let pt_seed = std::fs::read(fixtures.join("model.pt")).unwrap();
-    let loaded = crate::interop::load_reference::<Flex>(&reference, &fixtures.join("model.pt"), &device).unwrap();
+    let loaded =
+        crate::interop::load_reference::<Flex>(&reference, &fixtures.join("model.pt"), &device).unwrap();
     let st_file = dir.join("seed.safetensors");
     crate::interop::save_reference(&loaded, &st_file).unwrap();
     let st_seed = std::fs::read(&st_file).unwrap();

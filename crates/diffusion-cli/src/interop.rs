@@ -205,7 +205,9 @@ pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::
 /// burn-store's decoding with its panics turned into an error naming the
 /// file.
 fn guarded<T>(file: &Path, decode: impl FnOnce() -> T) -> Result<T> {
-    Ok(diffusion_train::checkpoint::decode_guarded(file, "weights", decode)?)
+    Ok(diffusion_train::checkpoint::decode_guarded(
+        file, "weights", decode,
+    )?)
 }
 
 /// Refuses a file in which a tensor is not floating point, before any

@@ -22,9 +22,9 @@ mod data;
 mod eval;
 mod font;
 mod frechet;
+mod fsutil;
 #[cfg(test)]
 mod fuzz;
-mod fsutil;
 mod grid;
 mod interop;
 mod judge;

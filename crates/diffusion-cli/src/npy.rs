@@ -208,7 +208,10 @@ mod tests {
         // Too little data for the shape.
         let bytes = header("<f4", "(3, 2)");
         let err = parse(&bytes).unwrap_err().to_string();
-        assert!(err.contains("shape [3, 2] of 4-byte values does not match the 0 bytes"), "{err}");
+        assert!(
+            err.contains("shape [3, 2] of 4-byte values does not match the 0 bytes"),
+            "{err}"
+        );
         // A shape whose product overflows is an error, not a panic.
         let bytes = header("<f4", "(4294967296, 4294967296, 16)");
         let err = parse(&bytes).unwrap_err().to_string();

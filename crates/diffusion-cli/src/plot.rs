@@ -74,7 +74,11 @@ pub fn draw(path: &Path, loss: &[(f64, f64)], quality: &[QualityRow]) -> Result<
         let (lo, hi) = loss
             .iter()
             .fold((f64::INFINITY, 0f64), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-        let (lo, hi) = if loss.is_empty() { (0.01, 1.0) } else { (lo * 0.9, hi * 1.1) };
+        let (lo, hi) = if loss.is_empty() {
+            (0.01, 1.0)
+        } else {
+            (lo * 0.9, hi * 1.1)
+        };
         let mut chart = ChartBuilder::on(&panels[0])
             .caption("training loss", ("sans-serif", 18))
             .margin(10)
@@ -88,7 +92,9 @@ pub fn draw(path: &Path, loss: &[(f64, f64)], quality: &[QualityRow]) -> Result<
             .y_label_formatter(&|v| format!("{v:.3}"))
             .draw()
             .map_err(e)?;
-        chart.draw_series(LineSeries::new(loss.iter().copied(), &BLUE)).map_err(e)?;
+        chart
+            .draw_series(LineSeries::new(loss.iter().copied(), &BLUE))
+            .map_err(e)?;
 
         let steps: Vec<f64> = quality.iter().map(|q| q.step as f64).collect();
         let x_max = steps.last().copied().unwrap_or(last_step).max(last_step);
@@ -102,7 +108,9 @@ pub fn draw(path: &Path, loss: &[(f64, f64)], quality: &[QualityRow]) -> Result<
         chart.configure_mesh().x_desc("step").draw().map_err(e)?;
         let acc = quality.iter().map(|q| (q.step as f64, 100.0 * q.accuracy));
         chart.draw_series(LineSeries::new(acc.clone(), &RED)).map_err(e)?;
-        chart.draw_series(acc.map(|p| Circle::new(p, 3, RED.filled()))).map_err(e)?;
+        chart
+            .draw_series(acc.map(|p| Circle::new(p, 3, RED.filled())))
+            .map_err(e)?;
 
         let fd_max = quality.iter().map(|q| q.frechet).fold(1.0f64, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(&panels[2])
@@ -119,7 +127,9 @@ pub fn draw(path: &Path, loss: &[(f64, f64)], quality: &[QualityRow]) -> Result<
             .map_err(e)?
             .label("samples")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED));
-        chart.draw_series(fd.map(|p| Circle::new(p, 3, RED.filled()))).map_err(e)?;
+        chart
+            .draw_series(fd.map(|p| Circle::new(p, 3, RED.filled())))
+            .map_err(e)?;
         if let Some(floor) = quality.last().map(|q| q.floor) {
             chart
                 .draw_series(LineSeries::new(vec![(0.0, floor), (x_max, floor)], &BLACK))
@@ -152,8 +162,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let loss: Vec<(f64, f64)> = (1..=100).map(|s| (s as f64, 1.0 / (s as f64).sqrt())).collect();
         let quality = [
-            QualityRow { step: 50, accuracy: 0.6, frechet: 80.0, floor: 10.0 },
-            QualityRow { step: 100, accuracy: 0.9, frechet: 30.0, floor: 10.0 },
+            QualityRow {
+                step: 50,
+                accuracy: 0.6,
+                frechet: 80.0,
+                floor: 10.0,
+            },
+            QualityRow {
+                step: 100,
+                accuracy: 0.9,
+                frechet: 30.0,
+                floor: 10.0,
+            },
         ];
         let path = dir.join("training.png");
         draw(&path, &loss, &quality).unwrap();

@@ -355,7 +355,9 @@ impl Task for TrainTask {
         if resume {
             match trainer.resume(&run_dir) {
                 Err(CheckpointError::NotFound { .. }) => {
-                    eprintln!("no checkpoint yet (the run stopped before its first one): starting it from step 0");
+                    eprintln!(
+                        "no checkpoint yet (the run stopped before its first one): starting it from step 0"
+                    );
                 }
                 Err(e) => return Err(e.into()),
                 Ok(state) => {
@@ -441,7 +443,14 @@ impl Task for TrainTask {
                         epoch + 1,
                         tc.epochs
                     ));
-                    metrics.row(state.step, epoch, mean, out.lr, ips, started.elapsed().as_secs_f64())?;
+                    metrics.row(
+                        state.step,
+                        epoch,
+                        mean,
+                        out.lr,
+                        ips,
+                        started.elapsed().as_secs_f64(),
+                    )?;
                 }
                 let stop = interrupted.load(Ordering::SeqCst) || stop_after.is_some_and(|s| state.step >= s);
                 if stop || (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) {
@@ -539,12 +548,22 @@ impl Metrics {
     /// Opens the run's metrics, dropping rows past `step` (written after
     /// the checkpoint a resumed run starts from).
     fn open(run_dir: &Path, step: u64) -> Result<Self> {
-        Self::open_csv(run_dir, "metrics.csv", "step,epoch,loss,lr,img_per_s,elapsed_s", step)
+        Self::open_csv(
+            run_dir,
+            "metrics.csv",
+            "step,epoch,loss,lr,img_per_s,elapsed_s",
+            step,
+        )
     }
 
     /// `quality.csv`: the probe's accuracy and Fréchet distance per epoch.
     fn open_quality(run_dir: &Path, step: u64) -> Result<Self> {
-        Self::open_csv(run_dir, "quality.csv", "step,epoch,accuracy,frechet,frechet_floor", step)
+        Self::open_csv(
+            run_dir,
+            "quality.csv",
+            "step,epoch,accuracy,frechet,frechet_floor",
+            step,
+        )
     }
 
     /// Opens a CSV file of the run whose first column is the step, keeping
@@ -578,7 +597,11 @@ impl Metrics {
     }
 
     fn quality_row(&mut self, step: u64, epoch: u64, r: &ProbeResult, floor: f64) -> Result<()> {
-        writeln!(self.file, "{step},{epoch},{:.4},{:.3},{floor:.3}", r.accuracy, r.frechet)?;
+        writeln!(
+            self.file,
+            "{step},{epoch},{:.4},{:.3},{floor:.3}",
+            r.accuracy, r.frechet
+        )?;
         Ok(())
     }
 

@@ -114,7 +114,8 @@ pub fn draw_timesteps<B: Backend>(n: usize, num_steps: usize, device: &B::Device
 /// generator).
 pub fn drop_labels<B: Backend>(labels: Tensor<B, 1, Int>, rate: f64) -> Tensor<B, 1, Int> {
     let n = labels.dims()[0];
-    let drop = Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), &labels.device()).lower_elem(rate);
+    let drop =
+        Tensor::<B, 1>::random([n], Distribution::Uniform(0.0, 1.0), &labels.device()).lower_elem(rate);
     labels.mask_fill(drop, NO_CLASS)
 }
 
@@ -122,7 +123,11 @@ pub fn drop_labels<B: Backend>(labels: Tensor<B, 1, Int>, rate: f64) -> Tensor<B
 ///
 /// # Shapes
 /// - `alpha_bar`: [B, 1, 1, 1]; returns the same
-pub fn min_snr_weight<B: Backend>(alpha_bar: Tensor<B, 4>, gamma: f64, prediction: Prediction) -> Tensor<B, 4> {
+pub fn min_snr_weight<B: Backend>(
+    alpha_bar: Tensor<B, 4>,
+    gamma: f64,
+    prediction: Prediction,
+) -> Tensor<B, 4> {
     let snr = alpha_bar.clone() / alpha_bar.neg().add_scalar(1.0).clamp_min(1e-12);
     let clipped = snr.clone().clamp_max(gamma);
     match prediction {
@@ -265,7 +270,10 @@ mod tests {
             (Prediction::V, [4.0 / 5.0, 1.0 / 2.0, 5.0 / 10.0]), // min(SNR, γ)/(SNR + 1)
         ];
         for (p, expect) in cases {
-            let w = min_snr_weight(ab.clone(), 5.0, p).into_data().to_vec::<f32>().unwrap();
+            let w = min_snr_weight(ab.clone(), 5.0, p)
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
             for (got, want) in w.iter().zip(expect) {
                 assert!((got - want as f32).abs() < 1e-5, "{p:?}: {w:?} vs {expect:?}");
             }

@@ -20,7 +20,11 @@ pub const DATA_DIR_ENV: &str = "DIFFUSION_DATA_DIR";
 /// else `$XDG_CACHE_HOME/diffusion-rs`, else `$HOME/.cache/diffusion-rs`,
 /// else `./data` when no home folder is known.
 pub fn data_root() -> PathBuf {
-    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(dir) = var(DATA_DIR_ENV) {
         return dir;
     }

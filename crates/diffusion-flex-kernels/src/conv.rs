@@ -24,10 +24,7 @@ use super::{dims4, dot, f32s, sum};
 /// (depthwise) instead of one conv per group; the bias gradient is a
 /// per-channel sum without a transposed copy. Anything else falls back to
 /// burn's default backward.
-pub fn autodiff(
-    conv: &Conv2d<Autodiff<Flex>>,
-    x: Tensor<Autodiff<Flex>, 4>,
-) -> Tensor<Autodiff<Flex>, 4> {
+pub fn autodiff(conv: &Conv2d<Autodiff<Flex>>, x: Tensor<Autodiff<Flex>, 4>) -> Tensor<Autodiff<Flex>, 4> {
     let (Some(options), Some(bias)) = (conv_options(conv, &x), &conv.bias) else {
         return conv.forward(x);
     };

@@ -16,10 +16,7 @@ use super::{dot, sum, sum_sq_dev, vectorised};
 /// Group norm as one pass for the statistics and one for the output
 /// (burn's runs a dozen, the affine part as broadcasts through a strided
 /// iterator), and one fused backward pass.
-pub fn autodiff(
-    norm: &GroupNorm<Autodiff<Flex>>,
-    x: Tensor<Autodiff<Flex>, 4>,
-) -> Tensor<Autodiff<Flex>, 4> {
+pub fn autodiff(norm: &GroupNorm<Autodiff<Flex>>, x: Tensor<Autodiff<Flex>, 4>) -> Tensor<Autodiff<Flex>, 4> {
     let Some((gamma, beta)) = affine_params(norm, &x) else {
         return norm.forward(x);
     };

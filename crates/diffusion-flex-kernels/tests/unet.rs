@@ -2,10 +2,10 @@
 //! (The only test in this binary, so installing cannot race with another.)
 
 use burn::backend::{Autodiff, Flex};
-use diffusion_model::kernels::{self, Kernels};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::{Distribution, Int, Tensor};
+use diffusion_model::kernels::{self, Kernels};
 use diffusion_model::{UNet, UNetConfig};
 
 type Ad = Autodiff<Flex>;

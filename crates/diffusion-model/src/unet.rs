@@ -135,7 +135,16 @@ impl UNetConfig {
             ("embed_dim", self.embed_dim, 8192),
             ("num_steps", self.num_steps, 100_000),
             ("num_classes", self.num_classes.unwrap_or(1), 1_000_000),
-            ("widths", self.widths.iter().chain(&self.up_widths).copied().max().unwrap_or(1), 8192),
+            (
+                "widths",
+                self.widths
+                    .iter()
+                    .chain(&self.up_widths)
+                    .copied()
+                    .max()
+                    .unwrap_or(1),
+                8192,
+            ),
             ("levels", levels, 16),
         ];
         for (name, value, max) in too_big {

@@ -10,8 +10,12 @@ use std::sync::Arc;
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{Int, Tensor};
-use diffusion_core::{sample, Guided, NoiseSchedule, NoiseSource, Objective, SamplerConfig, SamplerKind, SeededNoise};
-use diffusion_data::{canonical_mirrors, default_dir, download, is_present, load_split, BatchLoader, DatasetName, Split};
+use diffusion_core::{
+    sample, Guided, NoiseSchedule, NoiseSource, Objective, SamplerConfig, SamplerKind, SeededNoise,
+};
+use diffusion_data::{
+    canonical_mirrors, default_dir, download, is_present, load_split, BatchLoader, DatasetName, Split,
+};
 use diffusion_model::UNetConfig;
 use diffusion_train::{LrSchedule, Trainer, TrainerConfig};
 
@@ -19,10 +23,18 @@ type B = Autodiff<Flex>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().map(Into::into).unwrap_or_else(|| default_dir(DatasetName::FashionMnist));
+    let dir = args
+        .next()
+        .map(Into::into)
+        .unwrap_or_else(|| default_dir(DatasetName::FashionMnist));
     let steps: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(300);
     if !is_present(&dir) {
-        download(DatasetName::FashionMnist, &dir, &canonical_mirrors(DatasetName::FashionMnist), &mut |_| {})?;
+        download(
+            DatasetName::FashionMnist,
+            &dir,
+            &canonical_mirrors(DatasetName::FashionMnist),
+            &mut |_| {},
+        )?;
     }
     diffusion_flex_kernels::install_for_unet(); // the fast CPU kernels (optional)
     let device = Default::default();
@@ -39,8 +51,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let schedule = NoiseSchedule::reference();
     let config = TrainerConfig {
         lr: 2e-3,
-        lr_schedule: LrSchedule { warmup_steps: 50, cosine_decay: true, min_factor: 0.05 },
-        objective: Objective { label_dropout: 0.1, ..Objective::default() },
+        lr_schedule: LrSchedule {
+            warmup_steps: 50,
+            cosine_decay: true,
+            min_factor: 0.05,
+        },
+        objective: Objective {
+            label_dropout: 0.1,
+            ..Objective::default()
+        },
         shards: 2,
         ..TrainerConfig::new(steps)
     };
@@ -52,7 +71,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let loss: f32 = trainer.step(batch.images, Some(batch.labels)).loss.into_scalar();
             let step = trainer.state().step;
             if step % 50 == 0 {
-                println!("step {step:4}  loss {loss:.4}  {:.0} s", start.elapsed().as_secs_f64());
+                println!(
+                    "step {step:4}  loss {loss:.4}  {:.0} s",
+                    start.elapsed().as_secs_f64()
+                );
             }
             if step == steps {
                 break 'train;
@@ -65,13 +87,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let classes = Tensor::<Flex, 1, Int>::arange(0..100, &device).div_scalar(10);
     let x: Tensor<Flex, 4> = NoiseSource::sample(&mut SeededNoise::new(1), [100, 1, 28, 28], &device);
     let mut sampler = SamplerConfig::new(SamplerKind::DpmSolverPp, 20).build::<Flex>(&schedule)?;
-    let x0 = sample(&Guided::new(ema, 2.0), sampler.as_mut(), x, Some(classes), &mut SeededNoise::new(2), |_, _| {});
-    let pixels: Vec<u8> = x0.into_data().to_vec::<f32>()?.iter().map(|v| ((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8).collect();
+    let x0 = sample(
+        &Guided::new(ema, 2.0),
+        sampler.as_mut(),
+        x,
+        Some(classes),
+        &mut SeededNoise::new(2),
+        |_, _| {},
+    );
+    let pixels: Vec<u8> = x0
+        .into_data()
+        .to_vec::<f32>()?
+        .iter()
+        .map(|v| ((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8)
+        .collect();
     let grid = image::GrayImage::from_fn(280, 280, |x, y| {
         let (img, px) = ((y / 28 * 10 + x / 28) as usize, ((y % 28) * 28 + x % 28) as usize);
         image::Luma([pixels[img * 784 + px]])
     });
     grid.save("fashion-grid.png")?;
-    println!("{steps} steps in {:.0} s; samples (a row per class): fashion-grid.png", start.elapsed().as_secs_f64());
+    println!(
+        "{steps} steps in {:.0} s; samples (a row per class): fashion-grid.png",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -232,8 +232,7 @@ pub fn write(
             let path = entry.path();
             let file_name = entry.file_name().to_string_lossy().to_string();
             let orphan = file_name.starts_with("step-")
-                && (file_name.ends_with(".partial")
-                    || named.as_deref().is_some_and(|n| n != file_name));
+                && (file_name.ends_with(".partial") || named.as_deref().is_some_and(|n| n != file_name));
             if orphan && path.is_dir() {
                 fs::remove_dir_all(&path).map_err(io_err(&path))?;
             } else if file_name.starts_with(&format!("{LATEST}.tmp-")) {
@@ -247,7 +246,9 @@ pub fn write(
         for entry in fs::read_dir(&tmp_dir).map_err(io_err(&tmp_dir))? {
             let path = entry.map_err(io_err(&tmp_dir))?.path();
             // Written files reach the disk before the index names them.
-            fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
+            fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&path))?;
             let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
             files.insert(name, sha256_file(&path)?);
         }
@@ -335,32 +336,46 @@ pub fn save_module<B: Backend, M: Module<B>>(module: M, file: &Path) -> Result<(
 /// Saves a record (weights, optimizer state) as `file`.mpk in the format
 /// of [`Recorder`]: encoded in memory first, so that a failed write (a full
 /// disk) is reported as the file-system error it is.
-pub fn save_record<B: Backend, R: Record<B>>(record: R, file: &Path, what: &'static str) -> Result<(), CheckpointError> {
+pub fn save_record<B: Backend, R: Record<B>>(
+    record: R,
+    file: &Path,
+    what: &'static str,
+) -> Result<(), CheckpointError> {
     let path = file.with_extension("mpk");
-    let bytes = burn::record::Recorder::<B>::record(&NamedMpkBytesRecorder::<FullPrecisionSettings>::new(), record, ())
-        .map_err(|e| CheckpointError::Save {
-            path: path.clone(),
-            what,
-            reason: e.to_string(),
-        })?;
+    let bytes = burn::record::Recorder::<B>::record(
+        &NamedMpkBytesRecorder::<FullPrecisionSettings>::new(),
+        record,
+        (),
+    )
+    .map_err(|e| CheckpointError::Save {
+        path: path.clone(),
+        what,
+        reason: e.to_string(),
+    })?;
     fs::write(&path, bytes).map_err(io_err(&path))
 }
 
 /// Loads weights saved by [`save_module`] (`file`.mpk) into `module`, and
 /// checks them: every parameter's path and shape as in `module`, every
 /// value finite.
-pub fn load_module<B: Backend, M: Module<B>>(module: M, file: &Path, device: &B::Device) -> Result<M, CheckpointError> {
+pub fn load_module<B: Backend, M: Module<B>>(
+    module: M,
+    file: &Path,
+    device: &B::Device,
+) -> Result<M, CheckpointError> {
     let path = file.with_extension("mpk");
     if !path.is_file() {
         return Err(CheckpointError::Missing { path });
     }
     let expected = params::describe(&module);
-    let loaded = decode_guarded(&path, "weights", || module.load_file(file.to_path_buf(), &Recorder::new(), device))?
-        .map_err(|e| CheckpointError::Load {
-            path: path.clone(),
-            what: "weights",
-            reason: recorder_reason(&e.to_string()),
-        })?;
+    let loaded = decode_guarded(&path, "weights", || {
+        module.load_file(file.to_path_buf(), &Recorder::new(), device)
+    })?
+    .map_err(|e| CheckpointError::Load {
+        path: path.clone(),
+        what: "weights",
+        reason: recorder_reason(&e.to_string()),
+    })?;
     check_loaded(&expected, loaded, &path)
 }
 
@@ -369,7 +384,11 @@ pub fn load_module<B: Backend, M: Module<B>>(module: M, file: &Path, device: &B:
 /// (found by fuzzing: `ParamId::deserialize` says "Invalid id." on a
 /// mutated .mpk) instead of returning an error; the panic hook is silenced
 /// meanwhile, so the caller reports one error, not a crash report.
-pub fn decode_guarded<T>(path: &Path, what: &'static str, decode: impl FnOnce() -> T) -> Result<T, CheckpointError> {
+pub fn decode_guarded<T>(
+    path: &Path,
+    what: &'static str,
+    decode: impl FnOnce() -> T,
+) -> Result<T, CheckpointError> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));

@@ -77,7 +77,12 @@ impl RunLock {
                         });
                     };
                     match process_alive(pid) {
-                        Some(true) => return Err(LockError::Busy { path: path.clone(), pid }),
+                        Some(true) => {
+                            return Err(LockError::Busy {
+                                path: path.clone(),
+                                pid,
+                            })
+                        }
                         Some(false) => {
                             let _ = fs::remove_file(&path);
                             removed_stale = Some(pid);
@@ -117,7 +122,9 @@ fn process_alive(pid: u32) -> Option<bool> {
         return Some(true);
     }
     let proc = Path::new("/proc");
-    proc.join("self").exists().then(|| proc.join(pid.to_string()).exists())
+    proc.join("self")
+        .exists()
+        .then(|| proc.join(pid.to_string()).exists())
 }
 
 #[cfg(test)]

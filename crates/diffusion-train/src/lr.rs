@@ -59,7 +59,10 @@ mod tests {
         assert!((s.at(1.0, 60, 110) - 0.5).abs() < 1e-12);
         assert!(s.at(1.0, 110, 110).abs() < 1e-12);
         assert_eq!(LrSchedule::constant().at(0.3, 5, 10), 0.3);
-        let floor = LrSchedule { min_factor: 0.05, ..s };
+        let floor = LrSchedule {
+            min_factor: 0.05,
+            ..s
+        };
         assert!((floor.at(2.0, 110, 110) - 0.1).abs() < 1e-12);
     }
 }

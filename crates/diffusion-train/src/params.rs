@@ -46,11 +46,18 @@ pub fn mismatch(expected: &[ParamInfo], found: &[ParamInfo]) -> Option<String> {
             return Some(format!("parameter {} where {} was expected", f.path, e.path));
         }
         if e.shape != f.shape {
-            return Some(format!("{} has shape {:?}, the configuration needs {:?}", e.path, f.shape, e.shape));
+            return Some(format!(
+                "{} has shape {:?}, the configuration needs {:?}",
+                e.path, f.shape, e.shape
+            ));
         }
     }
     if expected.len() != found.len() {
-        return Some(format!("{} parameters, the configuration needs {}", found.len(), expected.len()));
+        return Some(format!(
+            "{} parameters, the configuration needs {}",
+            found.len(),
+            expected.len()
+        ));
     }
     None
 }

@@ -128,7 +128,13 @@ mod tests {
                 .powi_scalar(2)
                 .mean()
         };
-        let grad = |g: &GradientsParams| g.get::<Flex, 2>(model.weight.id).unwrap().into_data().to_vec::<f32>().unwrap();
+        let grad = |g: &GradientsParams| {
+            g.get::<Flex, 2>(model.weight.id)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        };
         let (whole, l1) = sharded_gradients(&model, 10, 1, mse);
         // 3 uneven shards (3, 3, 4 samples): weights 0.3, 0.3, 0.4.
         let (split, l3) = sharded_gradients(&model, 10, 3, mse);

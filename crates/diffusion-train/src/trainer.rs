@@ -215,7 +215,11 @@ where
         checkpoint::write(run_dir, self.state, |dir| {
             checkpoint::save_module(self.model.clone(), &dir.join(checkpoint::MODEL))?;
             checkpoint::save_module(self.ema.model.clone(), &dir.join(checkpoint::EMA))?;
-            checkpoint::save_record::<B, _>(self.optim.to_record(), &dir.join(checkpoint::OPTIMIZER), "optimizer state")
+            checkpoint::save_record::<B, _>(
+                self.optim.to_record(),
+                &dir.join(checkpoint::OPTIMIZER),
+                "optimizer state",
+            )
         })
     }
 
@@ -230,10 +234,10 @@ where
             Recorder::new().load(file.clone(), &self.device)
         })?
         .map_err(|e| CheckpointError::Load {
-                path: file.with_extension("mpk"),
-                what: "optimizer state",
-                reason: e.to_string().lines().next().unwrap_or_default().to_string(),
-            })?;
+            path: file.with_extension("mpk"),
+            what: "optimizer state",
+            reason: e.to_string().lines().next().unwrap_or_default().to_string(),
+        })?;
         let optim = AdamConfig::new()
             .with_epsilon(self.config.adam_epsilon as f32)
             .init::<B, M>()

@@ -52,7 +52,18 @@ fn batch(k: u64) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
 fn weights(t: &Trainer<B, UNet<B>>) -> Vec<f32> {
     let m = t.model().valid();
     let mut v = m.head.conv2.weight.val().into_data().to_vec::<f32>().unwrap();
-    v.extend(t.ema().model.stem.convnext.conv1.weight.val().into_data().to_vec::<f32>().unwrap());
+    v.extend(
+        t.ema()
+            .model
+            .stem
+            .convnext
+            .conv1
+            .weight
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap(),
+    );
     v
 }
 
@@ -106,7 +117,10 @@ fn a_nan_loss_is_never_saved_and_the_last_good_checkpoint_stays_latest() {
     let (x, y) = batch(1);
     t.step(x.mul_scalar(f32::NAN), Some(y));
     let err = t.save(&dir).unwrap_err();
-    assert!(matches!(err, CheckpointError::NonFiniteLoss { step: 2, .. }), "{err}");
+    assert!(
+        matches!(err, CheckpointError::NonFiniteLoss { step: 2, .. }),
+        "{err}"
+    );
     // It keeps refusing, and latest.json still names step 1.
     assert!(t.save(&dir).is_err());
     assert_eq!(checkpoint::latest(&dir).unwrap().1.step, 1);
@@ -141,7 +155,8 @@ fn checkpoints_are_checked_on_load() {
     bytes[mid] ^= 0x40;
     std::fs::write(&file, &bytes).unwrap();
     let index = checkpoint::checkpoints_dir(&dir).join(checkpoint::LATEST);
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
     json.as_object_mut().unwrap().remove("files");
     std::fs::write(&index, json.to_string()).unwrap();
     let (found, state) = checkpoint::latest(&dir).unwrap();
