@@ -389,7 +389,7 @@ impl Task for TrainTask {
         };
 
         let mut metrics = Metrics::open(&run_dir, trainer.state().step)?;
-        let probe = match &config.preview.quality {
+        let mut probe = match &config.preview.quality {
             Some(q) => {
                 let mut quality = Metrics::open_quality(&run_dir, trainer.state().step)?;
                 let probe = Probe::<B::InnerBackend>::new(q, tc.seed, cpu, &device)?;
@@ -402,7 +402,6 @@ impl Task for TrainTask {
             }
             None => None,
         };
-        let mut probe = probe;
         let bar = progress::bar(total, "steps");
         bar.set_position(trainer.state().step);
         let started = Instant::now();

@@ -17,11 +17,7 @@ pub struct ParamInfo {
 
 /// The float parameters of `module`, in visit order.
 pub fn describe<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
-    let mut v = Describe {
-        stack: Vec::new(),
-        out: Vec::new(),
-        finite: None,
-    };
+    let mut v = Describe::default();
     module.visit(&mut v);
     v.out
 }
@@ -30,12 +26,11 @@ pub fn describe<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamInfo> {
 /// infinity, if any.
 pub fn first_non_finite<B: Backend, M: Module<B>>(module: &M) -> Option<String> {
     let mut v = Describe {
-        stack: Vec::new(),
-        out: Vec::new(),
-        finite: Some(None),
+        check_values: true,
+        ..Describe::default()
     };
     module.visit(&mut v);
-    v.finite.flatten()
+    v.first_non_finite
 }
 
 /// The first difference between the parameters a module should have
@@ -62,11 +57,14 @@ pub fn mismatch(expected: &[ParamInfo], found: &[ParamInfo]) -> Option<String> {
     None
 }
 
+#[derive(Default)]
 struct Describe {
+    /// The path of the module being visited.
     stack: Vec<String>,
     out: Vec<ParamInfo>,
-    /// `Some` when checking values: the first non-finite path found.
-    finite: Option<Option<String>>,
+    /// Whether to read the values back (one number per parameter).
+    check_values: bool,
+    first_non_finite: Option<String>,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Describe {
@@ -80,22 +78,18 @@ impl<B: Backend> ModuleVisitor<B> for Describe {
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let path = self.stack.join(".");
-        match &mut self.finite {
-            None => self.out.push(ParamInfo {
-                path,
-                shape: param.val().dims().to_vec(),
-            }),
-            Some(found) => {
-                if found.is_none() {
-                    // Σ|w| is NaN or infinite exactly when some value is
-                    // (weights near f32::MAX aside, which are broken anyway).
-                    let s: f64 = param.val().abs().sum().into_scalar().elem();
-                    if !s.is_finite() {
-                        *found = Some(path);
-                    }
-                }
+        if self.check_values && self.first_non_finite.is_none() {
+            // Σ|w| is NaN or infinite exactly when some value is (weights
+            // near f32::MAX aside, which are broken anyway).
+            let s: f64 = param.val().abs().sum().into_scalar().elem();
+            if !s.is_finite() {
+                self.first_non_finite = Some(path.clone());
             }
         }
+        self.out.push(ParamInfo {
+            path,
+            shape: param.val().dims().to_vec(),
+        });
     }
 }
 

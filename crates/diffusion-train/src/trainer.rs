@@ -95,9 +95,7 @@ where
 {
     /// A trainer at step 0 for `model`, with noise `schedule`.
     pub fn new(model: M, schedule: &NoiseSchedule, config: TrainerConfig, device: &B::Device) -> Self {
-        let optim = AdamConfig::new()
-            .with_epsilon(config.adam_epsilon as f32)
-            .init::<B, M>();
+        let optim = adam(&config);
         let ema = Ema::new(model.valid(), config.ema);
         Self {
             model,
@@ -238,10 +236,7 @@ where
             what: "optimizer state",
             reason: e.to_string().lines().next().unwrap_or_default().to_string(),
         })?;
-        let optim = AdamConfig::new()
-            .with_epsilon(self.config.adam_epsilon as f32)
-            .init::<B, M>()
-            .load_record(record);
+        let optim = adam(&self.config).load_record(record);
         self.model = model;
         self.ema.model = ema;
         self.ema.updates = state.ema_updates;
@@ -250,4 +245,12 @@ where
         self.unchecked = None;
         Ok(state)
     }
+}
+
+/// A fresh Adam with the config's ε (its state comes from `load_record`
+/// when resuming).
+fn adam<B: AutodiffBackend, M: AutodiffModule<B>>(config: &TrainerConfig) -> OptimizerAdaptor<Adam, M, B> {
+    AdamConfig::new()
+        .with_epsilon(config.adam_epsilon as f32)
+        .init::<B, M>()
 }
