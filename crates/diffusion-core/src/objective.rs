@@ -146,13 +146,50 @@ impl Objective {
         labels: Option<Tensor<B, 1, Int>>,
         num_steps: usize,
     ) -> TrainingBatch<B> {
-        let device = x0.device();
         let n = x0.dims()[0];
-        let t = draw_timesteps::<B>(n, num_steps, &device);
-        let eps = Tensor::<B, 4>::random(x0.dims(), Distribution::Normal(0.0, 1.0), &device);
+        self.draw_part(x0, labels, num_steps, 0, n)
+    }
+
+    /// The draws of [`Objective::draw`] for a batch of `global` samples,
+    /// of which `x0` (and `labels`) are samples `[offset, offset + len)`:
+    /// t, ε and the label drops are drawn for the whole batch, in the same
+    /// order as `draw`, and cut to this part. Data-parallel replicas that
+    /// seed the generator alike therefore draw, between them, exactly what
+    /// one device would for the whole batch.
+    ///
+    /// # Panics
+    /// If the part does not fit in the batch.
+    pub fn draw_part<B: Backend>(
+        &self,
+        x0: Tensor<B, 4>,
+        labels: Option<Tensor<B, 1, Int>>,
+        num_steps: usize,
+        offset: usize,
+        global: usize,
+    ) -> TrainingBatch<B> {
+        let device = x0.device();
+        let [len, c, h, w] = x0.dims();
+        assert!(
+            offset + len <= global,
+            "draw_part: samples {offset}..{} of {global}",
+            offset + len
+        );
+        let part = len != global;
+        let t = draw_timesteps::<B>(global, num_steps, &device);
+        let eps = Tensor::<B, 4>::random([global, c, h, w], Distribution::Normal(0.0, 1.0), &device);
+        let (t, eps) = if part {
+            (t.narrow(0, offset, len), eps.narrow(0, offset, len))
+        } else {
+            (t, eps)
+        };
         let labels = match labels {
             None => Labels::None,
-            Some(l) if self.label_dropout > 0.0 => Labels::WithDropped(drop_labels(l, self.label_dropout)),
+            Some(l) if self.label_dropout > 0.0 => {
+                let drop = Tensor::<B, 1>::random([global], Distribution::Uniform(0.0, 1.0), &device)
+                    .lower_elem(self.label_dropout);
+                let drop = if part { drop.narrow(0, offset, len) } else { drop };
+                Labels::WithDropped(l.mask_fill(drop, NO_CLASS))
+            }
             Some(l) => Labels::Classes(l),
         };
         TrainingBatch { x0, t, eps, labels }
@@ -278,6 +315,48 @@ mod tests {
                 assert!((got - want as f32).abs() < 1e-5, "{p:?}: {w:?} vs {expect:?}");
             }
         }
+    }
+
+    #[test]
+    fn parts_of_a_batch_draw_what_the_whole_batch_draws() {
+        let device = Default::default();
+        let objective = Objective {
+            label_dropout: 0.5,
+            ..Objective::default()
+        };
+        let x0 = Tensor::<B, 4>::random([6, 1, 2, 2], Distribution::Normal(0.0, 1.0), &device);
+        let labels = Tensor::<B, 1, Int>::from_ints([0, 1, 2, 3, 4, 5], &device);
+        <B as Backend>::seed(&device, 3);
+        let whole = objective.draw(x0.clone(), Some(labels.clone()), 1000);
+        let floats = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap();
+        let label_ints = |l: &Labels<B>| match l {
+            Labels::WithDropped(l) => ints(l),
+            other => panic!("labels not dropped: {other:?}"),
+        };
+        let mut t = Vec::new();
+        let mut eps = Vec::new();
+        let mut dropped = Vec::new();
+        for (offset, len) in [(0, 2), (2, 4)] {
+            <B as Backend>::seed(&device, 3);
+            let part = objective.draw_part(
+                x0.clone().narrow(0, offset, len),
+                Some(labels.clone().narrow(0, offset, len)),
+                1000,
+                offset,
+                6,
+            );
+            t.extend(ints(&part.t));
+            eps.extend(floats(part.eps));
+            dropped.extend(label_ints(&part.labels));
+        }
+        assert_eq!(t, ints(&whole.t));
+        assert_eq!(eps, floats(whole.eps));
+        assert_eq!(dropped, label_ints(&whole.labels));
+        // Seed 3 drops some labels and keeps others, so the cut is tested.
+        assert!(
+            dropped.contains(&NO_CLASS) && dropped.iter().any(|&c| c != NO_CLASS),
+            "{dropped:?}"
+        );
     }
 
     #[test]

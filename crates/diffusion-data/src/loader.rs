@@ -30,6 +30,8 @@ pub struct BatchLoader {
     prefetch: usize,
     /// Images in use: the first `used` of the set.
     used: usize,
+    /// This replica's share of every batch: (rank, world size).
+    part: (usize, usize),
 }
 
 impl BatchLoader {
@@ -48,7 +50,27 @@ impl BatchLoader {
             seed,
             workers,
             prefetch: DEFAULT_PREFETCH,
+            part: (0, 1),
         }
+    }
+
+    /// Hands out only replica `rank`'s share of every batch, for
+    /// data-parallel training over `world` replicas: batch b of an epoch is
+    /// the same set of images as without a split, and replica r gets its
+    /// r-th contiguous slice of `batch_size / world` images. Together the
+    /// replicas read each epoch once; what a replica reads is a pure
+    /// function of `(seed, epoch, rank, world)`.
+    ///
+    /// # Panics
+    /// If `world` is 0, `rank >= world` or `world` does not divide the batch size.
+    pub fn part(mut self, rank: usize, world: usize) -> Self {
+        assert!(
+            world > 0 && rank < world && self.batch_size % world == 0,
+            "BatchLoader::part: rank {rank} of {world} cannot split batches of {}",
+            self.batch_size
+        );
+        self.part = (rank, world);
+        self
     }
 
     /// Uses only the first `max_images` images of the set (quick presets).
@@ -93,6 +115,11 @@ impl BatchLoader {
         &self.set
     }
 
+    /// This loader's share of each batch: `(rank, world)` (`(0, 1)`: all).
+    pub fn share(&self) -> (usize, usize) {
+        self.part
+    }
+
     /// Full batches per epoch: `len / batch_size`, the rest is dropped.
     pub fn batches_per_epoch(&self) -> usize {
         self.used / self.batch_size
@@ -114,6 +141,7 @@ impl BatchLoader {
             set: Arc::clone(&self.set),
             order: self.permutation(epoch),
             batch_size: self.batch_size,
+            part: self.part,
         });
         let mut epoch = Epoch {
             plan,
@@ -172,12 +200,15 @@ struct Plan {
     set: Arc<ImageSet>,
     order: Vec<u32>,
     batch_size: usize,
+    part: (usize, usize),
 }
 
 impl Plan {
     fn batch(&self, b: usize) -> HostBatch {
-        let indices = &self.order[b * self.batch_size..(b + 1) * self.batch_size];
-        HostBatch::gather(&self.set, indices)
+        let (rank, world) = self.part;
+        let share = self.batch_size / world;
+        let start = b * self.batch_size + rank * share;
+        HostBatch::gather(&self.set, &self.order[start..start + share])
     }
 }
 
@@ -287,6 +318,39 @@ mod tests {
             let want: Vec<i32> = ids(b).iter().map(|&i| (i % 10) as i32).collect();
             assert_eq!(b.labels, want);
         }
+    }
+
+    #[test]
+    fn replicas_split_every_batch_and_read_the_epoch_once() {
+        let set = numbered_set(100);
+        let whole: Vec<Vec<u32>> = BatchLoader::new(set.clone(), 12, 3, 0)
+            .epoch(1, 0)
+            .map(|b| ids(&b))
+            .collect();
+        let world = 3;
+        let parts: Vec<Vec<Vec<u32>>> = (0..world)
+            .map(|r| {
+                BatchLoader::new(set.clone(), 12, 3, 2)
+                    .part(r, world)
+                    .epoch(1, 0)
+                    .map(|b| ids(&b))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(whole.len(), 8);
+        for (b, batch) in whole.iter().enumerate() {
+            // Replica r holds the r-th third of batch b, in order.
+            let joined: Vec<u32> = (0..world).flat_map(|r| parts[r][b].clone()).collect();
+            assert_eq!(&joined, batch);
+            assert!(parts.iter().all(|p| p[b].len() == 4));
+        }
+        // Resuming mid-epoch resumes each replica's share.
+        let resumed: Vec<Vec<u32>> = BatchLoader::new(set, 12, 3, 0)
+            .part(1, world)
+            .epoch(1, 5)
+            .map(|b| ids(&b))
+            .collect();
+        assert_eq!(resumed, parts[1][5..]);
     }
 
     #[test]

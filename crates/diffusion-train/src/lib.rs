@@ -43,6 +43,8 @@
 
 pub mod atomic;
 pub mod checkpoint;
+#[cfg(feature = "collective")]
+pub mod distributed;
 pub mod lock;
 pub mod lr;
 pub mod params;
@@ -52,7 +54,7 @@ pub mod trainer;
 pub use checkpoint::{CheckpointError, TrainState};
 pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
-pub use trainer::{StepOutput, Trainer, TrainerConfig};
+pub use trainer::{BatchPart, GradientSync, StepOutput, Trainer, TrainerConfig};
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -2,10 +2,11 @@
 //! step that returns the loss and checkpoints that resume exactly.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, Optimizer};
+use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
 use burn::record::Recorder as _;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
@@ -58,6 +59,54 @@ impl TrainerConfig {
         }
     }
 }
+
+/// Where one replica's samples sit in the global batch of a
+/// data-parallel step (see [`Trainer::step_part`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPart {
+    /// Index of this replica's first sample in the global batch.
+    pub offset: usize,
+    /// Samples in the global batch (all replicas together).
+    pub global: usize,
+}
+
+/// Averages gradients over data-parallel replicas between backward and
+/// the optimizer step (`diffusion_train::distributed::Replica` does it
+/// with burn's collective all-reduce; a lone trainer does nothing).
+pub trait GradientSync<B: AutodiffBackend> {
+    /// Why averaging failed (a peer lost, a timeout).
+    type Error;
+
+    /// Replaces this replica's gradients of `model` and its mean loss by
+    /// their means over all replicas (every replica must call this once
+    /// per step, with the same model layout).
+    fn average<M: AutodiffModule<B>>(
+        &mut self,
+        model: &M,
+        grads: GradientsParams,
+        loss: Tensor<B::InnerBackend, 1>,
+    ) -> Result<(GradientsParams, Tensor<B::InnerBackend, 1>), Self::Error>;
+}
+
+/// The one-replica [`GradientSync`]: the gradients are already the mean.
+struct Alone;
+
+impl<B: AutodiffBackend> GradientSync<B> for Alone {
+    type Error = std::convert::Infallible;
+
+    fn average<M: AutodiffModule<B>>(
+        &mut self,
+        _: &M,
+        grads: GradientsParams,
+        loss: Tensor<B::InnerBackend, 1>,
+    ) -> Result<(GradientsParams, Tensor<B::InnerBackend, 1>), Self::Error> {
+        Ok((grads, loss))
+    }
+}
+
+/// Held while a trainer seeds the backend's generator and draws a step's
+/// randomness, so replicas in threads of one process do not interleave.
+static DRAWS: Mutex<()> = Mutex::new(());
 
 /// What a step returns.
 #[derive(Debug, Clone)]
@@ -115,9 +164,37 @@ where
     /// gradient (over `shards` threads), steps Adam at the scheduled
     /// learning rate and updates the EMA.
     pub fn step(&mut self, x0: Tensor<B, 4>, labels: Option<Tensor<B, 1, Int>>) -> StepOutput<B> {
-        B::seed(&self.device, mix_seed(self.config.seed, self.state.step));
+        let n = x0.dims()[0];
+        let part = BatchPart { offset: 0, global: n };
+        match self.step_part(x0, labels, part, &mut Alone) {
+            Ok(out) => out,
+            Err(never) => match never {},
+        }
+    }
+
+    /// One data-parallel step: `x0` and `labels` are samples
+    /// `[part.offset, part.offset + len)` of a global batch of
+    /// `part.global`, spread over replicas that each hold a trainer in the
+    /// same state. This replica draws its share of t, ε and label drops
+    /// ([`Objective::draw_part`]), computes the gradient of its mean loss,
+    /// and `sync` replaces it by the replicas' average before Adam steps;
+    /// every replica then takes the same step. With one replica and
+    /// `part = 0..n of n` this is [`Trainer::step`].
+    pub fn step_part<S: GradientSync<B>>(
+        &mut self,
+        x0: Tensor<B, 4>,
+        labels: Option<Tensor<B, 1, Int>>,
+        part: BatchPart,
+        sync: &mut S,
+    ) -> Result<StepOutput<B>, S::Error> {
         let objective = self.config.objective;
-        let batch = objective.draw(x0, labels, self.num_steps);
+        let batch = {
+            // The generator may be shared by replicas in other threads:
+            // seeding and drawing happen under one lock.
+            let _guard = DRAWS.lock().unwrap_or_else(|e| e.into_inner());
+            B::seed(&self.device, mix_seed(self.config.seed, self.state.step));
+            objective.draw_part(x0, labels, self.num_steps, part.offset, part.global)
+        };
         let n = batch.len();
         let fp = &self.fp;
         let (grads, loss) = sharded_gradients(&self.model, n, self.config.shards, |model: &M, range| {
@@ -128,6 +205,7 @@ where
             };
             objective.loss(model, fp, part)
         });
+        let (grads, loss) = sync.average(&self.model, grads, loss)?;
         let lr = self.lr_at(self.state.step);
         self.model = self.optim.step(lr, self.model.clone(), grads);
         self.ema.update(&self.model.valid());
@@ -138,7 +216,7 @@ where
             Some(sum) => sum + loss.clone(),
             None => loss.clone(),
         });
-        StepOutput { loss, lr }
+        Ok(StepOutput { loss, lr })
     }
 
     /// Checks that every loss since the last check was finite (reads one
