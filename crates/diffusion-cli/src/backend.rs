@@ -68,19 +68,51 @@ impl BackendKind {
 pub trait Task {
     type Output;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<Self::Output>;
+
+    /// Devices the task asks for (data-parallel training: `--devices`).
+    fn devices(&self) -> usize {
+        1
+    }
+
+    /// Runs on `devices` (as many as [`Task::devices`]); the default runs
+    /// on the first.
+    fn run_on<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<Self::Output>
+    where
+        Self: Sized,
+    {
+        let first = devices.into_iter().next().expect("at least one device");
+        self.run::<B>(first)
+    }
 }
 
-/// Runs `task` on the chosen backend's default device.
+/// Runs `task` on the chosen backend: its default device, or devices
+/// 0..N−1 when the task asks for N (`cuda:i`, the i-th wgpu GPU, or N
+/// replicas of the CPU).
 pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
+    let n = task.devices().max(1);
     match kind {
         #[cfg(feature = "cuda")]
-        BackendKind::Cuda => task.run::<Autodiff<burn_cuda::Cuda>>(burn_cuda::CudaDevice::default()),
+        BackendKind::Cuda => {
+            let devices = if n == 1 {
+                vec![burn_cuda::CudaDevice::default()]
+            } else {
+                (0..n).map(burn_cuda::CudaDevice::new).collect()
+            };
+            task.run_on::<Autodiff<burn_cuda::Cuda>>(devices)
+        }
         #[cfg(feature = "wgpu")]
-        BackendKind::Wgpu => task.run::<Autodiff<burn_wgpu::Wgpu>>(burn_wgpu::WgpuDevice::default()),
+        BackendKind::Wgpu => {
+            let devices = if n == 1 {
+                vec![burn_wgpu::WgpuDevice::default()]
+            } else {
+                (0..n).map(burn_wgpu::WgpuDevice::DiscreteGpu).collect()
+            };
+            task.run_on::<Autodiff<burn_wgpu::Wgpu>>(devices)
+        }
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => {
             diffusion_flex_kernels::install_for_unet();
-            task.run::<Autodiff<burn::backend::Flex>>(Default::default())
+            task.run_on::<Autodiff<burn::backend::Flex>>(vec![Default::default(); n])
         }
     }
 }

@@ -88,6 +88,11 @@ pub struct TrainConfig {
     /// parallel threads (the gradient is that of the whole batch).
     #[serde(default = "one")]
     pub shards: usize,
+    /// Data-parallel replicas (devices × nodes) of the last session; each
+    /// took `batch_size / world_size` of every batch. Informative: a run
+    /// may resume with another world size that divides `batch_size`.
+    #[serde(default = "one")]
+    pub world_size: usize,
 }
 
 /// The grid drawn after every epoch.
@@ -156,6 +161,7 @@ impl RunConfig {
             log_every: 10,
             workers: 2,
             shards: 2,
+            world_size: 1,
         };
         match preset {
             Preset::Seed => RunConfig {
@@ -313,6 +319,13 @@ impl RunConfig {
             if value > max {
                 bail!("{name} must be at most {max}, got {value}");
             }
+        }
+        if t.world_size == 0 || t.batch_size % t.world_size != 0 {
+            bail!(
+                "batch_size {} does not split over {} replicas; with --devices/--nodes, --batch is per device (or leave it out: the preset's batch is split)",
+                t.batch_size,
+                t.world_size
+            );
         }
         if t.limit == Some(0) {
             bail!("limit (--limit) must be at least 1");

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
@@ -13,6 +13,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use diffusion_core::{NoiseSchedule, Prediction};
 use diffusion_data::{BatchLoader, ImageSet, Split};
 use diffusion_model::UNet;
+use diffusion_train::distributed::{self, parse_host_port, start_orchestrator, Cluster, Nodes, Replica};
 use diffusion_train::{CheckpointError, RunLock, Trainer};
 
 use crate::backend::{dispatch, BackendKind, Task};
@@ -97,6 +98,92 @@ pub struct TrainArgs {
     /// interrupted; `--resume` continues.
     #[arg(long, value_name = "N")]
     pub stop_after: Option<u64>,
+    /// Data-parallel replicas in this process: cuda:0..N-1, wgpu GPUs
+    /// 0..N-1, or N CPU replicas. Gradients are averaged every step, so
+    /// the run trains as one device would on the global batch.
+    #[arg(long, value_name = "N")]
+    pub devices: Option<usize>,
+    /// Processes (machines) in the run, each with --devices replicas; run
+    /// the same command on each, with its own --node-rank.
+    #[arg(long, value_name = "M")]
+    pub nodes: Option<u32>,
+    /// This node's rank, 0..M-1. Node 0 hosts the coordinator and writes
+    /// checkpoints, metrics and samples.
+    #[arg(long, value_name = "R")]
+    pub node_rank: Option<u32>,
+    /// Where node 0 listens for the others (its address as they see it).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator: Option<String>,
+    /// Where the other nodes reach this node's tensor service (default
+    /// with a 127.0.0.1 coordinator: 127.0.0.1:<coordinator port + 1 + rank>).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub node_address: Option<String>,
+    /// Seconds a replica waits for the others in one step before it gives
+    /// up (a peer died or never connected). Must exceed node 0's longest
+    /// pause: its epoch-end samples and quality probe.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub collective_timeout: u64,
+}
+
+/// The data-parallel layout asked for by the flags (`None`: one device).
+fn cluster_from(args: &TrainArgs) -> Result<Option<Cluster>> {
+    let devices = args.devices.unwrap_or(1);
+    if devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    if devices > 64 {
+        bail!("--devices {devices}: at most 64 replicas per process");
+    }
+    let nodes = match args.nodes.unwrap_or(1) {
+        0 => bail!("--nodes must be at least 1"),
+        1 => {
+            if args.node_rank.is_some_and(|r| r > 0)
+                || args.coordinator.is_some()
+                || args.node_address.is_some()
+            {
+                bail!("--node-rank, --coordinator and --node-address need --nodes M (more than 1)");
+            }
+            None
+        }
+        count => {
+            let rank = args
+                .node_rank
+                .ok_or_else(|| anyhow::anyhow!("--nodes {count} needs --node-rank R (0 on the machine that coordinates, 1..{} on the others)", count - 1))?;
+            let coordinator = args.coordinator.clone().ok_or_else(|| {
+                anyhow::anyhow!("--nodes {count} needs --coordinator HOST:PORT (node 0's address and a free port, the same on every node)")
+            })?;
+            let (host, port) =
+                parse_host_port(&coordinator).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+            let address = match &args.node_address {
+                Some(a) => a.clone(),
+                None if host == "127.0.0.1" || host == "localhost" => {
+                    format!("127.0.0.1:{}", u32::from(port) + 1 + rank)
+                }
+                None => bail!(
+                    "--node-address HOST:PORT is needed with a coordinator on another machine: this node's address as the other nodes see it, and a free port"
+                ),
+            };
+            Some(Nodes {
+                count,
+                rank,
+                coordinator,
+                address,
+            })
+        }
+    };
+    if args.collective_timeout == 0 {
+        bail!("--collective-timeout must be at least 1 second");
+    }
+    let cluster = Cluster {
+        devices_per_node: devices,
+        nodes,
+        timeout: Duration::from_secs(args.collective_timeout),
+    };
+    if cluster.world_size() == 1 {
+        return Ok(None);
+    }
+    cluster.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Some(cluster))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -117,8 +204,9 @@ impl From<PredictionArg> for Prediction {
 }
 
 /// Builds the run's configuration from the preset and the flags.
-fn configure(args: &TrainArgs) -> Result<RunConfig> {
+fn configure(args: &TrainArgs, world: usize) -> Result<RunConfig> {
     let mut c = RunConfig::preset(args.preset);
+    c.train.world_size = world;
     let t = &mut c.train;
     if let Some(d) = args.dataset {
         t.dataset = d.into();
@@ -132,7 +220,9 @@ fn configure(args: &TrainArgs) -> Result<RunConfig> {
         };
     }
     set!(t.epochs, args.epochs);
-    set!(t.batch_size, args.batch);
+    // --batch is per device (as in PyTorch DDP); the preset's own batch is
+    // the global one, split over the replicas.
+    set!(t.batch_size, args.batch.map(|b| b.saturating_mul(world)));
     set!(t.lr, args.lr);
     set!(t.seed, args.seed);
     set!(t.lr_schedule.warmup_steps, args.warmup_steps);
@@ -180,15 +270,26 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         bail!("--stop-after must be at least 1 (the step count to stop at)");
     }
     let backend = BackendKind::resolve(args.backend);
+    let cluster = cluster_from(&args)?;
+    if cluster.is_some() && std::env::var_os("DIFFUSION_COLLECTIVE_LOG").is_none() {
+        // burn's network layer logs every connection at INFO level to
+        // stdout; our progress line says what matters. Set
+        // DIFFUSION_COLLECTIVE_LOG=1 to see its log.
+        let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+    }
+    let world = cluster.as_ref().map_or(1, Cluster::world_size);
+    // Only node 0 writes into the run directory; the others read it when
+    // resuming (it must be on every node: a shared folder, or a copy).
+    let lead = cluster.as_ref().is_none_or(Cluster::is_lead_node);
     let (mut config, run_dir, resume) = match &args.resume {
         Some(dir) => (RunConfig::load(dir)?, dir.clone(), true),
         None => {
-            let config = configure(&args)?;
+            let config = configure(&args, world)?;
             let run_dir = args
                 .out
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("runs").join(format!("{:?}", args.preset).to_lowercase()));
-            if run_dir.join(crate::config::CONFIG_FILE).exists() {
+            if lead && run_dir.join(crate::config::CONFIG_FILE).exists() {
                 let started = if checkpoint::latest(&run_dir).is_ok() {
                     "a run"
                 } else {
@@ -207,15 +308,33 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     let new_epochs = args.epochs.filter(|&e| resume && e != config.train.epochs);
     if let Some(e) = new_epochs {
         config.train.epochs = e;
-        config.validate()?;
     }
-    let lock = RunLock::acquire(&run_dir)?;
-    if let Some(pid) = lock.removed_stale {
-        eprintln!(
-            "note: removed a stale lock of process {pid}, which no longer runs (killed before it could clean up)"
-        );
+    // A resumed run may change its world size: the global batch (and with
+    // it the data order and the steps) stays, each replica's share changes.
+    let new_world = resume && world != config.train.world_size;
+    if new_world {
+        if config.train.batch_size % world != 0 {
+            bail!(
+                "{}: its global batch of {} does not split over {world} replicas; resume with a world size (--devices × --nodes) that divides it",
+                run_dir.join(crate::config::CONFIG_FILE).display(),
+                config.train.batch_size
+            );
+        }
+        config.train.world_size = world;
     }
-    if !resume && run_dir.join(crate::config::CONFIG_FILE).exists() {
+    config.validate()?;
+    let lock = if lead {
+        let lock = RunLock::acquire(&run_dir)?;
+        if let Some(pid) = lock.removed_stale {
+            eprintln!(
+                "note: removed a stale lock of process {pid}, which no longer runs (killed before it could clean up)"
+            );
+        }
+        Some(lock)
+    } else {
+        None
+    };
+    if lead && !resume && run_dir.join(crate::config::CONFIG_FILE).exists() {
         // Another `train` made this run between our check and the lock.
         bail!(
             "{} already holds a run (made a moment ago by another process); choose another --out",
@@ -239,8 +358,23 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             config.train.batch_size
         );
     }
-    if !resume {
+    if lead && !resume {
         config.save(&run_dir)?;
+    }
+    if let Some(nodes) = cluster.as_ref().and_then(|c| c.nodes.as_ref()) {
+        if nodes.rank == 0 {
+            let (_, port) =
+                parse_host_port(&nodes.coordinator).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+            start_orchestrator(port).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        eprintln!(
+            "node {} of {}: {} replica(s) here, {world} in all; coordinator {}, this node at {}",
+            nodes.rank,
+            nodes.count,
+            cluster.as_ref().map_or(1, |c| c.devices_per_node),
+            nodes.coordinator,
+            nodes.address
+        );
     }
 
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -269,10 +403,11 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         cpu: backend.is_cpu(),
         run_dir,
         resume,
-        save_config: new_epochs.is_some(),
+        save_config: lead && (new_epochs.is_some() || new_world),
         set: Arc::new(set),
         interrupted,
         stop_after: args.stop_after,
+        cluster,
         _lock: lock,
     };
     dispatch(backend, task)
@@ -318,8 +453,10 @@ struct TrainTask {
     config: RunConfig,
     /// Whether to rewrite config.json once the resume has succeeded.
     save_config: bool,
-    /// Held for the whole run; released on return.
-    _lock: RunLock,
+    /// Held for the whole run by the node that writes; released on return.
+    _lock: Option<RunLock>,
+    /// Data-parallel replicas, if more than one.
+    cluster: Option<Cluster>,
     /// Whether the backend is the CPU one (shards the batch over threads).
     cpu: bool,
     run_dir: PathBuf,
@@ -333,6 +470,14 @@ impl Task for TrainTask {
     type Output = i32;
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Result<i32> {
+        self.run_on::<B>(vec![device])
+    }
+
+    fn devices(&self) -> usize {
+        self.cluster.as_ref().map_or(1, |c| c.devices_per_node)
+    }
+
+    fn run_on<B: AutodiffBackend>(self, devices: Vec<B::Device>) -> Result<i32> {
         let TrainTask {
             config,
             save_config,
@@ -343,24 +488,47 @@ impl Task for TrainTask {
             set,
             interrupted,
             stop_after,
+            cluster,
         } = self;
         let tc = &config.train;
         let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
+        let world = cluster.as_ref().map_or(1, Cluster::world_size);
+        let lead = cluster.as_ref().is_none_or(Cluster::is_lead_node);
         let loader = BatchLoader::new(set.clone(), tc.batch_size, tc.seed, tc.workers);
         let per_epoch = loader.batches_per_epoch() as u64;
         let total = per_epoch * tc.epochs as u64;
+        let conditional = config.model.num_classes.is_some();
 
-        let model: UNet<B> = config.model.init_seeded::<B>(&device, tc.seed)?;
-        let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), &device);
+        // Every replica starts from the same weights: the same seeded
+        // initialisation, or the same checkpoint. Built here in turn (the
+        // initialisation draws from the backend's generator).
+        let mut trainers = Vec::with_capacity(devices.len());
+        let mut resumed = None;
+        for device in &devices {
+            let model: UNet<B> = config.model.init_seeded::<B>(device, tc.seed)?;
+            let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), device);
+            if resume {
+                match trainer.resume(&run_dir) {
+                    Err(CheckpointError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                    Ok(state) => {
+                        trainer.reopen();
+                        resumed = Some(state);
+                    }
+                }
+            }
+            trainers.push(trainer);
+        }
+        let mut trainer = trainers.remove(0);
+        let device = devices[0].clone();
         if resume {
-            match trainer.resume(&run_dir) {
-                Err(CheckpointError::NotFound { .. }) => {
+            match resumed {
+                None => {
                     eprintln!(
                         "no checkpoint yet (the run stopped before its first one): starting it from step 0"
                     );
                 }
-                Err(e) => return Err(e.into()),
-                Ok(state) => {
+                Some(state) => {
                     if state.finished && state.epoch as usize >= tc.epochs {
                         eprintln!(
                             "the run already finished {} epochs; pass --epochs N (more than {0}) to train longer",
@@ -368,7 +536,6 @@ impl Task for TrainTask {
                         );
                         return Ok(0);
                     }
-                    trainer.reopen();
                     eprintln!(
                         "resuming at step {} (epoch {}, batch {})",
                         state.step,
@@ -380,6 +547,88 @@ impl Task for TrainTask {
             if save_config {
                 config.save(&run_dir)?;
             }
+        }
+
+        // Data-parallel: join the cluster (the other local replicas in
+        // threads of their own), and check that all start alike.
+        let mut replica = None;
+        let mut followers = Vec::new();
+        let fingerprint = run_fingerprint(&config, &trainer);
+        let loader = match &cluster {
+            None => loader,
+            Some(cluster) => {
+                for (k, t) in trainers.into_iter().enumerate() {
+                    let local = k + 1;
+                    let follower = Follower {
+                        trainer: t,
+                        loader: loader.clone().part(cluster.rank_of(local), world),
+                        device: devices[local].clone(),
+                        cluster: cluster.clone(),
+                        local,
+                        fingerprint,
+                        epochs: tc.epochs,
+                        log_every: tc.log_every,
+                        conditional,
+                        interrupted: interrupted.clone(),
+                        stop_after,
+                    };
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("diffusion-replica-{local}"))
+                        .spawn(move || {
+                            if let Err(e) = follower.run() {
+                                // The lead would wait for this replica until
+                                // its time limit: end the process now.
+                                eprintln!("error: replica {local}: {e:#}");
+                                std::process::exit(1);
+                            }
+                        })
+                        .context("starting a replica thread")?;
+                    followers.push(spawned);
+                }
+                let mut r = Replica::<B::InnerBackend>::join(cluster, 0, device.clone())?;
+                r.agree(
+                    "configuration, step or weights",
+                    &distributed::fingerprint_words(fingerprint),
+                    &device,
+                )?;
+                let rank = r.rank();
+                replica = Some(r);
+                loader.part(rank, world)
+            }
+        };
+        if !lead {
+            let r = replica.take().expect("a node other than 0 is part of a cluster");
+            let rank = r.rank();
+            let follower = Follower {
+                trainer,
+                loader,
+                device,
+                cluster: cluster.clone().expect("cluster"),
+                local: 0,
+                fingerprint,
+                epochs: tc.epochs,
+                log_every: tc.log_every,
+                conditional,
+                interrupted: interrupted.clone(),
+                stop_after,
+            };
+            let state = follower.follow(r)?;
+            for f in followers {
+                let _ = f.join();
+            }
+            eprintln!(
+                "node {}: stopped at step {} (replica {rank}); node 0 wrote the checkpoints",
+                cluster
+                    .as_ref()
+                    .and_then(|c| c.nodes.as_ref())
+                    .map_or(0, |n| n.rank),
+                state.step
+            );
+            return Ok(if interrupted.load(Ordering::SeqCst) {
+                130
+            } else {
+                0
+            });
         }
         let save = |trainer: &mut Trainer<B, UNet<B>>| -> Result<()> {
             trainer.save(&run_dir).map(|_| ()).map_err(|e| match e {
@@ -409,14 +658,28 @@ impl Task for TrainTask {
         let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
         let mut loss_count = 0u64;
         let mut epoch_loss = (0.0f64, 0u64);
-        let conditional = config.model.num_classes.is_some();
+        let mut reduce_time = (Duration::ZERO, 0u32);
 
         while (trainer.state().epoch as usize) < tc.epochs {
             let epoch = trainer.state().epoch;
             for host in loader.epoch(epoch, trainer.state().batch_in_epoch as usize) {
                 let batch = host.to_device::<B>(&device);
-                let n = batch.images.dims()[0];
-                let out = trainer.step(batch.images, conditional.then_some(batch.labels));
+                let n = batch.images.dims()[0] * world;
+                let labels = conditional.then_some(batch.labels);
+                let out = match replica.as_mut() {
+                    None => trainer.step(batch.images, labels),
+                    Some(r) => {
+                        if interrupted.load(Ordering::SeqCst) {
+                            r.request_stop();
+                        }
+                        let out = trainer
+                            .step_part(batch.images, labels, r.part(tc.batch_size), r)
+                            .map_err(|e| lost_replica(e, &run_dir))?;
+                        reduce_time.0 += r.last_all_reduce();
+                        reduce_time.1 += 1;
+                        out
+                    }
+                };
                 loss_sum = Some(match loss_sum.take() {
                     Some(s) => s + out.loss,
                     None => out.loss,
@@ -437,26 +700,53 @@ impl Task for TrainTask {
                     loss_count = 0;
                     let ips = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
                     window = (Instant::now(), 0);
+                    let reduce_ms = if reduce_time.1 > 0 {
+                        1e3 * reduce_time.0.as_secs_f64() / f64::from(reduce_time.1)
+                    } else {
+                        0.0
+                    };
+                    reduce_time = (Duration::ZERO, 0);
+                    let parallel = if world > 1 {
+                        format!(
+                            " ({:.0}/replica) · all-reduce {reduce_ms:.0} ms",
+                            ips / world as f64
+                        )
+                    } else {
+                        String::new()
+                    };
                     bar.set_message(format!(
-                        "epoch {}/{} · loss {mean:.4} · {ips:.0} img/s",
+                        "epoch {}/{} · loss {mean:.4} · {ips:.0} img/s{parallel}",
                         epoch + 1,
                         tc.epochs
                     ));
-                    metrics.row(
-                        state.step,
+                    metrics.row(&MetricsRow {
+                        step: state.step,
                         epoch,
-                        mean,
-                        out.lr,
+                        loss: mean,
+                        lr: out.lr,
                         ips,
-                        started.elapsed().as_secs_f64(),
-                    )?;
+                        elapsed: started.elapsed().as_secs_f64(),
+                        ips_per_replica: ips / world as f64,
+                        reduce_ms,
+                    })?;
                 }
-                let stop = interrupted.load(Ordering::SeqCst) || stop_after.is_some_and(|s| state.step >= s);
+                let stopping = match &replica {
+                    // Agreed by all replicas in this step's all-reduce.
+                    Some(r) => r.stop_agreed(),
+                    None => interrupted.load(Ordering::SeqCst),
+                };
+                let stop = stopping || stop_after.is_some_and(|s| state.step >= s);
                 if stop || (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) {
                     save(&mut trainer)?;
                 }
                 if stop {
                     bar.abandon();
+                    if let Some(r) = replica.take() {
+                        leave(r);
+                    }
+                    for f in followers {
+                        let _ = f.join();
+                    }
                     eprintln!(
                         "stopped at step {}; checkpoint saved. Continue with: cargo xtask train --resume {}",
                         state.step,
@@ -514,6 +804,12 @@ impl Task for TrainTask {
             epoch_loss = (0.0, 0);
         }
         bar.finish_and_clear();
+        if let Some(r) = replica.take() {
+            leave(r);
+        }
+        for f in followers {
+            let _ = f.join();
+        }
         eprintln!(
             "done: {} steps in {:.0} s. Sample with: cargo xtask sample --checkpoint {}",
             trainer.state().step,
@@ -522,6 +818,108 @@ impl Task for TrainTask {
         );
         Ok(0)
     }
+}
+
+/// A replica other than the lead (rank 0): it trains its share of every
+/// batch in step with the others and writes nothing.
+struct Follower<B: AutodiffBackend> {
+    trainer: Trainer<B, UNet<B>>,
+    loader: BatchLoader,
+    device: B::Device,
+    cluster: Cluster,
+    local: usize,
+    /// The run's fingerprint ([`run_fingerprint`]), checked against the others'.
+    fingerprint: u64,
+    epochs: usize,
+    log_every: u64,
+    conditional: bool,
+    interrupted: Arc<AtomicBool>,
+    stop_after: Option<u64>,
+}
+
+impl<B: AutodiffBackend> Follower<B> {
+    /// Joins the cluster and trains to the end (or an agreed stop).
+    fn run(self) -> Result<diffusion_train::TrainState> {
+        let mut replica = Replica::<B::InnerBackend>::join(&self.cluster, self.local, self.device.clone())?;
+        replica.agree(
+            "configuration, step or weights",
+            &distributed::fingerprint_words(self.fingerprint),
+            &self.device,
+        )?;
+        self.follow(replica)
+    }
+
+    /// Trains with a replica that has joined and agreed.
+    fn follow(mut self, mut replica: Replica<B::InnerBackend>) -> Result<diffusion_train::TrainState> {
+        let global = self.loader.batch_size();
+        let per_epoch = self.loader.batches_per_epoch() as u64;
+        let trainer = &mut self.trainer;
+        while (trainer.state().epoch as usize) < self.epochs {
+            let epoch = trainer.state().epoch;
+            for host in self.loader.epoch(epoch, trainer.state().batch_in_epoch as usize) {
+                let batch = host.to_device::<B>(&self.device);
+                if self.interrupted.load(Ordering::SeqCst) {
+                    replica.request_stop();
+                }
+                let labels = self.conditional.then_some(batch.labels);
+                trainer.step_part(batch.images, labels, replica.part(global), &mut replica)?;
+                let state = trainer.state();
+                if state.step % self.log_every == 0 || state.batch_in_epoch == per_epoch {
+                    // The loss is the replicas' mean: the lead stops here too.
+                    trainer.check_finite()?;
+                }
+                if replica.stop_agreed() || self.stop_after.is_some_and(|s| state.step >= s) {
+                    leave(replica);
+                    return Ok(state);
+                }
+            }
+            trainer.end_epoch(epoch as usize + 1 >= self.epochs);
+        }
+        let state = trainer.state();
+        leave(replica);
+        Ok(state)
+    }
+}
+
+/// A step that could not reach the other replicas: what happened, what is
+/// kept, how to go on.
+fn lost_replica(e: distributed::DistributedError, run_dir: &Path) -> anyhow::Error {
+    let kept = match checkpoint::latest(run_dir) {
+        Ok((_, s)) => format!("the last checkpoint (step {}) is intact", s.step),
+        Err(_) => "no checkpoint was written yet".to_string(),
+    };
+    anyhow::anyhow!(
+        "{e}; {kept}. Start every node again with --resume {}",
+        run_dir.display()
+    )
+}
+
+/// Leaves the cluster once training is over; the work is saved by then,
+/// so a failure here (the coordinator already gone) is only reported.
+fn leave<I: burn::tensor::backend::Backend>(replica: Replica<I>) {
+    if let Err(e) = replica.finish() {
+        eprintln!("note: leaving the cluster: {e}");
+    }
+}
+
+/// What every replica must agree on before training: the recipe (not the
+/// per-machine settings), the step and the weights.
+fn run_fingerprint<B: AutodiffBackend>(config: &RunConfig, trainer: &Trainer<B, UNet<B>>) -> u64 {
+    let mut trainer_config = serde_json::to_value(trainer.config()).unwrap_or_default();
+    if let Some(fields) = trainer_config.as_object_mut() {
+        // Threads per replica: a per-machine choice, not part of the recipe.
+        fields.remove("shards");
+    }
+    let recipe = serde_json::json!({
+        "model": config.model,
+        "schedule": config.schedule,
+        "epochs": config.train.epochs,
+        "batch": config.train.batch_size,
+        "trainer": trainer_config,
+        "dataset": config.train.dataset,
+        "limit": config.train.limit,
+    });
+    distributed::fingerprint(recipe.to_string().as_bytes(), trainer)
 }
 
 /// The error for a NaN or infinite loss: what happened, what was kept,
@@ -538,7 +936,22 @@ fn non_finite(loss: f64, step: u64, config: &RunConfig, run_dir: &Path) -> anyho
     )
 }
 
-/// `metrics.csv`: step, epoch, loss, lr, img/s, elapsed seconds.
+/// One line of `metrics.csv`.
+struct MetricsRow {
+    step: u64,
+    epoch: u64,
+    loss: f64,
+    lr: f64,
+    /// Images per second, all replicas together.
+    ips: f64,
+    elapsed: f64,
+    ips_per_replica: f64,
+    /// Mean time of a step's gradient all-reduce (0 on one device).
+    reduce_ms: f64,
+}
+
+/// `metrics.csv`: step, epoch, loss, lr, img/s, elapsed seconds, img/s per
+/// replica, all-reduce milliseconds per step.
 struct Metrics {
     file: fs::File,
 }
@@ -550,7 +963,7 @@ impl Metrics {
         Self::open_csv(
             run_dir,
             "metrics.csv",
-            "step,epoch,loss,lr,img_per_s,elapsed_s",
+            "step,epoch,loss,lr,img_per_s,elapsed_s,img_per_s_per_replica,allreduce_ms",
             step,
         )
     }
@@ -604,11 +1017,18 @@ impl Metrics {
         Ok(())
     }
 
-    fn row(&mut self, step: u64, epoch: u64, loss: f64, lr: f64, ips: f64, elapsed: f64) -> Result<()> {
+    fn row(&mut self, r: &MetricsRow) -> Result<()> {
         writeln!(
             self.file,
-            "{step},{},{loss:.6},{lr:.6e},{ips:.1},{elapsed:.2}",
-            epoch + 1
+            "{},{},{:.6},{:.6e},{:.1},{:.2},{:.1},{:.1}",
+            r.step,
+            r.epoch + 1,
+            r.loss,
+            r.lr,
+            r.ips,
+            r.elapsed,
+            r.ips_per_replica,
+            r.reduce_ms
         )?;
         Ok(())
     }

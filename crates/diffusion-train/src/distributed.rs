@@ -36,7 +36,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use burn::collective::{self, AllReduceStrategy, CollectiveConfig, PeerId, ReduceOperation};
-use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorPrimitive};
@@ -175,6 +175,14 @@ pub enum DistributedError {
         /// The limit.
         after: Duration,
     },
+    /// A connection to another node closed: its process died or the
+    /// network dropped.
+    PeerLost {
+        /// The operation under way.
+        what: &'static str,
+        /// The node, when burn says which.
+        peer: Option<String>,
+    },
     /// burn's collective engine reported an error.
     Collective(String),
     /// The replicas disagree on something that must be equal.
@@ -190,6 +198,12 @@ impl fmt::Display for DistributedError {
                 "{what}: no answer from the other replicas within {} s (a peer died, hangs or never \
                  connected; check that every node runs the same command and can reach the coordinator)",
                 after.as_secs()
+            ),
+            Self::PeerLost { what, peer } => write!(
+                f,
+                "{what}: lost the connection to {} (its process died or the network dropped)",
+                peer.as_deref()
+                    .map_or("another node".to_string(), |p| format!("node {p}"))
             ),
             Self::Collective(e) => write!(f, "collective operation failed: {e}"),
             Self::Disagree(e) => write!(f, "the replicas disagree: {e}"),
@@ -215,12 +229,28 @@ fn within<T: Send + 'static>(
         })
         .map_err(|e| DistributedError::Collective(format!("cannot start a thread: {e}")))?;
     match rx.recv_timeout(limit) {
-        Ok(r) => r.map_err(|e| DistributedError::Collective(format!("{what}: {e:?}"))),
+        Ok(r) => r.map_err(|e| match e {
+            // burn's local server task ended: one of its network tasks
+            // panicked on a connection that closed.
+            collective::CollectiveError::LocalServerMissing => {
+                DistributedError::PeerLost { what, peer: None }
+            }
+            // burn's error type for this is not public: read its name.
+            other => match format!("{other:?}") {
+                e if e.contains("PeerLost") => DistributedError::PeerLost {
+                    what,
+                    peer: e
+                        .split("NodeId(")
+                        .nth(1)
+                        .and_then(|r| r.split(')').next())
+                        .map(str::to_string),
+                },
+                e => DistributedError::Collective(format!("{what}: {e}")),
+            },
+        }),
         Err(mpsc::RecvTimeoutError::Timeout) => Err(DistributedError::Timeout { what, after: limit }),
         // The helper panicked inside burn (a lost connection panics there).
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(DistributedError::Collective(format!(
-            "{what}: burn's collective engine stopped (a peer's connection was lost)"
-        ))),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(DistributedError::PeerLost { what, peer: None }),
     }
 }
 
@@ -382,6 +412,39 @@ impl<I: Backend> Replica<I> {
 /// [`Replica::agree`] can compare them).
 pub fn fingerprint_words(bits: u64) -> [f32; 4] {
     std::array::from_fn(|k| ((bits >> (16 * k)) & 0xffff) as f32)
+}
+
+/// A 64-bit fingerprint (FNV-1a) of `recipe` (the caller's description of
+/// the run), the trainer's step and every weight of its model and EMA, for
+/// [`Replica::agree`]: replicas with equal fingerprints start alike.
+pub fn fingerprint<B, M>(recipe: &[u8], trainer: &crate::Trainer<B, M>) -> u64
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + diffusion_core::BatchDenoiser<B>,
+{
+    struct Fnv(u64);
+    impl Fnv {
+        fn eat(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+            }
+        }
+    }
+    impl<Bk: Backend> ModuleVisitor<Bk> for Fnv {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
+            let data = p.val().into_data();
+            self.eat(&data.bytes);
+        }
+    }
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    h.eat(recipe);
+    let s = trainer.state();
+    for v in [s.step, s.epoch, s.batch_in_epoch] {
+        h.eat(&v.to_le_bytes());
+    }
+    trainer.model().visit(&mut h);
+    Module::<B::InnerBackend>::visit(&trainer.ema().model, &mut h);
+    h.0
 }
 
 impl<B: AutodiffBackend> GradientSync<B> for Replica<B::InnerBackend> {
