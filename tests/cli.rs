@@ -41,7 +41,10 @@ fn tiny_preset_trains_with_falling_loss_and_writes_its_files() {
     }
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next(), Some("step,epoch,loss,lr,img_per_s,elapsed_s"));
+    assert_eq!(
+        lines.next(),
+        Some("step,epoch,loss,lr,img_per_s,elapsed_s,img_per_s_per_replica,allreduce_ms")
+    );
     let losses: Vec<f64> = lines
         .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
         .collect();
