@@ -311,3 +311,56 @@ fn distributed_flags_are_checked() {
     let config = std::fs::read_to_string(out.join("config.json")).unwrap();
     assert!(config.contains("\"batch_size\": 32"), "{config}");
 }
+
+#[test]
+fn an_interrupt_on_one_node_stops_both_after_the_same_step() {
+    let dir = scratch("distributed-interrupt");
+    let out = dir.join("run");
+    let (c, a, b) = (free_port(), free_port(), free_port());
+    let args = ["--epochs", "200", "--collective-timeout", "30"];
+    let first = spawn(node(&out, 0, c, a, &args));
+    let second = spawn(node(&out, 1, c, b, &args));
+    // Interrupt node 1 (SIGTERM, as a scheduler would) once training runs.
+    let start = Instant::now();
+    while std::fs::read_to_string(out.join("metrics.csv"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 4
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (s1, t1, _) = finish(second, Duration::from_secs(30));
+    let (s0, t0, took) = finish(first, Duration::from_secs(30));
+    assert_eq!(s1.code(), Some(130), "{t1}");
+    assert!(s0.success(), "{t0}");
+    assert!(
+        took < Duration::from_secs(10),
+        "node 0 took {took:?} after node 1 stopped"
+    );
+    // Both stopped after the same step, and node 0 saved it.
+    let step = |text: &str, pattern: &str| -> u64 {
+        let at = text
+            .find(pattern)
+            .unwrap_or_else(|| panic!("no '{pattern}' in: {text}"));
+        text[at + pattern.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let s = step(&t0, "stopped at step ");
+    assert_eq!(s, step(&t1, "stopped at step "));
+    let latest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["state"]["step"], s);
+}

@@ -399,10 +399,19 @@ impl<I: Backend> Replica<I> {
         Ok(())
     }
 
-    /// Leaves the cluster (call once training is over, on every replica).
+    /// Leaves the cluster (call once training is over, on every replica),
+    /// waiting at most the cluster's time limit.
     pub fn finish(self) -> Result<(), DistributedError> {
+        let limit = self.timeout;
+        self.finish_within(limit)
+    }
+
+    /// [`Replica::finish`] with another time limit. Leaving tells burn's
+    /// orchestrator, which lives in node 0's process: when that process is
+    /// already gone, leaving can only time out.
+    pub fn finish_within(self, limit: Duration) -> Result<(), DistributedError> {
         let peer = self.peer;
-        within("leaving the cluster", self.timeout, move || {
+        within("leaving the cluster", limit, move || {
             collective::finish_collective::<I>(peer)
         })
     }
