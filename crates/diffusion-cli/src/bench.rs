@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// Skip batch 128 (slow on small CPUs).
     #[arg(long)]
     pub skip_128: bool,
+    /// Skip timing 1,000 guided digits (what an evaluation costs; about 3
+    /// minutes on a 2-core CPU).
+    #[arg(long)]
+    pub skip_1000: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +62,10 @@ struct BenchResult {
     train_images_per_s_b128: Option<f64>,
     train_images_per_s_b32: f64,
     sample_81x35_s: f64,
+    /// Seconds for 1,000 digits (100 per class) as `eval` makes them:
+    /// DPM-Solver++(2M), 20 steps, guidance 1.6 (conditional and
+    /// unconditional branches in one doubled batch), batches of 250.
+    sample_1000_dpm20_guided_s: Option<f64>,
     peak_rss_mib: Option<f64>,
 }
 
@@ -143,6 +151,30 @@ fn time_sampling<B: Backend>(
     Ok(median(times))
 }
 
+/// Seconds to generate 1,000 digits the way `eval --per-class 100` does,
+/// with the fastest good sampler (DPM-Solver++ 20 steps, guidance 1.6).
+fn time_eval_sampling<B: Backend>(
+    model: &UNet<B>,
+    schedule: &NoiseSchedule,
+    cpu: bool,
+    device: &B::Device,
+) -> Result<f64> {
+    let sampler = SamplerConfig::new(SamplerKind::DpmSolverPp, 20);
+    let labels: Vec<usize> = (0..10).flat_map(|c| std::iter::repeat_n(c, 100)).collect();
+    let threads = if cpu {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        1
+    };
+    let start = Instant::now();
+    let images = crate::eval::generate::<B>(model, schedule, &sampler, 1.6, &labels, 250, 0, threads, device)?;
+    let took = start.elapsed().as_secs_f64();
+    if images.len() != labels.len() * 784 {
+        bail!("generated {} values for {} digits", images.len(), labels.len());
+    }
+    Ok(took)
+}
+
 /// Peak resident memory of this process (Linux), in MiB.
 fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -185,6 +217,12 @@ impl Task for BenchTask {
         B::seed(&device, 0);
         let model: UNet<B::InnerBackend> = config.init(&device)?;
         let ts = time_sampling(&model, &schedule, args.sample_repeats, &device)?;
+        let t1000 = if args.skip_1000 {
+            None
+        } else {
+            eprintln!("timing 1,000 digits as eval makes them (DPM-Solver++ 20 steps, guidance 1.6) ...");
+            Some(time_eval_sampling(&model, &schedule, self.backend.is_cpu(), &device)?)
+        };
         let result = BenchResult {
             backend: self.backend.name(),
             threads,
@@ -200,6 +238,7 @@ impl Task for BenchTask {
             train_images_per_s_b128: t128.map(|t| 128.0 / t),
             train_images_per_s_b32: 32.0 / t32,
             sample_81x35_s: ts,
+            sample_1000_dpm20_guided_s: t1000,
             peak_rss_mib: peak_rss_mib(),
         };
         say!(
@@ -219,6 +258,9 @@ impl Task for BenchTask {
             result.train_images_per_s_b32
         );
         say!("sample 81x35 {:>9.2} s", result.sample_81x35_s);
+        if let Some(t) = result.sample_1000_dpm20_guided_s {
+            say!("1000 digits  {t:>9.1} s (DPM-Solver++ 20 steps, guidance 1.6: an eval)");
+        }
         if let Some(m) = result.peak_rss_mib {
             say!("peak RSS     {m:>9.0} MiB (host)");
         }

@@ -347,7 +347,7 @@ impl Task for EvalTask {
 /// draws its noise from its own seeded generator, so the images do not
 /// depend on the thread count or timing.
 #[allow(clippy::too_many_arguments)]
-fn generate<B: Backend>(
+pub(crate) fn generate<B: Backend>(
     model: &diffusion_model::UNet<B>,
     schedule: &NoiseSchedule,
     config: &SamplerConfig,
