@@ -364,3 +364,24 @@ fn an_interrupt_on_one_node_stops_both_after_the_same_step() {
         serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/latest.json")).unwrap()).unwrap();
     assert_eq!(latest["state"]["step"], s);
 }
+
+#[test]
+fn nodes_that_count_different_replicas_are_refused() {
+    let dir = scratch("distributed-mismatch");
+    let out = dir.join("run");
+    let (c, a, b) = (free_port(), free_port(), free_port());
+    let first = spawn(node(
+        &out,
+        0,
+        c,
+        a,
+        &["--devices", "2", "--collective-timeout", "20"],
+    ));
+    let second = spawn(node(&out, 1, c, b, &["--collective-timeout", "20"]));
+    for (child, name) in [(first, "node 0"), (second, "node 1")] {
+        let (status, text, _) = finish(child, Duration::from_secs(60));
+        assert!(!status.success(), "{name} trained: {text}");
+        assert!(text.contains("the replicas disagree"), "{name}: {text}");
+        assert!(!text.contains("panicked"), "{text}");
+    }
+}

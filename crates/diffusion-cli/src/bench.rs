@@ -167,7 +167,8 @@ fn time_eval_sampling<B: Backend>(
         1
     };
     let start = Instant::now();
-    let images = crate::eval::generate::<B>(model, schedule, &sampler, 1.6, &labels, 250, 0, threads, device)?;
+    let images =
+        crate::eval::generate::<B>(model, schedule, &sampler, 1.6, &labels, 250, 0, threads, device)?;
     let took = start.elapsed().as_secs_f64();
     if images.len() != labels.len() * 784 {
         bail!("generated {} values for {} digits", images.len(), labels.len());
@@ -221,7 +222,12 @@ impl Task for BenchTask {
             None
         } else {
             eprintln!("timing 1,000 digits as eval makes them (DPM-Solver++ 20 steps, guidance 1.6) ...");
-            Some(time_eval_sampling(&model, &schedule, self.backend.is_cpu(), &device)?)
+            Some(time_eval_sampling(
+                &model,
+                &schedule,
+                self.backend.is_cpu(),
+                &device,
+            )?)
         };
         let result = BenchResult {
             backend: self.backend.name(),

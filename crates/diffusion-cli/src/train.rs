@@ -918,6 +918,8 @@ fn run_fingerprint<B: AutodiffBackend>(config: &RunConfig, trainer: &Trainer<B, 
         "trainer": trainer_config,
         "dataset": config.train.dataset,
         "limit": config.train.limit,
+        // Every node must count the same replicas (--devices × --nodes).
+        "world": config.train.world_size,
     });
     distributed::fingerprint(recipe.to_string().as_bytes(), trainer)
 }
