@@ -61,13 +61,19 @@ fn csv_rows(path: &Path) -> Vec<Vec<f64>> {
         .collect()
 }
 
-/// Loss (log scale) beside accuracy and Fréchet distance, as a PNG.
+/// Loss beside accuracy and Fréchet distance, as a PNG.
 pub fn draw(path: &Path, loss: &[(f64, f64)], quality: &[QualityRow]) -> Result<()> {
     register_font();
     let mut pixels = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
-    {
+    'draw: {
         let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
-        let panels = root.split_evenly((1, 3));
+        // Without quality rows (a data set the judge does not know, or the
+        // probe turned off) the loss takes the whole width.
+        let panels = if quality.is_empty() {
+            vec![root.clone()]
+        } else {
+            root.split_evenly((1, 3))
+        };
         let last_step = loss.last().map(|p| p.0).unwrap_or(1.0).max(1.0);
         let e = |e: DrawingAreaErrorKind<_>| anyhow!("drawing {}: {e}", path.display());
 
@@ -75,26 +81,32 @@ pub fn draw(path: &Path, loss: &[(f64, f64)], quality: &[QualityRow]) -> Result<
             .iter()
             .fold((f64::INFINITY, 0f64), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
         let (lo, hi) = if loss.is_empty() {
-            (0.01, 1.0)
+            (0.0, 1.0)
         } else {
-            (lo * 0.9, hi * 1.1)
+            (lo * 0.9, hi * 1.05)
         };
         let mut chart = ChartBuilder::on(&panels[0])
             .caption("training loss", ("sans-serif", 18))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(55)
-            .build_cartesian_2d(0f64..last_step, (lo..hi).log_scale())
+            // Linear: plotters labels a log axis at powers of ten only, and
+            // a loss spans less than a decade after the first steps.
+            .build_cartesian_2d(0f64..last_step, lo..hi)
             .map_err(e)?;
         chart
             .configure_mesh()
             .x_desc("step")
-            .y_label_formatter(&|v| format!("{v:.3}"))
+            .y_label_formatter(&|v| format!("{v:.2}"))
             .draw()
             .map_err(e)?;
         chart
             .draw_series(LineSeries::new(loss.iter().copied(), &BLUE))
             .map_err(e)?;
+        if quality.is_empty() {
+            root.present().map_err(e)?;
+            break 'draw;
+        }
 
         let steps: Vec<f64> = quality.iter().map(|q| q.step as f64).collect();
         let x_max = steps.last().copied().unwrap_or(last_step).max(last_step);
@@ -145,9 +157,13 @@ pub fn draw(path: &Path, loss: &[(f64, f64)], quality: &[QualityRow]) -> Result<
         }
         root.present().map_err(e)?;
     }
+    write_png(path, &pixels)
+}
+
+fn write_png(path: &Path, pixels: &[u8]) -> Result<()> {
     crate::fsutil::write_atomically(path, |file| {
         let encoder = image::codecs::png::PngEncoder::new(std::io::BufWriter::new(file));
-        image::ImageEncoder::write_image(encoder, &pixels, WIDTH, HEIGHT, image::ExtendedColorType::Rgb8)?;
+        image::ImageEncoder::write_image(encoder, pixels, WIDTH, HEIGHT, image::ExtendedColorType::Rgb8)?;
         Ok(())
     })
 }
@@ -184,6 +200,25 @@ mod tests {
         assert!(count(&|p| p.0 == [0, 0, 255]) > 100);
         assert!(count(&|p| p.0 == [255, 0, 0]) > 100);
         assert!(count(&|p| p.0 == [0, 0, 0]) > 1000);
+
+        // No quality rows: the loss alone, over the whole width.
+        draw(&path, &loss, &[]).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        let blue_x: Vec<u32> = img
+            .enumerate_pixels()
+            .filter(|(_, _, p)| p.0 == [0, 0, 255])
+            .map(|(x, _, _)| x)
+            .collect();
+        assert_eq!(count_red(&img), 0);
+        let span = blue_x.iter().max().unwrap() - blue_x.iter().min().unwrap();
+        assert!(
+            span > WIDTH * 2 / 3,
+            "the loss curve spans {span} of {WIDTH} pixels"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn count_red(img: &image::RgbImage) -> usize {
+        img.pixels().filter(|p| p.0 == [255, 0, 0]).count()
     }
 }
