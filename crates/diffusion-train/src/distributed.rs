@@ -400,7 +400,10 @@ impl<I: Backend> Replica<I> {
     }
 
     /// Leaves the cluster (call once training is over, on every replica),
-    /// waiting at most the cluster's time limit.
+    /// waiting at most the cluster's time limit. Across nodes this tells
+    /// burn's orchestrator, in node 0's process: if that process has
+    /// already exited, this can only time out, and the error may be ignored
+    /// (every step is done by then).
     pub fn finish(self) -> Result<(), DistributedError> {
         let limit = self.timeout;
         self.finish_within(limit)
