@@ -8,14 +8,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{bin, fails, ok, scratch};
+use support::{bin, fails, ok, scratch, train_tiny, wait_until_training};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free ports: all held open at once while they are picked,
+/// so the system cannot hand out one twice.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|k| held[k].local_addr().unwrap().port())
 }
 
 /// `diffusion train` of the tiny preset as node `rank` of 2.
@@ -109,22 +110,11 @@ fn allreduce_ms(run: &Path) -> Vec<f64> {
 fn two_processes_train_like_two_devices_in_one_process() {
     let dir = scratch("distributed-equal");
     let local = dir.join("local");
-    let text = ok(bin()
-        .args([
-            "train",
-            "--backend",
-            "cpu",
-            "--preset",
-            "tiny",
-            "--devices",
-            "2",
-            "--out",
-        ])
-        .arg(&local));
+    let text = train_tiny(&local, &["--devices", "2"]);
     assert!(text.contains("done: 32 steps"), "{text}");
 
     let nodes = dir.join("nodes");
-    let (c, a, b) = (free_port(), free_port(), free_port());
+    let [c, a, b] = free_ports();
     let first = spawn(node(&nodes, 0, c, a, &[]));
     let second = spawn(node(&nodes, 1, c, b, &[]));
     let (s0, t0, _) = finish(first, Duration::from_secs(120));
@@ -152,7 +142,7 @@ fn two_processes_train_like_two_devices_in_one_process() {
 fn a_killed_node_stops_the_other_with_a_clear_error() {
     let dir = scratch("distributed-kill");
     let out = dir.join("run");
-    let (c, a, b) = (free_port(), free_port(), free_port());
+    let [c, a, b] = free_ports();
     let args = ["--epochs", "200", "--collective-timeout", "10"];
     let first = spawn(node(&out, 0, c, a, &args));
     let mut second = spawn(node(&out, 1, c, b, &args));
@@ -191,7 +181,7 @@ fn a_killed_node_stops_the_other_with_a_clear_error() {
 #[test]
 fn a_node_that_never_comes_is_reported_after_the_time_limit() {
     let dir = scratch("distributed-alone");
-    let (c, a) = (free_port(), free_port());
+    let [c, a] = free_ports();
     let start = Instant::now();
     let line = fails(&mut node(
         &dir.join("run"),
@@ -215,20 +205,7 @@ fn a_node_that_never_comes_is_reported_after_the_time_limit() {
 fn a_run_resumes_on_another_number_of_devices() {
     let dir = scratch("distributed-resume");
     let run = dir.join("run");
-    let text = ok(bin()
-        .args([
-            "train",
-            "--backend",
-            "cpu",
-            "--preset",
-            "tiny",
-            "--devices",
-            "2",
-            "--stop-after",
-            "20",
-            "--out",
-        ])
-        .arg(&run));
+    let text = train_tiny(&run, &["--devices", "2", "--stop-after", "20"]);
     assert!(text.contains("stopped at step 20"), "{text}");
     // The global batch (32) stays; one device now takes all of it.
     let text = ok(bin().args(["train", "--backend", "cpu", "--resume"]).arg(&run));
@@ -291,22 +268,7 @@ fn distributed_flags_are_checked() {
         assert!(line.contains(expect), "{args:?}: {line}");
     }
     // --batch is per device: 2 devices × 16 = the global 32.
-    let text = ok(bin()
-        .args([
-            "train",
-            "--backend",
-            "cpu",
-            "--preset",
-            "tiny",
-            "--devices",
-            "2",
-            "--batch",
-            "16",
-            "--epochs",
-            "1",
-            "--out",
-        ])
-        .arg(&out));
+    let text = train_tiny(&out, &["--devices", "2", "--batch", "16", "--epochs", "1"]);
     assert!(text.contains("done: 16 steps"), "{text}");
     let config = std::fs::read_to_string(out.join("config.json")).unwrap();
     assert!(config.contains("\"batch_size\": 32"), "{config}");
@@ -316,23 +278,12 @@ fn distributed_flags_are_checked() {
 fn an_interrupt_on_one_node_stops_both_after_the_same_step() {
     let dir = scratch("distributed-interrupt");
     let out = dir.join("run");
-    let (c, a, b) = (free_port(), free_port(), free_port());
+    let [c, a, b] = free_ports();
     let args = ["--epochs", "200", "--collective-timeout", "30"];
     let first = spawn(node(&out, 0, c, a, &args));
     let second = spawn(node(&out, 1, c, b, &args));
     // Interrupt node 1 (SIGTERM, as a scheduler would) once training runs.
-    let start = Instant::now();
-    while std::fs::read_to_string(out.join("metrics.csv"))
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 4
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "training never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_training(&out);
     let status = Command::new("kill")
         .args(["-TERM", &second.id().to_string()])
         .status()
@@ -369,7 +320,7 @@ fn an_interrupt_on_one_node_stops_both_after_the_same_step() {
 fn nodes_that_count_different_replicas_are_refused() {
     let dir = scratch("distributed-mismatch");
     let out = dir.join("run");
-    let (c, a, b) = (free_port(), free_port(), free_port());
+    let [c, a, b] = free_ports();
     let first = spawn(node(
         &out,
         0,

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -400,18 +399,7 @@ fn sigterm_saves_a_checkpoint_like_ctrl_c() {
         .spawn()
         .unwrap();
     // Wait until it is training (a few metrics rows), then send SIGTERM.
-    let started = Instant::now();
-    while std::fs::read_to_string(run.join("metrics.csv"))
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 4
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "training never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_training(&run);
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -66,6 +66,23 @@ pub fn train_tiny(dir: &Path, extra: &[&str]) -> String {
         .args(extra))
 }
 
+/// Waits until a run in `run_dir` is training (a header and three rows in
+/// metrics.csv); fails the test after 2 minutes.
+pub fn wait_until_training(run_dir: &Path) {
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(run_dir.join("metrics.csv"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 4
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "training never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Writes a little-endian f32 .npy file (the format numpy.save writes).
 pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();

@@ -553,29 +553,31 @@ impl Task for TrainTask {
         // threads of their own), and check that all start alike.
         let mut replica = None;
         let mut followers = Vec::new();
-        let fingerprint = run_fingerprint(&config, &trainer);
         let loader = match &cluster {
             None => loader,
             Some(cluster) => {
+                let fingerprint = run_fingerprint(&config, &trainer);
+                let follower = |trainer, loader, device, local| Follower::<B> {
+                    trainer,
+                    loader,
+                    device,
+                    cluster: cluster.clone(),
+                    local,
+                    fingerprint,
+                    epochs: tc.epochs,
+                    log_every: tc.log_every,
+                    conditional,
+                    interrupted: interrupted.clone(),
+                    stop_after,
+                };
                 for (k, t) in trainers.into_iter().enumerate() {
                     let local = k + 1;
-                    let follower = Follower {
-                        trainer: t,
-                        loader: loader.clone().part(cluster.rank_of(local), world),
-                        device: devices[local].clone(),
-                        cluster: cluster.clone(),
-                        local,
-                        fingerprint,
-                        epochs: tc.epochs,
-                        log_every: tc.log_every,
-                        conditional,
-                        interrupted: interrupted.clone(),
-                        stop_after,
-                    };
+                    let part = loader.clone().part(cluster.rank_of(local), world);
+                    let f = follower(t, part, devices[local].clone(), local);
                     let spawned = std::thread::Builder::new()
                         .name(format!("diffusion-replica-{local}"))
                         .spawn(move || {
-                            if let Err(e) = follower.run() {
+                            if let Err(e) = f.run() {
                                 // The lead would wait for this replica until
                                 // its time limit: end the process now.
                                 eprintln!("error: replica {local}: {e:#}");
@@ -585,51 +587,30 @@ impl Task for TrainTask {
                         .context("starting a replica thread")?;
                     followers.push(spawned);
                 }
-                let mut r = Replica::<B::InnerBackend>::join(cluster, 0, device.clone())?;
-                r.agree(
-                    "configuration, step or weights",
-                    &distributed::fingerprint_words(fingerprint),
-                    &device,
-                )?;
+                let r = join_agreed::<B>(cluster, 0, &device, fingerprint)?;
                 let rank = r.rank();
+                let loader = loader.part(rank, world);
+                if !lead {
+                    // Local replica 0 of a node other than 0: a follower too.
+                    let state = follower(trainer, loader, device, 0).follow(r)?;
+                    for f in followers {
+                        let _ = f.join();
+                    }
+                    eprintln!(
+                        "node {}: stopped at step {} (replica {rank}); node 0 wrote the checkpoints",
+                        cluster.nodes.as_ref().map_or(0, |n| n.rank),
+                        state.step
+                    );
+                    return Ok(if interrupted.load(Ordering::SeqCst) {
+                        130
+                    } else {
+                        0
+                    });
+                }
                 replica = Some(r);
-                loader.part(rank, world)
+                loader
             }
         };
-        if !lead {
-            let r = replica.take().expect("a node other than 0 is part of a cluster");
-            let rank = r.rank();
-            let follower = Follower {
-                trainer,
-                loader,
-                device,
-                cluster: cluster.clone().expect("cluster"),
-                local: 0,
-                fingerprint,
-                epochs: tc.epochs,
-                log_every: tc.log_every,
-                conditional,
-                interrupted: interrupted.clone(),
-                stop_after,
-            };
-            let state = follower.follow(r)?;
-            for f in followers {
-                let _ = f.join();
-            }
-            eprintln!(
-                "node {}: stopped at step {} (replica {rank}); node 0 wrote the checkpoints",
-                cluster
-                    .as_ref()
-                    .and_then(|c| c.nodes.as_ref())
-                    .map_or(0, |n| n.rank),
-                state.step
-            );
-            return Ok(if interrupted.load(Ordering::SeqCst) {
-                130
-            } else {
-                0
-            });
-        }
         let save = |trainer: &mut Trainer<B, UNet<B>>| -> Result<()> {
             trainer.save(&run_dir).map(|_| ()).map_err(|e| match e {
                 CheckpointError::NonFiniteLoss { step, loss } => non_finite(loss, step, &config, &run_dir),
@@ -840,12 +821,7 @@ struct Follower<B: AutodiffBackend> {
 impl<B: AutodiffBackend> Follower<B> {
     /// Joins the cluster and trains to the end (or an agreed stop).
     fn run(self) -> Result<diffusion_train::TrainState> {
-        let mut replica = Replica::<B::InnerBackend>::join(&self.cluster, self.local, self.device.clone())?;
-        replica.agree(
-            "configuration, step or weights",
-            &distributed::fingerprint_words(self.fingerprint),
-            &self.device,
-        )?;
+        let replica = join_agreed::<B>(&self.cluster, self.local, &self.device, self.fingerprint)?;
         self.follow(replica)
     }
 
@@ -879,6 +855,23 @@ impl<B: AutodiffBackend> Follower<B> {
         leave(replica);
         Ok(state)
     }
+}
+
+/// Joins the cluster as this node's `local`-th replica and checks that
+/// every replica starts from the same run ([`run_fingerprint`]).
+fn join_agreed<B: AutodiffBackend>(
+    cluster: &Cluster,
+    local: usize,
+    device: &B::Device,
+    fingerprint: u64,
+) -> Result<Replica<B::InnerBackend>> {
+    let mut replica = Replica::<B::InnerBackend>::join(cluster, local, device.clone())?;
+    replica.agree(
+        "configuration, step or weights",
+        &distributed::fingerprint_words(fingerprint),
+        device,
+    )?;
+    Ok(replica)
 }
 
 /// A step that could not reach the other replicas: what happened, what is

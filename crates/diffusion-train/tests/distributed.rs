@@ -10,9 +10,11 @@ use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use diffusion_core::{NoiseSchedule, Objective};
-use diffusion_model::{UNet, UNetConfig};
+use diffusion_model::UNet;
 use diffusion_train::distributed::{start_orchestrator, Cluster, DistributedError, Nodes, Replica};
 use diffusion_train::{Trainer, TrainerConfig};
+
+mod common;
 
 type B = Autodiff<Flex>;
 
@@ -21,16 +23,7 @@ const STEPS: u64 = 3;
 
 fn trainer(shards: usize) -> Trainer<B, UNet<B>> {
     let device = Default::default();
-    let model = UNetConfig::new()
-        .with_image_size(8)
-        .with_widths(vec![4, 8])
-        .with_strides(vec![2])
-        .with_up_widths(vec![4])
-        .with_attention(vec![false, true])
-        .with_mult(1)
-        .with_embed_dim(8)
-        .init_seeded::<B>(&device, 3)
-        .unwrap();
+    let model = common::tiny_unet().init_seeded::<B>(&device, 3).unwrap();
     let cfg = TrainerConfig {
         seed: 9,
         shards,
@@ -213,19 +206,20 @@ fn a_missing_replica_times_out_with_a_clear_error() {
 /// Env var that makes `node_process` act as node `rank` (set by the parent).
 const NODE_ENV: &str = "DIFFUSION_TEST_NODE";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free ports: all held open at once while they are picked,
+/// so the system cannot hand out one twice.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|k| held[k].local_addr().unwrap().port())
 }
 
 /// Two processes (nodes) of one replica each, over 127.0.0.1, train the
 /// same steps as two replicas in one process.
 #[test]
 fn two_nodes_over_tcp_equal_two_local_replicas() {
-    let (coordinator, p1, p2) = (free_port(), free_port(), free_port());
+    let [coordinator, p1, p2] = free_ports();
     let exe = std::env::current_exe().unwrap();
     let dir = std::env::temp_dir().join(format!("diffusion-nodes-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -13,15 +13,10 @@ use diffusion_train::{Trainer, TrainerConfig};
 
 type B = Autodiff<Flex>;
 
+mod common;
+
 fn config() -> UNetConfig {
-    UNetConfig::new()
-        .with_image_size(8)
-        .with_widths(vec![4, 8])
-        .with_strides(vec![2])
-        .with_up_widths(vec![4])
-        .with_attention(vec![false, true])
-        .with_mult(1)
-        .with_embed_dim(8)
+    common::tiny_unet()
 }
 
 fn trainer(lr: f64) -> Trainer<B, UNet<B>> {
