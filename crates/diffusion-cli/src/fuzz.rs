@@ -11,7 +11,11 @@
 //!
 //! The test suite runs a few thousand executions per target. A long run:
 //!
-//!     DIFFUSION_FUZZ_EXECS=1000000 cargo test --release -p diffusion-cli fuzz -- --nocapture
+//!     DIFFUSION_FUZZ_EXECS=1000000 DIFFUSION_FUZZ_THREADS=2 \
+//!         cargo test --release -p diffusion-cli fuzz -- --nocapture --test-threads 1
+//!
+//! (`DIFFUSION_FUZZ_THREADS` threads per target, each with its own
+//! generator; a long run prints its progress every minute.)
 //!
 //! `DIFFUSION_FUZZ_SAVE=DIR` also writes one input per distinct error
 //! message to `DIR/<target>/` (how the corpus was made).
@@ -152,52 +156,99 @@ fn kind(message: &str) -> String {
         .join(" ")
 }
 
-/// Runs `target` on `execs` mutations of `seeds` and the corpus. Returns
-/// the number of distinct error kinds seen.
-fn fuzz(name: &str, seeds: Vec<Vec<u8>>, execs: u64, target: impl Fn(&[u8]) -> Result<(), String>) -> usize {
+/// Threads per target: `DIFFUSION_FUZZ_THREADS`, else 1 (the test suite
+/// runs targets side by side already).
+fn threads() -> usize {
+    std::env::var("DIFFUSION_FUZZ_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
+}
+
+/// Error kinds seen so far, with how many inputs gave each.
+#[derive(Default)]
+struct Kinds {
+    counts: BTreeMap<String, u64>,
+    saved: usize,
+}
+
+/// Runs `target` on `execs` mutations of `seeds` and the corpus, in
+/// [`threads`] threads (thread `k` gets its own generator and passes `k`
+/// to `target`, which keeps its files apart by it). Returns the number of
+/// distinct error kinds seen.
+fn fuzz(
+    name: &str,
+    seeds: Vec<Vec<u8>>,
+    execs: u64,
+    target: impl Fn(usize, &[u8]) -> Result<(), String> + Sync,
+) -> usize {
     let mut seeds = seeds;
     seeds.extend(corpus(name));
     assert!(!seeds.is_empty());
     let save = std::env::var_os("DIFFUSION_FUZZ_SAVE").map(|d| PathBuf::from(d).join(name));
-    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
-    let mut kinds_saved = 0;
-    let mut rng = SplitMix64::new(0x5eed ^ name.len() as u64);
+    let kinds = std::sync::Mutex::new(Kinds::default());
+    let done = std::sync::atomic::AtomicU64::new(0);
     let started = Instant::now();
-    for i in 0..execs {
-        let base = &seeds[rng.below(seeds.len() as u64) as usize];
-        let input = if i < seeds.len() as u64 {
-            seeds[i as usize].clone()
-        } else {
-            mutate(&mut rng, base, &seeds)
-        };
-        let t0 = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| target(&input)));
-        let took = t0.elapsed();
-        if result.is_err() || took > Duration::from_secs(10) {
-            let path = std::env::temp_dir().join(format!("diffusion-fuzz-{name}-crash-{i}"));
-            std::fs::write(&path, &input).unwrap();
-            panic!(
-                "{name}: input {i} {} (took {took:?}); saved to {}",
-                if result.is_err() { "panicked" } else { "hung" },
-                path.display()
-            );
-        }
-        if let Ok(Err(message)) = result {
-            let k = kind(&message);
-            let count = kinds.entry(k).or_insert(0);
-            if *count == 0 && kinds_saved < 40 {
-                kinds_saved += 1;
-                if let Some(dir) = &save {
-                    std::fs::create_dir_all(dir).unwrap();
-                    std::fs::write(dir.join(format!("{i:08}")), &input).unwrap();
-                }
+    let threads = threads();
+    let run = |k: usize| {
+        let share = execs / threads as u64 + u64::from((k as u64) < execs % threads as u64);
+        let mut rng = SplitMix64::new((0x5eed ^ name.len() as u64).wrapping_add(k as u64 * 0x9e37_79b9));
+        let mut last_report = Instant::now();
+        for i in 0..share {
+            let base = &seeds[rng.below(seeds.len() as u64) as usize];
+            let input = if k == 0 && i < seeds.len() as u64 {
+                seeds[i as usize].clone()
+            } else {
+                mutate(&mut rng, base, &seeds)
+            };
+            let t0 = Instant::now();
+            let result = catch_unwind(AssertUnwindSafe(|| target(k, &input)));
+            let took = t0.elapsed();
+            if result.is_err() || took > Duration::from_secs(10) {
+                let path = std::env::temp_dir().join(format!("diffusion-fuzz-{name}-crash-{k}-{i}"));
+                std::fs::write(&path, &input).unwrap();
+                panic!(
+                    "{name}: input {i} of thread {k} {} (took {took:?}); saved to {}",
+                    if result.is_err() { "panicked" } else { "hung" },
+                    path.display()
+                );
             }
-            *count += 1;
+            if let Ok(Err(message)) = result {
+                let mut kinds = kinds.lock().unwrap();
+                let Kinds { counts, saved } = &mut *kinds;
+                let count = counts.entry(kind(&message)).or_insert(0);
+                if *count == 0 && *saved < 40 {
+                    *saved += 1;
+                    if let Some(dir) = &save {
+                        std::fs::create_dir_all(dir).unwrap();
+                        std::fs::write(dir.join(format!("{k}-{i:08}")), &input).unwrap();
+                    }
+                }
+                *count += 1;
+            }
+            let total = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if k == 0 && last_report.elapsed() > Duration::from_secs(60) {
+                last_report = Instant::now();
+                let s = started.elapsed().as_secs_f64();
+                println!(
+                    "fuzz {name}: {total} of {execs} executions, {s:.0} s, {:.0}/s",
+                    total as f64 / s
+                );
+            }
         }
-    }
+    };
+    std::thread::scope(|scope| {
+        for k in 1..threads {
+            let run = &run;
+            scope.spawn(move || run(k));
+        }
+        run(0);
+    });
+    let kinds = kinds.into_inner().unwrap().counts;
     let ok = execs - kinds.values().sum::<u64>();
     println!(
-        "fuzz {name}: {execs} executions in {:.1} s, {ok} accepted, {} distinct errors",
+        "fuzz {name}: {execs} executions in {:.1} s ({threads} threads), {ok} accepted, {} distinct errors",
         started.elapsed().as_secs_f64(),
         kinds.len()
     );
@@ -226,8 +277,8 @@ fn fuzz_idx_reader() {
     )
     .unwrap();
     let seeds = vec![images.clone(), labels.clone(), gz(&images), gz(&labels), real];
-    let file = dir.join("f");
-    let kinds = fuzz("idx", seeds, execs(3_000), |bytes| {
+    let kinds = fuzz("idx", seeds, execs(3_000), |k, bytes| {
+        let file = dir.join(format!("f{k}"));
         std::fs::write(&file, bytes).unwrap();
         match (
             read_idx(&file, FileKind::Images),
@@ -260,7 +311,7 @@ fn fuzz_npy_reader() {
     labels.extend_from_slice(&7i64.to_le_bytes());
     labels.extend_from_slice(&3i64.to_le_bytes());
     seeds.push(labels);
-    let kinds = fuzz("npy", seeds, execs(20_000), |bytes| {
+    let kinds = fuzz("npy", seeds, execs(20_000), |_, bytes| {
         crate::npy::parse(bytes).map(|_| ()).map_err(|e| format!("{e:#}"))
     });
     assert!(kinds >= 4, "{kinds}");
@@ -270,10 +321,9 @@ fn fuzz_npy_reader() {
 fn fuzz_run_config_and_checkpoint_index() {
     use crate::config::{Preset, RunConfig};
     let dir = workdir("config");
-    let run = dir.join("run");
     let config = RunConfig::preset(Preset::Tiny);
-    std::fs::create_dir_all(&run).unwrap();
-    // A real checkpoint for the index to point at.
+    // A run folder per thread, each with a real checkpoint for the index
+    // to point at.
     let state = crate::checkpoint::TrainState {
         step: 3,
         epoch: 0,
@@ -283,26 +333,38 @@ fn fuzz_run_config_and_checkpoint_index() {
     };
     let device = Default::default();
     let model = config.model.init::<Flex>(&device).unwrap();
-    crate::checkpoint::write(&run, state, |d| {
-        crate::checkpoint::save_module(model.clone(), &d.join("ema"))
-    })
-    .unwrap();
-    let index = run.join("checkpoints/latest.json");
+    let runs: Vec<PathBuf> = (0..threads()).map(|k| dir.join(format!("run{k}"))).collect();
+    for run in &runs {
+        std::fs::create_dir_all(run).unwrap();
+        crate::checkpoint::write(run, state, |d| {
+            crate::checkpoint::save_module(model.clone(), &d.join("ema"))
+        })
+        .unwrap();
+    }
     let seeds = vec![
         serde_json::to_vec_pretty(&config).unwrap(),
         serde_json::to_vec_pretty(&RunConfig::preset(Preset::Quick)).unwrap(),
-        std::fs::read(&index).unwrap(),
+        std::fs::read(runs[0].join("checkpoints/latest.json")).unwrap(),
     ];
-    let kinds = fuzz("config", seeds, execs(10_000), |bytes| {
+    let kinds = fuzz("config", seeds, execs(10_000), |k, bytes| {
+        let run = &runs[k];
         std::fs::write(run.join("config.json"), bytes).unwrap();
-        std::fs::write(&index, bytes).unwrap();
-        let a = RunConfig::load(&run).map(|_| ()).map_err(|e| format!("{e:#}"));
-        let b = crate::checkpoint::latest(&run)
+        std::fs::write(run.join("checkpoints/latest.json"), bytes).unwrap();
+        let a = RunConfig::load(run).map(|_| ()).map_err(|e| format!("{e:#}"));
+        let b = crate::checkpoint::latest(run)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"));
         a.or(b)
     });
     assert!(kinds >= 4, "{kinds}");
+}
+
+/// `model` with every parameter initialised. burn initialises parameters
+/// lazily, and a clone of a parameter not yet initialised initialises its
+/// own copy again: reading every value once here makes the clones copies.
+fn materialised(model: diffusion_model::UNet<Flex>) -> diffusion_model::UNet<Flex> {
+    assert_eq!(diffusion_train::params::first_non_finite(&model), None);
+    model
 }
 
 #[test]
@@ -315,10 +377,14 @@ fn fuzz_weights_files() {
     let model = tiny.init::<Flex>(&device).unwrap();
     crate::checkpoint::save_module(model, &dir.join("seed")).unwrap();
     let mpk_seed = std::fs::read(dir.join("seed.mpk")).unwrap();
-    let mpk = dir.join("w");
-    let kinds = fuzz("mpk", vec![mpk_seed], execs(300), |bytes| {
+    // One model built up front and cloned for every input: `load_unet` is
+    // `init` then `load_module`, and the random initialisation (not the
+    // reading) took most of an execution's time.
+    let blank = materialised(tiny.init::<Flex>(&device).unwrap());
+    let kinds = fuzz("mpk", vec![mpk_seed], execs(300), |k, bytes| {
+        let mpk = dir.join(format!("w{k}"));
         std::fs::write(mpk.with_extension("mpk"), bytes).unwrap();
-        crate::checkpoint::load_unet::<Flex>(&tiny, &mpk, &device)
+        diffusion_train::checkpoint::load_module(blank.clone(), &mpk, &device)
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     });
@@ -334,11 +400,12 @@ fn fuzz_weights_files() {
     let st_file = dir.join("seed.safetensors");
     crate::interop::save_reference(&loaded, &st_file).unwrap();
     let st_seed = std::fs::read(&st_file).unwrap();
+    let blank = materialised(reference.init::<Flex>(&device).unwrap());
     for (name, seed, ext) in [("safetensors", st_seed, "safetensors"), ("pt", pt_seed, "pt")] {
-        let file = dir.join(format!("in.{ext}"));
-        let kinds = fuzz(name, vec![seed], execs(300), |bytes| {
+        let kinds = fuzz(name, vec![seed], execs(300), |k, bytes| {
+            let file = dir.join(format!("in{k}.{ext}"));
             std::fs::write(&file, bytes).unwrap();
-            crate::interop::load_reference::<Flex>(&reference, &file, &device)
+            crate::interop::load_reference_into(blank.clone(), &file)
                 .map(|_| ())
                 .map_err(|e| format!("{e:#}"))
         });

@@ -166,8 +166,14 @@ fn check(result: &ApplyResult, file: &Path, levels: usize) -> Result<()> {
 
 /// Loads reference weights (.pt or .safetensors, by extension) into a U-Net.
 pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::Device) -> Result<UNet<B>> {
-    let levels = config.widths.len();
-    let mut model = config.init::<B>(device)?;
+    load_reference_into(config.init::<B>(device)?, file)
+}
+
+/// Loads reference weights into `model`, a U-Net built from the
+/// configuration the file is expected to match (every name, shape, dtype
+/// and value is checked as in [`load_reference`]).
+pub fn load_reference_into<B: Backend>(mut model: UNet<B>, file: &Path) -> Result<UNet<B>> {
+    let levels = model.downsamples.len() + 1;
     let expected = diffusion_train::params::describe(&model);
     let is_safetensors = file.extension().is_some_and(|e| e == "safetensors");
     let result = if is_safetensors {
