@@ -335,6 +335,17 @@ fn eval_of_a_run_writes_its_report() {
     assert!(out.contains("accuracy") && out.contains("Fréchet"), "{out}");
     let dir = run.join("eval");
     let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    // The name holds the settings, the weights included (evaluating EMA and
+    // raw weights once overwrote one report with the other).
+    assert!(
+        file.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .ends_with("-w2-ema-n30-seed0.json"),
+        "{}",
+        file.display()
+    );
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert_eq!(report["samples"], 30);
     assert_eq!(report["guidance"], 2.0);

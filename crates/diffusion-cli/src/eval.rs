@@ -325,8 +325,12 @@ impl Task for EvalTask {
                 .next()
                 .unwrap_or("sampler")
                 .to_lowercase();
+            // Every setting that changes the samples is in the name, so
+            // evaluations of one run with other settings do not overwrite
+            // each other.
+            let weights = report.weights.map_or("samples", Weights::file);
             let file = dir.join("eval").join(format!(
-                "{kind}-{}{eta}-w{}-n{n}-seed{}.json",
+                "{kind}-{}{eta}-w{}-{weights}-n{n}-seed{}.json",
                 s.steps, guidance, args.seed
             ));
             write_bytes_atomically(&file, json.as_bytes())?;

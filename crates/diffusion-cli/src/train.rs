@@ -29,7 +29,7 @@ use crate::sample::{preview_grid, PreviewRequest};
 pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
-    /// Starting configuration: seed (the reference run), quick (~6 min on
+    /// Starting configuration: seed (the reference run), quick (5-10 min on
     /// a 2-core CPU), full (the best digits in ~45 min on 2 cores), tiny
     /// (seconds, for tests).
     #[arg(long, value_enum, default_value = "quick")]
