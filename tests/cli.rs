@@ -147,6 +147,21 @@ fn given_noise_and_seed_make_sampling_repeatable() {
 }
 
 #[test]
+fn a_run_stopped_at_an_epoch_end_resumes_without_a_nan_loss() {
+    // The tiny preset: 512 images in batches of 32, 16 steps per epoch.
+    let run = scratch("resume-epoch-end");
+    let text = train_tiny(&run, &["--stop-after", "16"]);
+    assert!(text.contains("stopped at step 16"), "{text}");
+    let text = ok(bin().args(["train", "--backend", "cpu", "--resume"]).arg(&run));
+    assert!(
+        text.contains("epoch 1/2: stopped at its end and resumed"),
+        "{text}"
+    );
+    assert!(text.contains("epoch 2/2: mean loss "), "{text}");
+    assert!(!text.contains("NaN"), "{text}");
+}
+
+#[test]
 fn stopped_and_resumed_run_ends_with_the_same_weights() {
     let root = scratch("resume");
     let (whole, split) = (root.join("whole"), root.join("split"));

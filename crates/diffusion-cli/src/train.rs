@@ -767,14 +767,16 @@ impl Task for TrainTask {
                 );
             }
             crate::plot::draw_run(&run_dir)?;
-            let mean = if epoch_loss.1 > 0 {
-                epoch_loss.0 / epoch_loss.1 as f64
+            // The mean over this process's steps of the epoch; a run stopped
+            // right at an epoch's end and resumed has none.
+            let loss_note = if epoch_loss.1 > 0 {
+                format!("mean loss {:.4}", epoch_loss.0 / epoch_loss.1 as f64)
             } else {
-                f64::NAN
+                "stopped at its end and resumed (its losses are in metrics.csv)".to_string()
             };
             bar.suspend(|| {
                 eprintln!(
-                    "epoch {}/{}: mean loss {mean:.4}, {} steps, {:.0} s elapsed{quality_note}; samples: {}",
+                    "epoch {}/{}: {loss_note}, {} steps, {:.0} s elapsed{quality_note}; samples: {}",
                     state.epoch,
                     tc.epochs,
                     state.step,
