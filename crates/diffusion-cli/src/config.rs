@@ -176,9 +176,13 @@ impl RunConfig {
                 preview: PreviewConfig {
                     n: 81,
                     sampler: SamplerConfig::reference(),
+                    // The preset's own sampler: this ε model has no label
+                    // dropout, so no guidance, and DPM-Solver++ without it
+                    // misjudged it (57.5% where the reference sampler drew
+                    // 91.7%, docs/quality.md).
                     quality: Some(QualityProbe {
                         per_class: 20,
-                        sampler: SamplerConfig::new(SamplerKind::DpmSolverPp, 10),
+                        sampler: SamplerConfig::reference(),
                         guidance: 1.0,
                     }),
                 },

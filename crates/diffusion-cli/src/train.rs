@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
 use diffusion_core::{NoiseSchedule, Prediction};
@@ -18,7 +19,7 @@ use diffusion_train::{CheckpointError, RunLock, Trainer};
 
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
-use crate::config::{Preset, RunConfig};
+use crate::config::{Preset, RunConfig, Weights};
 use crate::data::{self, DatasetArg};
 use crate::eval::{Probe, ProbeResult};
 use crate::progress;
@@ -625,7 +626,11 @@ impl Task for TrainTask {
                 let probe = Probe::<B::InnerBackend>::new(q, tc.seed, cpu, &device)?;
                 // Before any training: the floor in the plot from the start.
                 if trainer.state().step == 0 {
-                    let r = probe.measure(&trainer.ema().model, &schedule, &device)?;
+                    let r = probe.measure(
+                        &sampling_model(&trainer, config.sample_weights),
+                        &schedule,
+                        &device,
+                    )?;
                     quality.quality_row(0, 0, &r, probe.floor)?;
                 }
                 Some((probe, quality))
@@ -754,10 +759,22 @@ impl Task for TrainTask {
                 size: config.model.image_size,
                 num_classes: config.model.num_classes,
             };
-            preview_grid::<B::InnerBackend>(&trainer.ema().model, &schedule, &preview, &grid, &device)?;
+            preview_grid::<B::InnerBackend>(
+                &sampling_model(&trainer, config.sample_weights),
+                &schedule,
+                &preview,
+                &grid,
+                &device,
+            )?;
             let mut quality_note = String::new();
             if let Some((probe, quality)) = &mut probe {
-                let r = bar.suspend(|| probe.measure(&trainer.ema().model, &schedule, &device))?;
+                let r = bar.suspend(|| {
+                    probe.measure(
+                        &sampling_model(&trainer, config.sample_weights),
+                        &schedule,
+                        &device,
+                    )
+                })?;
                 quality.quality_row(state.step, state.epoch, &r, probe.floor)?;
                 quality_note = format!(
                     "; samples {:.1}% correct, Fréchet {:.1} (floor {:.1})",
@@ -1028,5 +1045,18 @@ impl Metrics {
             r.reduce_ms
         )?;
         Ok(())
+    }
+}
+
+/// The weights the run samples with by default (`sample_weights`): the
+/// epoch previews and quality probes judge what `sample` and `eval` will
+/// draw.
+fn sampling_model<B: AutodiffBackend>(
+    trainer: &Trainer<B, UNet<B>>,
+    weights: Weights,
+) -> UNet<B::InnerBackend> {
+    match weights {
+        Weights::Ema => trainer.ema().model.clone(),
+        Weights::Model => trainer.model().valid(),
     }
 }
