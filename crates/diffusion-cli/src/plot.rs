@@ -196,10 +196,9 @@ mod tests {
         let img = image::open(&path).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (WIDTH, HEIGHT));
         // Blue loss and red quality curves are there, and text (dark pixels).
-        let count = |f: &dyn Fn(&image::Rgb<u8>) -> bool| img.pixels().filter(|p| f(p)).count();
-        assert!(count(&|p| p.0 == [0, 0, 255]) > 100);
-        assert!(count(&|p| p.0 == [255, 0, 0]) > 100);
-        assert!(count(&|p| p.0 == [0, 0, 0]) > 1000);
+        assert!(count(&img, [0, 0, 255]) > 100);
+        assert!(count(&img, [255, 0, 0]) > 100);
+        assert!(count(&img, [0, 0, 0]) > 1000);
 
         // No quality rows: the loss alone, over the whole width.
         draw(&path, &loss, &[]).unwrap();
@@ -209,7 +208,7 @@ mod tests {
             .filter(|(_, _, p)| p.0 == [0, 0, 255])
             .map(|(x, _, _)| x)
             .collect();
-        assert_eq!(count_red(&img), 0);
+        assert_eq!(count(&img, [255, 0, 0]), 0);
         let span = blue_x.iter().max().unwrap() - blue_x.iter().min().unwrap();
         assert!(
             span > WIDTH * 2 / 3,
@@ -218,7 +217,8 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn count_red(img: &image::RgbImage) -> usize {
-        img.pixels().filter(|p| p.0 == [255, 0, 0]).count()
+    /// Pixels of exactly `colour`.
+    fn count(img: &image::RgbImage, colour: [u8; 3]) -> usize {
+        img.pixels().filter(|p| p.0 == colour).count()
     }
 }

@@ -759,22 +759,11 @@ impl Task for TrainTask {
                 size: config.model.image_size,
                 num_classes: config.model.num_classes,
             };
-            preview_grid::<B::InnerBackend>(
-                &sampling_model(&trainer, config.sample_weights),
-                &schedule,
-                &preview,
-                &grid,
-                &device,
-            )?;
+            let weights = sampling_model(&trainer, config.sample_weights);
+            preview_grid::<B::InnerBackend>(&weights, &schedule, &preview, &grid, &device)?;
             let mut quality_note = String::new();
             if let Some((probe, quality)) = &mut probe {
-                let r = bar.suspend(|| {
-                    probe.measure(
-                        &sampling_model(&trainer, config.sample_weights),
-                        &schedule,
-                        &device,
-                    )
-                })?;
+                let r = bar.suspend(|| probe.measure(&weights, &schedule, &device))?;
                 quality.quality_row(state.step, state.epoch, &r, probe.floor)?;
                 quality_note = format!(
                     "; samples {:.1}% correct, Fréchet {:.1} (floor {:.1})",
