@@ -14,7 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dims4, dot, f32s, sum};
+use super::{dims4, dot, f32s, sum, vectorised};
 
 /// A conv2d whose passes avoid Flex's slow paths. Forward: [`conv2d`]. The
 /// input gradient of a stride-1 conv is itself a conv (flipped kernel,
@@ -96,6 +96,9 @@ fn conv2d(
     bias: Option<FlexTensor>,
     options: ConvOptions<2>,
 ) -> FlexTensor {
+    if is_depthwise(&x, &weight, &options) {
+        return depthwise(x, weight, bias, options);
+    }
     if options.groups != 1 || options.stride != [1, 1] || options.dilation != [1, 1] {
         return Flex::conv2d(x, weight, bias, options);
     }
@@ -154,6 +157,87 @@ fn conv2d(
         },
     );
     FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]))
+}
+
+/// Output columns computed at once by [`depthwise_plane`]: one AVX-512
+/// vector, two AVX2 ones.
+const DW_LANES: usize = 16;
+
+/// Planes (image, channel) per parallel task of [`depthwise`].
+const DW_PLANES_PER_TASK: usize = 8;
+
+/// A depthwise conv (stride 1, one kh×kw filter per channel: the
+/// ConvNeXt blocks' 7x7) computed directly: each plane is copied into a
+/// zero-padded buffer, then every output row is built [`DW_LANES`]
+/// columns at a time in registers, tap by tap. Flex's depthwise path
+/// walks the same taps over rows of 28 or fewer columns with scalar
+/// remainder loops compiled for baseline x86-64.
+fn depthwise(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    options: ConvOptions<2>,
+) -> FlexTensor {
+    let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
+    let bias = bias.map(|b| b.to_contiguous());
+    let [b, c, h, w] = dims4(&x);
+    let [_, _, kh, kw] = dims4(&weight);
+    let [ph, pw] = options.padding;
+    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+    if hp < kh || wp < kw {
+        return Flex::conv2d(x, weight, bias, options);
+    }
+    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
+    // A padded row holds every column the last chunk of DW_LANES reads.
+    let row = wo.div_ceil(DW_LANES) * DW_LANES + kw - 1;
+    let (xs, ws) = (f32s(&x), f32s(&weight));
+    let bs = bias.as_ref().map(f32s);
+    let mut out = vec![0f32; b * c * ho * wo];
+    if out.is_empty() {
+        return FlexTensor::from_data(TensorData::new(out, [b, c, ho, wo]));
+    }
+    out.par_chunks_mut(DW_PLANES_PER_TASK * ho * wo)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; hp * row],
+            |padded, (task, out)| {
+                for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+                    let plane = task * DW_PLANES_PER_TASK + i;
+                    let ci = plane % c;
+                    let src = &xs[plane * h * w..][..h * w];
+                    for (y, src) in src.chunks_exact(w).enumerate() {
+                        padded[(y + ph) * row + pw..][..w].copy_from_slice(src);
+                    }
+                    let taps = &ws[ci * kh * kw..][..kh * kw];
+                    depthwise_plane(padded, row, taps, kw, bs.map_or(0.0, |bs| bs[ci]), out, wo);
+                }
+            },
+        );
+    FlexTensor::from_data(TensorData::new(out, [b, c, ho, wo]))
+}
+
+vectorised! {
+    /// One output plane of a depthwise conv: `out` [ho, wo] = bias +
+    /// Σ_ij taps[i, j] · padded[y + i, x + j], where `padded` has rows of
+    /// `row` columns (zero borders; only the inner part is ever written).
+    fn depthwise_plane(padded: &[f32], row: usize, taps: &[f32], kw: usize, bias: f32, out: &mut [f32], wo: usize) -> () {
+        for (y, out) in out.chunks_exact_mut(wo).enumerate() {
+            for x0 in (0..wo).step_by(DW_LANES) {
+                let mut acc = [bias; DW_LANES];
+                for (i, taps) in taps.chunks_exact(kw).enumerate() {
+                    let line = &padded[(y + i) * row + x0..];
+                    for (j, &t) in taps.iter().enumerate() {
+                        let src: &[f32; DW_LANES] = line[j..j + DW_LANES].try_into().unwrap();
+                        for l in 0..DW_LANES {
+                            acc[l] += t * src[l];
+                        }
+                    }
+                }
+                let n = DW_LANES.min(wo - x0);
+                out[x0..x0 + n].copy_from_slice(&acc[..n]);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -400,6 +484,21 @@ mod tests {
                     .with_groups(6)
                     .with_padding(pad(3, 3)),
                 [3, 6, 10, 9],
+            ),
+            (
+                // Wider than one chunk of DW_LANES columns, with a partial last chunk.
+                "depthwise 7x7 pad 3, 28 wide",
+                Conv2dConfig::new([3, 3], [7, 7])
+                    .with_groups(3)
+                    .with_padding(pad(3, 3)),
+                [2, 3, 5, 28],
+            ),
+            (
+                "depthwise 3x3 pad 1, 33 wide",
+                Conv2dConfig::new([2, 2], [3, 3])
+                    .with_groups(2)
+                    .with_padding(pad(1, 1)),
+                [1, 2, 17, 33],
             ),
             (
                 "depthwise 7x7 pad 3 on 3x3",

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dot, exp, max, sum, vectorised};
+use super::{dot, exp, vectorised};
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -35,6 +35,17 @@ impl Dims {
 
 /// Returns o = softmax(q·kᵀ/√d)·v and the log-sum-exp of each score row.
 /// `q`, `k`, `v`, `o`: [batch, len, d] row-major; lse: [batch, len].
+///
+/// Each task holds the scores of one block of query rows *transposed*,
+/// sᵀ [len, rows], so that the queries of the block lie side by side:
+/// the softmax's max, exp and sum then run down the columns with full
+/// vectors and no horizontal reductions, and both products keep the
+/// block's rows (64) as the wide, unit-stride dimension of gemm's
+/// microkernel. (With the rows of the scores contiguous instead, P·v has
+/// only d = 8 or 16 output columns, which leaves gemm's widest tiles
+/// mostly empty.) The probabilities are left unnormalised and the d
+/// outputs of each row divided by the row's sum afterwards: one pass over
+/// [rows, d] instead of one over [rows, len].
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f32>) {
     let Dims { batch, len, d } = dims;
     let per_seq = len * d;
@@ -53,34 +64,38 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
             o.par_chunks_mut(BLOCK * d)
                 .zip(lse.par_chunks_mut(BLOCK))
                 .enumerate()
-                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (block, (o, lse))| {
-                    let (start, rows) = (block * BLOCK, lse.len());
-                    scores.resize(rows * len, 0.0);
-                    let q_blk = View::rows(&q[start * d..], d);
-                    matmul(
-                        scores,
-                        rows,
-                        len,
-                        d,
-                        q_blk,
-                        View::transposed(k, d),
-                        dims.scale(),
-                        false,
-                    );
-                    for (row, lse) in scores.chunks_exact_mut(len).zip(lse.iter_mut()) {
-                        *lse = softmax_with_lse(row);
-                    }
-                    matmul(
-                        o,
-                        rows,
-                        d,
-                        len,
-                        View::rows(scores, len),
-                        View::rows(v, d),
-                        1.0,
-                        false,
-                    );
-                });
+                .for_each_init(
+                    || (Vec::new(), Vec::new()),
+                    |(st, ot): &mut (Vec<f32>, Vec<f32>), (block, (o, lse))| {
+                        let (start, rows) = (block * BLOCK, lse.len());
+                        st.resize(len * rows, 0.0);
+                        ot.resize(d * rows, 0.0);
+                        // sᵀ [len, rows] = scale · k [len, d] · q_blkᵀ [d, rows]
+                        let q_blk_t = View::transposed(&q[start * d..], d);
+                        matmul(st, len, rows, d, View::rows(k, d), q_blk_t, dims.scale(), false);
+                        let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
+                        let (maxes, sums) = (&mut maxes[..rows], &mut sums[..rows]);
+                        softmax_columns(st, maxes, sums);
+                        // oᵀ [d, rows] = vᵀ [d, len] · pᵀ [len, rows]
+                        matmul(
+                            ot,
+                            d,
+                            rows,
+                            len,
+                            View::transposed(v, d),
+                            View::rows(st, rows),
+                            1.0,
+                            false,
+                        );
+                        for i in 0..rows {
+                            let inv = 1.0 / sums[i];
+                            for (j, out) in o[i * d..][..d].iter_mut().enumerate() {
+                                *out = ot[j * rows + i] * inv;
+                            }
+                            lse[i] = maxes[i] + sums[i].ln();
+                        }
+                    },
+                );
         });
     (o, lse)
 }
@@ -154,19 +169,31 @@ pub fn backward(
 }
 
 vectorised! {
-    /// Softmax of `row` in place; returns its log-sum-exp.
-    fn softmax_with_lse(row: &mut [f32]) -> f32 {
-        let m = max(row);
-        let m = if m.is_finite() { m } else { 0.0 };
-        for x in row.iter_mut() {
-            *x = exp(*x - m);
+    /// Softmax down the columns of `st` ([len, rows] row-major, rows =
+    /// `maxes.len()`), unnormalised: each column j becomes exp(s − m_j),
+    /// with its max m_j in `maxes` (0 where the column has no finite max)
+    /// and its sum in `sums`.
+    fn softmax_columns(st: &mut [f32], maxes: &mut [f32], sums: &mut [f32]) -> () {
+        let rows = maxes.len();
+        maxes.fill(f32::NEG_INFINITY);
+        for row in st.chunks_exact(rows) {
+            for (m, &x) in maxes.iter_mut().zip(row) {
+                *m = if x > *m { x } else { *m };
+            }
         }
-        let total = sum(row);
-        let inv = 1.0 / total;
-        for x in row.iter_mut() {
-            *x *= inv;
+        for m in maxes.iter_mut() {
+            if !m.is_finite() {
+                *m = 0.0;
+            }
         }
-        m + total.ln()
+        sums.fill(0.0);
+        for row in st.chunks_exact_mut(rows) {
+            for ((x, &m), s) in row.iter_mut().zip(maxes.iter()).zip(sums.iter_mut()) {
+                let e = exp(*x - m);
+                *x = e;
+                *s += e;
+            }
+        }
     }
 }
 
