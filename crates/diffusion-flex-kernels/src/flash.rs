@@ -168,6 +168,11 @@ pub fn backward(
     (dq, dk, dv)
 }
 
+/// Columns of the transposed score block handled at once by
+/// [`softmax_columns`]: their running maxima and sums stay in registers
+/// (one AVX-512 vector, two AVX2 ones) while the pass walks down the rows.
+const COLS: usize = 16;
+
 vectorised! {
     /// Softmax down the columns of `st` ([len, rows] row-major, rows =
     /// `maxes.len()`), unnormalised: each column j becomes exp(s − m_j),
@@ -175,24 +180,48 @@ vectorised! {
     /// and its sum in `sums`.
     fn softmax_columns(st: &mut [f32], maxes: &mut [f32], sums: &mut [f32]) -> () {
         let rows = maxes.len();
-        maxes.fill(f32::NEG_INFINITY);
-        for row in st.chunks_exact(rows) {
-            for (m, &x) in maxes.iter_mut().zip(row) {
-                *m = if x > *m { x } else { *m };
+        let mut c0 = 0;
+        while c0 + COLS <= rows {
+            let mut m = [f32::NEG_INFINITY; COLS];
+            for row in st.chunks_exact(rows) {
+                let x: &[f32; COLS] = row[c0..c0 + COLS].try_into().unwrap();
+                for l in 0..COLS {
+                    m[l] = if x[l] > m[l] { x[l] } else { m[l] };
+                }
             }
+            for v in m.iter_mut() {
+                if !v.is_finite() {
+                    *v = 0.0;
+                }
+            }
+            let mut s = [0f32; COLS];
+            for row in st.chunks_exact_mut(rows) {
+                let x: &mut [f32; COLS] = (&mut row[c0..c0 + COLS]).try_into().unwrap();
+                for l in 0..COLS {
+                    let e = exp(x[l] - m[l]);
+                    x[l] = e;
+                    s[l] += e;
+                }
+            }
+            maxes[c0..c0 + COLS].copy_from_slice(&m);
+            sums[c0..c0 + COLS].copy_from_slice(&s);
+            c0 += COLS;
         }
-        for m in maxes.iter_mut() {
-            if !m.is_finite() {
-                *m = 0.0;
+        // The last rows % COLS columns, one at a time.
+        for c in c0..rows {
+            let mut m = f32::NEG_INFINITY;
+            for row in st.chunks_exact(rows) {
+                m = if row[c] > m { row[c] } else { m };
             }
-        }
-        sums.fill(0.0);
-        for row in st.chunks_exact_mut(rows) {
-            for ((x, &m), s) in row.iter_mut().zip(maxes.iter()).zip(sums.iter_mut()) {
-                let e = exp(*x - m);
-                *x = e;
-                *s += e;
+            let m = if m.is_finite() { m } else { 0.0 };
+            let mut s = 0.0;
+            for row in st.chunks_exact_mut(rows) {
+                let e = exp(row[c] - m);
+                row[c] = e;
+                s += e;
             }
+            maxes[c] = m;
+            sums[c] = s;
         }
     }
 }
