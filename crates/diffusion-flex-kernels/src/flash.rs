@@ -100,6 +100,136 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
     (o, lse)
 }
 
+/// The weights of one attention block, as slices: `w_qkv` [d, 3d] and
+/// `w_out` [d, d] (burn's Linear layout, [in, out]), biases [3d] and [d].
+pub struct BlockWeights<'a> {
+    pub w_qkv: &'a [f32],
+    pub b_qkv: Option<&'a [f32]>,
+    pub w_out: &'a [f32],
+    pub b_out: Option<&'a [f32]>,
+}
+
+/// A whole attention block for inference, in the image layout throughout:
+/// returns x + Wo·attention(q, k, v) + bo with [q; k; v] = Wqkv·gn + bqkv,
+/// where `x` and its group norm `gn` are [batch, d, len] (channel-major,
+/// as the U-Net holds them) and the result has that shape too.
+///
+/// In this layout qᵀ, kᵀ and vᵀ are contiguous [d, len] slabs of one
+/// [3d, len] product per image, and each block of queries ends in
+/// Wo·oᵀ [d, rows], so no transposed copy of the tokens is ever made
+/// (the generic block transposes to [len, d], splits q, k and v into
+/// copies, and transposes back).
+pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
+    let Dims { batch, len, d } = dims;
+    let per_seq = len * d;
+    let mut out = vec![0f32; batch * per_seq];
+    if per_seq == 0 {
+        return out;
+    }
+    // [q; k; v]ᵀ [3d, len] = Wqkvᵀ [3d, d] · gn [d, len] + bqkv, per image.
+    let mut qkv = vec![0f32; batch * 3 * per_seq];
+    qkv.par_chunks_mut(3 * per_seq).enumerate().for_each(|(b, dst)| {
+        let gn = View::rows(&gn[b * per_seq..][..per_seq], len);
+        matmul(
+            dst,
+            3 * d,
+            len,
+            d,
+            View::transposed(weights.w_qkv, 3 * d),
+            gn,
+            1.0,
+            false,
+        );
+        if let Some(bias) = weights.b_qkv {
+            for (row, &bias) in dst.chunks_exact_mut(len).zip(bias) {
+                row.iter_mut().for_each(|v| *v += bias);
+            }
+        }
+    });
+    // One task per block of queries of one image: Wo·oᵀ [d, rows].
+    let blocks = len.div_ceil(BLOCK);
+    let mut projected = vec![0f32; batch * blocks * d * BLOCK];
+    projected.par_chunks_mut(d * BLOCK).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(st, ot): &mut (Vec<f32>, Vec<f32>), (task, dst)| {
+            let (b, start) = (task / blocks, (task % blocks) * BLOCK);
+            let rows = BLOCK.min(len - start);
+            let slab = &qkv[b * 3 * per_seq..][..3 * per_seq];
+            let (q_t, k_t, v_t) = (
+                &slab[..per_seq],
+                &slab[per_seq..2 * per_seq],
+                &slab[2 * per_seq..],
+            );
+            st.resize(len * rows, 0.0);
+            ot.resize(d * rows, 0.0);
+            // sᵀ [len, rows] = scale · k [len, d] · q_blkᵀ [d, rows]
+            let k = View {
+                data: k_t,
+                rs: 1,
+                cs: len,
+            };
+            let q_blk_t = View {
+                data: &q_t[start..],
+                rs: len,
+                cs: 1,
+            };
+            matmul(st, len, rows, d, k, q_blk_t, dims.scale(), false);
+            let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
+            let (maxes, sums) = (&mut maxes[..rows], &mut sums[..rows]);
+            softmax_columns(st, maxes, sums);
+            // oᵀ [d, rows] = vᵀ [d, len] · pᵀ [len, rows], normalised per column.
+            matmul(
+                ot,
+                d,
+                rows,
+                len,
+                View::rows(v_t, len),
+                View::rows(st, rows),
+                1.0,
+                false,
+            );
+            for row in ot.chunks_exact_mut(rows) {
+                for (v, s) in row.iter_mut().zip(sums.iter()) {
+                    *v /= *s;
+                }
+            }
+            // Wo·oᵀ: Woᵀ [d, d] · oᵀ [d, rows]
+            let w_out_t = View::transposed(weights.w_out, d);
+            matmul(
+                &mut dst[..d * rows],
+                d,
+                rows,
+                d,
+                w_out_t,
+                View::rows(ot, rows),
+                1.0,
+                false,
+            );
+        },
+    );
+    // out = x + bo + Wo·oᵀ, the blocks put back side by side.
+    out.par_chunks_mut(per_seq).enumerate().for_each(|(b, out)| {
+        let x = &x[b * per_seq..][..per_seq];
+        for blk in 0..blocks {
+            let start = blk * BLOCK;
+            let rows = BLOCK.min(len - start);
+            let src = &projected[(b * blocks + blk) * d * BLOCK..][..d * rows];
+            for j in 0..d {
+                let bias = weights.b_out.map_or(0.0, |b| b[j]);
+                let at = j * len + start;
+                for ((o, &x), &y) in out[at..at + rows]
+                    .iter_mut()
+                    .zip(&x[at..at + rows])
+                    .zip(&src[j * rows..][..rows])
+                {
+                    *o = x + (y + bias);
+                }
+            }
+        }
+    });
+    out
+}
+
 /// Gradients (dq, dk, dv) of Σ dO ⊙ o with respect to q, k and v.
 pub fn backward(
     q: &[f32],

@@ -36,6 +36,8 @@
 use burn::backend::flex::FlexTensor;
 
 pub mod attention;
+#[cfg(feature = "unet")]
+pub mod attention_block;
 pub mod conv;
 mod flash;
 pub mod gelu;
@@ -129,12 +131,14 @@ pub fn install_for_unet() {
         conv2d: conv::inference,
         group_norm: group_norm::inference,
         gelu: gelu::inference,
+        attention_block: attention_block::inference,
     });
     install::<Autodiff<Flex>>(Kernels {
         attention: attention::autodiff,
         conv2d: conv::autodiff,
         group_norm: group_norm::autodiff,
         gelu: gelu::autodiff,
+        attention_block: diffusion_model::kernels::generic_attention_block,
     });
 }
 

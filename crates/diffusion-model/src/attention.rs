@@ -59,9 +59,21 @@ impl AttentionConfig {
 }
 
 impl<B: Backend> AttentionBlock<B> {
+    /// Through the installed attention-block kernel of `B`
+    /// ([`crate::kernels`]; by default [`Self::forward_generic`]).
+    ///
     /// # Shapes
     /// `x`: [B, d, H, W]; returns [B, d, H, W].
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        crate::kernels::attention_block(self, x)
+    }
+
+    /// The block composed of burn operations (group norm, linear layers,
+    /// the installed attention kernel), in the token layout [B, H·W, d].
+    ///
+    /// # Shapes
+    /// `x`: [B, d, H, W]; returns [B, d, H, W].
+    pub fn forward_generic(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, d, h, w] = x.dims();
         let l = h * w;
         // [B, d, H, W] → [B, L, d]

@@ -32,6 +32,8 @@ use burn::prelude::*;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::attention::AttentionBlock;
+
 /// Single-head attention softmax(q·kᵀ/√d)·v.
 ///
 /// # Shapes
@@ -54,6 +56,15 @@ pub type GroupNormFn<B> = for<'a> fn(&'a GroupNorm<B>, Tensor<B, 4>) -> Tensor<B
 /// GELU (the exact, erf-based one), elementwise.
 pub type GeluFn<B> = fn(Tensor<B, 4>) -> Tensor<B, 4>;
 
+/// A whole attention block applied to an input, `block.forward(x)`:
+/// x + Wo·attention(split₃(Wqkv·GN(x))). A kernel may fuse its steps (and
+/// skip the transposes between the image layout and the token layout); it
+/// must compute what [`AttentionBlock::forward_generic`] computes.
+///
+/// # Shapes
+/// - `x`: [batch, d, h, w]; returns the same shape
+pub type AttentionBlockFn<B> = for<'a> fn(&'a AttentionBlock<B>, Tensor<B, 4>) -> Tensor<B, 4>;
+
 /// The replaceable kernels of one backend type.
 pub struct Kernels<B: Backend> {
     /// Single-head attention, used by [`AttentionImpl::Fused`](crate::AttentionImpl::Fused).
@@ -64,6 +75,8 @@ pub struct Kernels<B: Backend> {
     pub group_norm: GroupNormFn<B>,
     /// Exact GELU.
     pub gelu: GeluFn<B>,
+    /// The attention block around [`Kernels::attention`].
+    pub attention_block: AttentionBlockFn<B>,
 }
 
 impl<B: Backend> Clone for Kernels<B> {
@@ -80,6 +93,7 @@ impl<B: Backend> Default for Kernels<B> {
             conv2d: generic_conv2d::<B>,
             group_norm: generic_group_norm::<B>,
             gelu: burn::tensor::activation::gelu::<4, B>,
+            attention_block: generic_attention_block::<B>,
         }
     }
 }
@@ -133,6 +147,17 @@ pub fn generic_group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> T
 /// GELU through the installed kernel for `B`.
 pub fn gelu<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     (get::<B>().gelu)(x)
+}
+
+/// `block.forward(x)` through the installed kernel for `B`.
+pub fn attention_block<B: Backend>(block: &AttentionBlock<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    (get::<B>().attention_block)(block, x)
+}
+
+/// The attention block composed of burn operations and the installed
+/// [`attention`] kernel.
+pub fn generic_attention_block<B: Backend>(block: &AttentionBlock<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    block.forward_generic(x)
 }
 
 /// burn's attention op (a fused kernel where the backend has one).
