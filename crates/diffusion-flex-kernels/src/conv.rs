@@ -87,9 +87,12 @@ fn conv_options<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<ConvOp
     (x.dtype() == DType::F32).then(|| ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups))
 }
 
-/// conv2d forward. Ungrouped stride-1 convs run as kh·kw shifted matrix
-/// products per image on a zero-padded copy of the input (no im2col
-/// matrix, kh·kw times the input, is built); others go to Flex.
+/// conv2d forward. Depthwise convs run [`depthwise`]; ungrouped convs with
+/// small outputs (at most [`IM2COL_POSITIONS`] per image) or a stride or
+/// dilation run [`conv2d_im2col`] over groups of images; other ungrouped
+/// convs run as kh·kw shifted matrix products per image on a zero-padded
+/// copy of the input (no im2col matrix, kh·kw times the input, is built);
+/// grouped ones go to Flex.
 fn conv2d(
     x: FlexTensor,
     weight: FlexTensor,
@@ -99,7 +102,7 @@ fn conv2d(
     if is_depthwise(&x, &weight, &options) {
         return depthwise(x, weight, bias, options);
     }
-    if options.groups != 1 || options.stride != [1, 1] || options.dilation != [1, 1] {
+    if options.groups != 1 {
         return Flex::conv2d(x, weight, bias, options);
     }
     let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
@@ -108,8 +111,15 @@ fn conv2d(
     let [cout, _, kh, kw] = dims4(&weight);
     let [ph, pw] = options.padding;
     let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-    if hp < kh || wp < kw {
+    let reach = |k: usize, i: usize| options.dilation[i] * (k - 1) + 1;
+    if hp < reach(kh, 0) || wp < reach(kw, 1) {
         return Flex::conv2d(x, weight, bias, options);
+    }
+    if options.stride != [1, 1]
+        || options.dilation != [1, 1]
+        || (hp - kh + 1) * (wp - kw + 1) <= IM2COL_POSITIONS
+    {
+        return conv2d_im2col(&x, &weight, bias.as_ref().map(f32s), &options);
     }
     let (ho, wo) = (hp - kh + 1, wp - kw + 1);
     // Each padded plane has kw spare zeros at its end: the last tap of the
@@ -310,6 +320,127 @@ fn input_grad(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, options: Conv
     conv2d(grad, w, None, ConvOptions::new([1, 1], padding, [1, 1], g))
 }
 
+/// The im2col matrix of one image `xb` [cin, h, w]: row (ci, i, j) holds,
+/// for every output position (oy, ox), the input value under tap (i, j),
+/// or 0 in the padding. Row r is written to `cols[r·stride..][..ho·wo]`,
+/// so several images can sit side by side in one matrix.
+fn im2col(
+    xb: &[f32],
+    [cin, h, w]: [usize; 3],
+    [kh, kw]: [usize; 2],
+    [ho, wo]: [usize; 2],
+    options: &ConvOptions<2>,
+    cols: &mut [f32],
+    stride: usize,
+) {
+    let positions = ho * wo;
+    for ci in 0..cin {
+        let plane = &xb[ci * h * w..][..h * w];
+        for i in 0..kh {
+            for j in 0..kw {
+                let row = &mut cols[((ci * kh + i) * kw + j) * stride..][..positions];
+                for oy in 0..ho {
+                    let iy = (oy * options.stride[0] + i * options.dilation[0]) as isize
+                        - options.padding[0] as isize;
+                    let out = &mut row[oy * wo..][..wo];
+                    if iy < 0 || iy >= h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..][..w];
+                    for (ox, o) in out.iter_mut().enumerate() {
+                        let ix = (ox * options.stride[1] + j * options.dilation[1]) as isize
+                            - options.padding[1] as isize;
+                        *o = if ix >= 0 && ix < w as isize {
+                            src[ix as usize]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Outputs per image up to which [`conv2d`] uses [`conv2d_im2col`] (the
+/// U-Net's 7x7 and 3x3 levels).
+const IM2COL_POSITIONS: usize = 64;
+
+/// Output columns (images × positions) one task of [`conv2d_im2col`]
+/// aims for: enough for gemm's widest tiles.
+const IM2COL_COLUMNS: usize = 256;
+
+/// An ungrouped conv as one matrix product per group of images:
+/// out [cout, images·positions] = W [cout, cin·kh·kw] · im2col(x).
+/// For small outputs (7x7, 3x3) and strided convs: the shifted products of
+/// [`conv2d`] would give gemm only a few dozen columns per image, a third
+/// of them padding.
+fn conv2d_im2col(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<&[f32]>,
+    options: &ConvOptions<2>,
+) -> FlexTensor {
+    let [b, cin, h, w] = dims4(x);
+    let [cout, _, kh, kw] = dims4(weight);
+    let out_size = |len: usize, k: usize, i: usize| {
+        (len + 2 * options.padding[i]).saturating_sub(options.dilation[i] * (k - 1) + 1) / options.stride[i]
+            + 1
+    };
+    let (ho, wo) = (out_size(h, kh, 0), out_size(w, kw, 1));
+    let (taps, positions) = (cin * kh * kw, ho * wo);
+    let per_task = (IM2COL_COLUMNS / positions.max(1)).max(1);
+    let (xs, ws) = (f32s(x), f32s(weight));
+    let mut out = vec![0f32; b * cout * positions];
+    if out.is_empty() {
+        return FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]));
+    }
+    out.par_chunks_mut(per_task * cout * positions)
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(cols, acc): &mut (Vec<f32>, Vec<f32>), (task, out)| {
+                let images = out.len() / (cout * positions);
+                let n = images * positions;
+                cols.resize(taps * n, 0.0);
+                acc.resize(cout * n, 0.0);
+                for g in 0..images {
+                    let bi = task * per_task + g;
+                    let xb = &xs[bi * cin * h * w..][..cin * h * w];
+                    im2col(
+                        xb,
+                        [cin, h, w],
+                        [kh, kw],
+                        [ho, wo],
+                        options,
+                        &mut cols[g * positions..],
+                        n,
+                    );
+                }
+                matmul(
+                    acc,
+                    cout,
+                    n,
+                    taps,
+                    View::rows(ws, taps),
+                    View::rows(cols, n),
+                    1.0,
+                    false,
+                );
+                for (g, out) in out.chunks_exact_mut(cout * positions).enumerate() {
+                    for (co, out) in out.chunks_exact_mut(positions).enumerate() {
+                        let bias = bias.map_or(0.0, |bs| bs[co]);
+                        for (o, &a) in out.iter_mut().zip(&acc[co * n + g * positions..][..positions]) {
+                            *o = a + bias;
+                        }
+                    }
+                }
+            },
+        );
+    FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]))
+}
+
 /// Images per parallel task of [`weight_grad_gemm`].
 const IMAGES_PER_TASK: usize = 4;
 
@@ -327,35 +458,6 @@ fn weight_grad_gemm(
     let [_, _, kh, kw] = dims4(weight);
     let (taps, positions) = (cin * kh * kw, ho * wo);
     let (xs, gs) = (f32s(x), f32s(grad));
-    let im2col = |xb: &[f32], cols: &mut [f32]| {
-        for ci in 0..cin {
-            let plane = &xb[ci * h * w..][..h * w];
-            for i in 0..kh {
-                for j in 0..kw {
-                    let row = &mut cols[((ci * kh + i) * kw + j) * positions..][..positions];
-                    for oy in 0..ho {
-                        let iy = (oy * options.stride[0] + i * options.dilation[0]) as isize
-                            - options.padding[0] as isize;
-                        let out = &mut row[oy * wo..][..wo];
-                        if iy < 0 || iy >= h as isize {
-                            out.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * w..][..w];
-                        for (ox, o) in out.iter_mut().enumerate() {
-                            let ix = (ox * options.stride[1] + j * options.dilation[1]) as isize
-                                - options.padding[1] as isize;
-                            *o = if ix >= 0 && ix < w as isize {
-                                src[ix as usize]
-                            } else {
-                                0.0
-                            };
-                        }
-                    }
-                }
-            }
-        }
-    };
     // Fixed chunks of images summed in a fixed order: the result does not
     // depend on how rayon schedules them (bit-for-bit resumable training).
     let partials: Vec<Vec<f32>> = (0..b.div_ceil(IMAGES_PER_TASK))
@@ -364,7 +466,8 @@ fn weight_grad_gemm(
             let mut acc = vec![0f32; cout * taps];
             let mut cols = vec![0f32; taps * positions];
             for bi in chunk * IMAGES_PER_TASK..((chunk + 1) * IMAGES_PER_TASK).min(b) {
-                im2col(&xs[bi * cin * h * w..][..cin * h * w], &mut cols);
+                let xb = &xs[bi * cin * h * w..][..cin * h * w];
+                im2col(xb, [cin, h, w], [kh, kw], [ho, wo], options, &mut cols, positions);
                 let gb = &gs[bi * cout * positions..][..cout * positions];
                 let (lhs, rhs) = (View::rows(gb, positions), View::transposed(&cols, positions));
                 matmul(&mut acc, cout, taps, positions, lhs, rhs, 1.0, true);
@@ -522,7 +625,27 @@ mod tests {
                 [2, 4, 6, 6],
             ),
             (
-                "stride 2 (fallback)",
+                // 30 images of 3x3: two groups of images, the second partial.
+                "3x3 pad 1 on 3x3, 30 images",
+                Conv2dConfig::new([6, 5], [3, 3]).with_padding(pad(1, 1)),
+                [30, 6, 3, 3],
+            ),
+            (
+                "3x3 stride 3 pad 1, 7x7 to 3x3",
+                Conv2dConfig::new([4, 6], [3, 3])
+                    .with_stride([3, 3])
+                    .with_padding(pad(1, 1)),
+                [5, 4, 7, 7],
+            ),
+            (
+                "3x3 dilation 2",
+                Conv2dConfig::new([3, 2], [3, 3])
+                    .with_dilation([2, 2])
+                    .with_padding(pad(2, 2)),
+                [2, 3, 9, 10],
+            ),
+            (
+                "stride 2",
                 Conv2dConfig::new([3, 5], [3, 3])
                     .with_stride([2, 2])
                     .with_padding(pad(1, 1)),
