@@ -14,7 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dims4, dot, f32s, sum, vectorised};
+use super::{dims4, dot, f32s, madd, sum, vectorised};
 
 /// A conv2d whose passes avoid Flex's slow paths. Forward: [`conv2d`]. The
 /// input gradient of a stride-1 conv is itself a conv (flipped kernel,
@@ -239,7 +239,7 @@ vectorised! {
                     for (j, &t) in taps.iter().enumerate() {
                         let src: &[f32; DW_LANES] = line[j..j + DW_LANES].try_into().unwrap();
                         for l in 0..DW_LANES {
-                            acc[l] += t * src[l];
+                            acc[l] = madd::<FMA>(t, src[l], acc[l]);
                         }
                     }
                 }
@@ -348,6 +348,17 @@ fn im2col(
                         continue;
                     }
                     let src = &plane[iy as usize * w..][..w];
+                    if options.stride[1] == 1 && options.dilation[1] == 1 {
+                        // Input column ox + j − p: a zero margin, one run, a zero margin.
+                        let shift = j as isize - options.padding[1] as isize;
+                        let x0 = (-shift).clamp(0, wo as isize) as usize;
+                        let x1 = (w as isize - shift).clamp(x0 as isize, wo as isize) as usize;
+                        out[..x0].fill(0.0);
+                        let from = (x0 as isize + shift) as usize;
+                        out[x0..x1].copy_from_slice(&src[from..from + (x1 - x0)]);
+                        out[x1..].fill(0.0);
+                        continue;
+                    }
                     for (ox, o) in out.iter_mut().enumerate() {
                         let ix = (ox * options.stride[1] + j * options.dilation[1]) as isize
                             - options.padding[1] as isize;

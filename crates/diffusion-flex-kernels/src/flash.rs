@@ -328,7 +328,7 @@ vectorised! {
             for row in st.chunks_exact_mut(rows) {
                 let x: &mut [f32; COLS] = (&mut row[c0..c0 + COLS]).try_into().unwrap();
                 for l in 0..COLS {
-                    let e = exp(x[l] - m[l]);
+                    let e = exp::<FMA>(x[l] - m[l]);
                     x[l] = e;
                     s[l] += e;
                 }
@@ -346,7 +346,7 @@ vectorised! {
             let m = if m.is_finite() { m } else { 0.0 };
             let mut s = 0.0;
             for row in st.chunks_exact_mut(rows) {
-                let e = exp(row[c] - m);
+                let e = exp::<FMA>(row[c] - m);
                 row[c] = e;
                 s += e;
             }
@@ -360,7 +360,7 @@ vectorised! {
     /// row ← exp(row − shift).
     fn exp_shifted(row: &mut [f32], shift: f32) -> () {
         for x in row.iter_mut() {
-            *x = exp(*x - shift);
+            *x = exp::<FMA>(*x - shift);
         }
     }
 }

@@ -93,7 +93,7 @@ vectorised! {
         const INV_SQRT_2PI: f32 = 0.398_942_3;
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(grad) {
             let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = INV_SQRT_2PI * exp(-0.5 * x * x);
+            let pdf = INV_SQRT_2PI * exp::<FMA>(-0.5 * x * x);
             *dx = g * (cdf + x * pdf);
         }
     }
