@@ -173,13 +173,16 @@ fn conv2d(
 /// vector, two AVX2 ones.
 const DW_LANES: usize = 16;
 
+/// Output columns at once for planes at most this wide.
+const DW_NARROW: usize = 8;
+
 /// Planes (image, channel) per parallel task of [`depthwise`].
 const DW_PLANES_PER_TASK: usize = 8;
 
 /// A depthwise conv (stride 1, one kh×kw filter per channel: the
 /// ConvNeXt blocks' 7x7) computed directly: each plane is copied into a
-/// zero-padded buffer, then every output row is built [`DW_LANES`]
-/// columns at a time in registers, tap by tap. Flex's depthwise path
+/// zero-padded buffer, then every output row is built [`DW_LANES`] (or,
+/// for narrow planes, [`DW_NARROW`]) columns at a time in registers, tap by tap. Flex's depthwise path
 /// walks the same taps over rows of 28 or fewer columns with scalar
 /// remainder loops compiled for baseline x86-64.
 fn depthwise(
@@ -198,8 +201,9 @@ fn depthwise(
         return Flex::conv2d(x, weight, bias, options);
     }
     let (ho, wo) = (hp - kh + 1, wp - kw + 1);
-    // A padded row holds every column the last chunk of DW_LANES reads.
-    let row = wo.div_ceil(DW_LANES) * DW_LANES + kw - 1;
+    // A padded row holds every column the last chunk of lanes reads.
+    let lanes = if wo <= DW_NARROW { DW_NARROW } else { DW_LANES };
+    let row = wo.div_ceil(lanes) * lanes + kw - 1;
     let (xs, ws) = (f32s(&x), f32s(&weight));
     let bs = bias.as_ref().map(f32s);
     let mut out = vec![0f32; b * c * ho * wo];
@@ -219,7 +223,12 @@ fn depthwise(
                         padded[(y + ph) * row + pw..][..w].copy_from_slice(src);
                     }
                     let taps = &ws[ci * kh * kw..][..kh * kw];
-                    depthwise_plane(padded, row, taps, kw, bs.map_or(0.0, |bs| bs[ci]), out, wo);
+                    let bias = bs.map_or(0.0, |bs| bs[ci]);
+                    if lanes == DW_NARROW {
+                        depthwise_plane_narrow(padded, row, taps, kw, bias, out, wo);
+                    } else {
+                        depthwise_plane(padded, row, taps, kw, bias, out, wo);
+                    }
                 }
             },
         );
@@ -227,25 +236,48 @@ fn depthwise(
 }
 
 vectorised! {
-    /// One output plane of a depthwise conv: `out` [ho, wo] = bias +
-    /// Σ_ij taps[i, j] · padded[y + i, x + j], where `padded` has rows of
-    /// `row` columns (zero borders; only the inner part is ever written).
+    /// [`depthwise_rows`] 16 columns at a time (rows wider than 8).
     fn depthwise_plane(padded: &[f32], row: usize, taps: &[f32], kw: usize, bias: f32, out: &mut [f32], wo: usize) -> () {
-        for (y, out) in out.chunks_exact_mut(wo).enumerate() {
-            for x0 in (0..wo).step_by(DW_LANES) {
-                let mut acc = [bias; DW_LANES];
-                for (i, taps) in taps.chunks_exact(kw).enumerate() {
-                    let line = &padded[(y + i) * row + x0..];
-                    for (j, &t) in taps.iter().enumerate() {
-                        let src: &[f32; DW_LANES] = line[j..j + DW_LANES].try_into().unwrap();
-                        for l in 0..DW_LANES {
-                            acc[l] = madd::<FMA>(t, src[l], acc[l]);
-                        }
+        depthwise_rows::<FMA, DW_LANES>(padded, row, taps, kw, bias, out, wo)
+    }
+}
+
+vectorised! {
+    /// [`depthwise_rows`] 8 columns at a time (the 7x7 and 3x3 levels, where
+    /// 16 would leave most lanes idle).
+    fn depthwise_plane_narrow(padded: &[f32], row: usize, taps: &[f32], kw: usize, bias: f32, out: &mut [f32], wo: usize) -> () {
+        depthwise_rows::<FMA, DW_NARROW>(padded, row, taps, kw, bias, out, wo)
+    }
+}
+
+/// One output plane of a depthwise conv: `out` [ho, wo] = bias +
+/// Σ_ij taps[i, j] · padded[y + i, x + j], `L` columns at a time held in
+/// registers, where `padded` has rows of `row` columns (zero borders; only
+/// the inner part is ever written).
+#[inline(always)]
+fn depthwise_rows<const FMA: bool, const L: usize>(
+    padded: &[f32],
+    row: usize,
+    taps: &[f32],
+    kw: usize,
+    bias: f32,
+    out: &mut [f32],
+    wo: usize,
+) {
+    for (y, out) in out.chunks_exact_mut(wo).enumerate() {
+        for x0 in (0..wo).step_by(L) {
+            let mut acc = [bias; L];
+            for (i, taps) in taps.chunks_exact(kw).enumerate() {
+                let line = &padded[(y + i) * row + x0..];
+                for (j, &t) in taps.iter().enumerate() {
+                    let src: &[f32; L] = line[j..j + L].try_into().unwrap();
+                    for l in 0..L {
+                        acc[l] = madd::<FMA>(t, src[l], acc[l]);
                     }
                 }
-                let n = DW_LANES.min(wo - x0);
-                out[x0..x0 + n].copy_from_slice(&acc[..n]);
             }
+            let n = L.min(wo - x0);
+            out[x0..x0 + n].copy_from_slice(&acc[..n]);
         }
     }
 }
@@ -375,7 +407,8 @@ fn im2col(
 }
 
 /// Outputs per image up to which [`conv2d`] uses [`conv2d_im2col`] (the
-/// U-Net's 7x7 and 3x3 levels).
+/// U-Net's 7x7 and 3x3 levels; at 14x14 the shifted products measured
+/// faster).
 const IM2COL_POSITIONS: usize = 64;
 
 /// Output columns (images × positions) one task of [`conv2d_im2col`]

@@ -21,16 +21,27 @@
 //! pass). Each kernel here computes the same function (tested against
 //! burn's to float rounding) with fewer passes, on rayon's pool (the one
 //! Flex uses), with loops that vectorise:
-//! - [`attention`]: FlashAttention forward and backward (`flash`);
-//! - [`conv`]: conv2d as shifted matrix products (forward, input gradient)
-//!   and im2col + gemm or direct loops (weight gradient);
+//! - [`attention`]: FlashAttention forward and backward (`flash`), the
+//!   forward on transposed score blocks (a column softmax, wide gemm tiles);
+//! - `attention_block` (feature `unet`): the U-Net's whole attention block
+//!   for inference in the image layout, without transposed token copies;
+//! - [`conv`]: conv2d as shifted matrix products (large outputs), one
+//!   im2col product per group of images (small or strided outputs) or a
+//!   direct depthwise kernel; input gradient as a conv, weight gradient by
+//!   im2col + gemm or direct loops;
 //! - [`group_norm`]: one pass for statistics, one for the output, one fused
 //!   backward pass;
 //! - [`gelu`]: one pass each way with a vectorised erf.
 //!
+//! Dispatch: hot loops are compiled for baseline x86-64 (SSE2), AVX2 + FMA
+//! and AVX-512F, and [`simd_level`] picks the widest the CPU has at run
+//! time (`DIFFUSION_SIMD=avx2` or `baseline` caps it); the matrix products
+//! run on `gemm`, whose own run-time dispatch includes its AVX-512
+//! microkernels (feature `x86-v4`, enabled here).
+//!
 //! Invariants: results are deterministic (parallel partial sums are
-//! combined in a fixed order), hot loops are compiled for baseline x86-64
-//! and for AVX2+FMA and chosen at run time, and a shape a kernel does not
+//! combined in a fixed order; one machine always takes the same path, so
+//! the same input gives the same bits), and a shape a kernel does not
 //! cover falls back to burn's operation.
 
 use burn::backend::flex::FlexTensor;
