@@ -626,6 +626,17 @@ mod tests {
                 [2, 5, 9, 8],
             ),
             (
+                // Shifted products at the U-Net's 28x28.
+                "3x3 pad 1, 28x28",
+                Conv2dConfig::new([6, 4], [3, 3]).with_padding(pad(1, 1)),
+                [3, 6, 28, 28],
+            ),
+            (
+                "3x3 pad 2",
+                Conv2dConfig::new([3, 4], [3, 3]).with_padding(pad(2, 2)),
+                [2, 3, 10, 9],
+            ),
+            (
                 "depthwise 7x7 pad 3",
                 Conv2dConfig::new([6, 6], [7, 7])
                     .with_groups(6)
