@@ -68,7 +68,7 @@ impl RunLock {
                     return Ok(RunLock { path, removed_stale });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let text = fs::read_to_string(&path).unwrap_or_default();
+                    let text = read_owner(&path);
                     let Ok(pid) = text.trim().parse::<u32>() else {
                         // Being written by its owner this instant, or garbage.
                         return Err(LockError::Unknown {
@@ -116,6 +116,20 @@ impl Drop for RunLock {
     }
 }
 
+/// The lock file's text. An empty file is one its owner has created but
+/// not yet written (between `create_new` and the write of its process id):
+/// it is read again for up to a second before being taken as it is.
+fn read_owner(path: &Path) -> String {
+    for _ in 0..50 {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        if !text.trim().is_empty() || !path.exists() {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fs::read_to_string(path).unwrap_or_default()
+}
+
 /// Whether process `pid` exists (`None` where that cannot be told).
 fn process_alive(pid: u32) -> Option<bool> {
     if pid == std::process::id() {
@@ -146,6 +160,29 @@ mod tests {
         drop(lock);
         fs::write(dir.join(LOCK_FILE), "garbage").unwrap();
         assert!(matches!(RunLock::acquire(&dir), Err(LockError::Unknown { .. })));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_lock_being_written_is_waited_for_not_reported_as_garbage() {
+        // Another process has created the file and not yet written its id
+        // (two `train`s started together): the second must say "busy".
+        let dir = std::env::temp_dir().join(format!("diffusion-train-lock-race-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(LOCK_FILE), "").unwrap();
+        let writer = {
+            let path = dir.join(LOCK_FILE);
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                fs::write(path, format!("{}\n", std::process::id())).unwrap();
+            })
+        };
+        let got = RunLock::acquire(&dir);
+        writer.join().unwrap();
+        assert!(
+            matches!(got, Err(LockError::Busy { pid, .. }) if pid == std::process::id()),
+            "{got:?}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }
