@@ -68,25 +68,17 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                     || (Vec::new(), Vec::new()),
                     |(st, ot): &mut (Vec<f32>, Vec<f32>), (block, (o, lse))| {
                         let (start, rows) = (block * BLOCK, lse.len());
-                        st.resize(len * rows, 0.0);
-                        ot.resize(d * rows, 0.0);
-                        // sᵀ [len, rows] = scale · k [len, d] · q_blkᵀ [d, rows]
-                        let q_blk_t = View::transposed(&q[start * d..], d);
-                        matmul(st, len, rows, d, View::rows(k, d), q_blk_t, dims.scale(), false);
                         let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
                         let (maxes, sums) = (&mut maxes[..rows], &mut sums[..rows]);
-                        softmax_columns(st, maxes, sums);
-                        // oᵀ [d, rows] = vᵀ [d, len] · pᵀ [len, rows]
-                        matmul(
-                            ot,
-                            d,
-                            rows,
+                        let block = Block {
+                            k: View::rows(k, d),
+                            q_t: View::transposed(&q[start * d..], d),
+                            v_t: View::transposed(v, d),
                             len,
-                            View::transposed(v, d),
-                            View::rows(st, rows),
-                            1.0,
-                            false,
-                        );
+                            rows,
+                            d,
+                        };
+                        block.attend(dims.scale(), st, ot, maxes, sums);
                         for i in 0..rows {
                             let inv = 1.0 / sums[i];
                             for (j, out) in o[i * d..][..d].iter_mut().enumerate() {
@@ -98,6 +90,33 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                 );
         });
     (o, lse)
+}
+
+/// One block of `rows` queries against all `len` keys, as views in
+/// whatever layout the caller holds them: k [len, d], the block's queries
+/// qᵀ [d, rows], vᵀ [d, len].
+struct Block<'a> {
+    k: View<'a>,
+    q_t: View<'a>,
+    v_t: View<'a>,
+    len: usize,
+    rows: usize,
+    d: usize,
+}
+
+impl Block<'_> {
+    /// Leaves the unnormalised outputs oᵀ [d, rows] in `ot` and each
+    /// query's max score and sum of exps in `maxes` and `sums`:
+    /// sᵀ [len, rows] = scale · k · qᵀ, the column softmax of sᵀ (in `st`),
+    /// oᵀ = vᵀ · pᵀ.
+    fn attend(&self, scale: f32, st: &mut Vec<f32>, ot: &mut Vec<f32>, maxes: &mut [f32], sums: &mut [f32]) {
+        let Block { len, rows, d, .. } = *self;
+        st.resize(len * rows, 0.0);
+        ot.resize(d * rows, 0.0);
+        matmul(st, len, rows, d, self.k, self.q_t, scale, false);
+        softmax_columns(st, maxes, sums);
+        matmul(ot, d, rows, len, self.v_t, View::rows(st, rows), 1.0, false);
+    }
 }
 
 /// The weights of one attention block, as slices: `w_qkv` [d, 3d] and
@@ -160,34 +179,26 @@ pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) 
                 &slab[per_seq..2 * per_seq],
                 &slab[2 * per_seq..],
             );
-            st.resize(len * rows, 0.0);
-            ot.resize(d * rows, 0.0);
-            // sᵀ [len, rows] = scale · k [len, d] · q_blkᵀ [d, rows]
-            let k = View {
-                data: k_t,
-                rs: 1,
-                cs: len,
-            };
-            let q_blk_t = View {
-                data: &q_t[start..],
-                rs: len,
-                cs: 1,
-            };
-            matmul(st, len, rows, d, k, q_blk_t, dims.scale(), false);
             let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
             let (maxes, sums) = (&mut maxes[..rows], &mut sums[..rows]);
-            softmax_columns(st, maxes, sums);
-            // oᵀ [d, rows] = vᵀ [d, len] · pᵀ [len, rows], normalised per column.
-            matmul(
-                ot,
-                d,
-                rows,
+            let block = Block {
+                k: View {
+                    data: k_t,
+                    rs: 1,
+                    cs: len,
+                },
+                q_t: View {
+                    data: &q_t[start..],
+                    rs: len,
+                    cs: 1,
+                },
+                v_t: View::rows(v_t, len),
                 len,
-                View::rows(v_t, len),
-                View::rows(st, rows),
-                1.0,
-                false,
-            );
+                rows,
+                d,
+            };
+            block.attend(dims.scale(), st, ot, maxes, sums);
+            // Normalised per column.
             for row in ot.chunks_exact_mut(rows) {
                 for (v, s) in row.iter_mut().zip(sums.iter()) {
                     *v /= *s;
