@@ -182,9 +182,9 @@ const DW_PLANES_PER_TASK: usize = 8;
 /// A depthwise conv (stride 1, one kh×kw filter per channel: the
 /// ConvNeXt blocks' 7x7) computed directly: each plane is copied into a
 /// zero-padded buffer, then every output row is built [`DW_LANES`] (or,
-/// for narrow planes, [`DW_NARROW`]) columns at a time in registers, tap by tap. Flex's depthwise path
-/// walks the same taps over rows of 28 or fewer columns with scalar
-/// remainder loops compiled for baseline x86-64.
+/// for narrow planes, [`DW_NARROW`]) columns at a time in registers, tap
+/// by tap. Flex's depthwise path walks the same taps over rows of 28 or
+/// fewer columns with scalar remainder loops compiled for baseline x86-64.
 fn depthwise(
     x: FlexTensor,
     weight: FlexTensor,

@@ -68,8 +68,6 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                     || (Vec::new(), Vec::new()),
                     |(st, ot): &mut (Vec<f32>, Vec<f32>), (block, (o, lse))| {
                         let (start, rows) = (block * BLOCK, lse.len());
-                        let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
-                        let (maxes, sums) = (&mut maxes[..rows], &mut sums[..rows]);
                         let block = Block {
                             k: View::rows(k, d),
                             q_t: View::transposed(&q[start * d..], d),
@@ -78,7 +76,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                             rows,
                             d,
                         };
-                        block.attend(dims.scale(), st, ot, maxes, sums);
+                        let (maxes, sums) = block.attend(dims.scale(), st, ot);
                         for i in 0..rows {
                             let inv = 1.0 / sums[i];
                             for (j, out) in o[i * d..][..d].iter_mut().enumerate() {
@@ -105,17 +103,19 @@ struct Block<'a> {
 }
 
 impl Block<'_> {
-    /// Leaves the unnormalised outputs oᵀ [d, rows] in `ot` and each
-    /// query's max score and sum of exps in `maxes` and `sums`:
+    /// Leaves the unnormalised outputs oᵀ [d, rows] in `ot` and returns
+    /// each query's max score and sum of exps (the first `rows` entries):
     /// sᵀ [len, rows] = scale · k · qᵀ, the column softmax of sᵀ (in `st`),
     /// oᵀ = vᵀ · pᵀ.
-    fn attend(&self, scale: f32, st: &mut Vec<f32>, ot: &mut Vec<f32>, maxes: &mut [f32], sums: &mut [f32]) {
+    fn attend(&self, scale: f32, st: &mut Vec<f32>, ot: &mut Vec<f32>) -> ([f32; BLOCK], [f32; BLOCK]) {
         let Block { len, rows, d, .. } = *self;
         st.resize(len * rows, 0.0);
         ot.resize(d * rows, 0.0);
         matmul(st, len, rows, d, self.k, self.q_t, scale, false);
-        softmax_columns(st, maxes, sums);
+        let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
+        softmax_columns(st, &mut maxes[..rows], &mut sums[..rows]);
         matmul(ot, d, rows, len, self.v_t, View::rows(st, rows), 1.0, false);
+        (maxes, sums)
     }
 }
 
@@ -179,8 +179,6 @@ pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) 
                 &slab[per_seq..2 * per_seq],
                 &slab[2 * per_seq..],
             );
-            let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
-            let (maxes, sums) = (&mut maxes[..rows], &mut sums[..rows]);
             let block = Block {
                 k: View {
                     data: k_t,
@@ -197,7 +195,7 @@ pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) 
                 rows,
                 d,
             };
-            block.attend(dims.scale(), st, ot, maxes, sums);
+            let (_, sums) = block.attend(dims.scale(), st, ot);
             // Normalised per column.
             for row in ot.chunks_exact_mut(rows) {
                 for (v, s) in row.iter_mut().zip(sums.iter()) {

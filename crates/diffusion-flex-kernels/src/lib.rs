@@ -92,8 +92,9 @@ macro_rules! vectorised {
     };
 }
 
-/// The vector instructions the kernels use on this CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The vector instructions the kernels use on this CPU, narrowest first
+/// (so `min` of two levels is the one both allow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SimdLevel {
     /// SSE2 only (every x86-64), or a CPU of another architecture.
     Baseline,
@@ -124,11 +125,7 @@ pub fn simd_level() -> SimdLevel {
             Ok("avx2") => SimdLevel::Avx2,
             _ => SimdLevel::Avx512,
         };
-        match (detected, cap) {
-            (SimdLevel::Baseline, _) | (_, SimdLevel::Baseline) => SimdLevel::Baseline,
-            (SimdLevel::Avx2, _) | (_, SimdLevel::Avx2) => SimdLevel::Avx2,
-            _ => SimdLevel::Avx512,
-        }
+        detected.min(cap)
     })
 }
 
