@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
-# Every GPU check of the speed work in one run, for a machine with an NVIDIA
-# GPU but no Rust toolchain (the `device` machine of this project). Build the
-# binary on a machine with cargo, then carry it over with the repository:
+# Every GPU check in one run, for a machine with an NVIDIA GPU but no Rust
+# toolchain (the `device` machine of this project). Build the binary on a
+# machine with cargo, then carry it over with the repository:
 #
 #   cargo build --release -p diffusion-cli --features cuda,wgpu
 #   strip -o diffusion-gpu "$CARGO_TARGET_DIR/release/diffusion"   # or target/release/diffusion
-#   scripts/gpu-check.sh ./diffusion-gpu "$OUT"
+#   scripts/gpu-check.sh ./diffusion-gpu "$OUT" [WGPU_TEST_BINARY]
 #
-# Writes into OUT: nvidia-smi.txt, bench-cuda.json, bench-wgpu.json (the
-# JSON line of `diffusion bench`), seed-epoch.txt (one epoch of the seed
-# preset on cuda, with its wall time) and the run directory it made.
+# Writes into OUT:
+#   nvidia-smi.txt, nvrtc.txt, vulkan.txt  what the machine has;
+#   samples/BACKEND-SAMPLER.npy            the shipped model's 81 digits from
+#                                          seed 7 with each sampler on cpu,
+#                                          cuda and wgpu (compare them with
+#                                          scripts/compare-npy.py);
+#   bench-cuda.json, bench-wgpu.json       the JSON line of `diffusion bench`;
+#   seed-epoch.txt                         one epoch of the seed preset on
+#                                          cuda, with its wall time, and the
+#                                          run directory it made;
+#   wgpu-tests.txt                         the wgpu test group on the GPU's
+#                                          own Vulkan driver (third argument:
+#                                          the `wgpu` test binary, built with
+#                                          `cargo test --release -p
+#                                          diffusion-cli --features wgpu
+#                                          --test wgpu --no-run`).
+# Each command runs under a time limit, so one that hangs costs only its own.
 set -u
 bin=${1:?usage: gpu-check.sh DIFFUSION_BINARY OUT_DIR}
 out=${2:?usage: gpu-check.sh DIFFUSION_BINARY OUT_DIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 
 # The cuda backend loads libcuda (the driver) and libnvrtc at run time. A
@@ -41,13 +56,72 @@ echo "nvrtc: ${nvrtc:-not found}; CUDA major ${have:-?}; built for CUDARC_CUDA_V
 if [ -n "$have" ] && [ -n "$want" ] && [ "$have" != "$(( want / 1000 ))" ]; then
     echo "warning: nvrtc is CUDA $have but the binary expects CUDA $(( want / 1000 ))" | tee -a "$out/nvrtc.txt"
 fi
-for backend in cuda wgpu; do
-    "$bin" bench --backend "$backend" > "$out/bench-$backend.txt" 2>&1
-    tail -n 1 "$out/bench-$backend.txt" > "$out/bench-$backend.json"
-done
+# Vulkan drivers (ICDs) wgpu can load: the GPU's own, and lavapipe if present.
+ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d > "$out/vulkan.txt" 2>&1
+
+limit() { timeout --kill-after=10 "$@"; }
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+
+# cuda compiles each kernel with nvrtc when a process first meets it and
+# autotunes every matmul and convolution shape: on an H200 the first 100 s
+# of a `sample` compiled 234 kernels. cubecl keeps both results on disk
+# when its config (cubecl.toml, read from the working directory up) says
+# where, so only the first command below pays. A cubecl.toml of the
+# user's own is left as it is.
+if [ ! -e "$here/cubecl.toml" ]; then
+    cat > "$here/cubecl.toml" <<TOML
+[compilation]
+cache = { file = "$out/.cubecl-cache" }
+
+[autotune]
+cache = { file = "$out/.cubecl-cache" }
+TOML
+    trap 'rm -f "$here/cubecl.toml"' EXIT
+fi
+cd "$here"
+
+# The same 81 digits on every backend: `sample --seed` draws all its noise
+# on the host, so only the backends' arithmetic differs.
+samples() {
+    mkdir -p "$out/samples"
+    for sampler in ddim dpm-solver++ ddpm reference; do
+        limit "$2" "$bin" sample --backend "$1" --checkpoint "$here/data/pretrained/mnist" \
+            --sampler "$sampler" --steps 20 --seed 7 \
+            --out "$out/samples/$1-${sampler//+/p}.png" --npy "$out/samples/$1-${sampler//+/p}.npy" \
+            >> "$out/samples/log.txt" 2>&1
+        echo "$1 $sampler exit $?" >> "$out/samples/log.txt"
+    done
+}
+bench() {
+    limit "$2" "$bin" bench --backend "$1" > "$out/bench-$1.txt" 2>&1
+    echo "exit $?" >> "$out/bench-$1.txt"
+    grep '^{' "$out/bench-$1.txt" | tail -n 1 > "$out/bench-$1.json"
+}
+
+# cuda first: it is what this machine is for. Its first command compiles
+# most kernels (minutes); the others find them in the cache.
+samples cpu 60
+samples cuda 300
+bench cuda 300
+
 start=$(date +%s%N)
 # One device through the same path as --devices N (data-parallel runs with
 # several GPUs need a machine that has them).
-"$bin" train --backend cuda --devices 1 --preset seed --epochs 1 --out "$out/seed-epoch" > "$out/seed-epoch.txt" 2>&1
+limit 300 "$bin" train --backend cuda --devices 1 --preset seed --epochs 1 --out "$out/seed-epoch" > "$out/seed-epoch.txt" 2>&1
 status=$?
 echo "exit $status wall_ms $(( ($(date +%s%N) - start) / 1000000 ))" >> "$out/seed-epoch.txt"
+rm -rf "$out/seed-epoch/checkpoints"  # one epoch's weights: not worth carrying back
+
+# wgpu on the GPU's own Vulkan driver, if the machine has one.
+samples wgpu 45
+bench wgpu 120
+
+if [ -n "${3:-}" ]; then
+    # The wgpu test group on this machine's Vulkan driver; the tests run the
+    # same binary as above.
+    test_bin=$(cd "$(dirname "$3")" && pwd)/$(basename "$3")
+    DIFFUSION_BIN="$bin" limit 400 "$test_bin" --nocapture --test-threads 1 \
+        > "$out/wgpu-tests.txt" 2>&1
+    echo "exit $?" >> "$out/wgpu-tests.txt"
+fi

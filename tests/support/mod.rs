@@ -5,9 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `diffusion` binary of this build.
+/// The `diffusion` binary of this build, or `$DIFFUSION_BIN` when set (a
+/// prebuilt binary carried to a machine without cargo, such as
+/// scripts/gpu-check.sh's).
 pub fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffusion"));
+    let path = std::env::var_os("DIFFUSION_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_diffusion").into());
+    let mut cmd = Command::new(path);
     cmd.env("NO_COLOR", "1");
     cmd
 }

@@ -102,6 +102,7 @@ pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
+            wgpu_adapter::check(n)?;
             let devices = if n == 1 {
                 vec![burn_wgpu::WgpuDevice::default()]
             } else {
@@ -113,6 +114,91 @@ pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
         BackendKind::Cpu => {
             diffusion_flex_kernels::install_for_unet();
             task.run_on::<Autodiff<burn::backend::Flex>>(vec![Default::default(); n])
+        }
+    }
+}
+
+/// What wgpu will run on, asked before burn opens a device: burn panics
+/// when no adapter exists, and a software driver (Mesa's lavapipe) is
+/// correct but slow, which a user should hear once.
+#[cfg(feature = "wgpu")]
+mod wgpu_adapter {
+    use anyhow::{bail, Result};
+    use burn_wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
+
+    /// Fails with one line when wgpu has no adapter, or fewer GPUs than
+    /// `devices`; says once when the default adapter is a CPU (software)
+    /// one.
+    pub fn check(devices: usize) -> Result<()> {
+        let api = AutoGraphicsApi::backend();
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: api.into(),
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters: Vec<wgpu::AdapterInfo> = block_on(instance.enumerate_adapters(api.into()))
+            .iter()
+            .map(|a| a.get_info())
+            .collect();
+        if adapters.is_empty() {
+            bail!(
+                "--backend wgpu: no {api:?} adapter found; install your GPU's {api:?} driver \
+                 (or Mesa's software one, Debian package mesa-vulkan-drivers: slow), or use --backend cpu"
+            );
+        }
+        let gpus = adapters
+            .iter()
+            .filter(|a| a.device_type == wgpu::DeviceType::DiscreteGpu)
+            .count();
+        if devices > 1 && gpus < devices {
+            bail!(
+                "--devices {devices} with --backend wgpu needs {devices} discrete GPUs; wgpu sees {gpus} ({})",
+                names(&adapters)
+            );
+        }
+        // burn's default device is the adapter wgpu prefers for high
+        // performance, unless CUBECL_WGPU_DEFAULT_DEVICE names another.
+        let forced_cpu = std::env::var("CUBECL_WGPU_DEFAULT_DEVICE").is_ok_and(|v| v == "Cpu");
+        let software = forced_cpu
+            || (devices == 1
+                && block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                }))
+                .is_ok_and(|a| a.get_info().device_type == wgpu::DeviceType::Cpu));
+        if software {
+            let name = adapters
+                .iter()
+                .find(|a| a.device_type == wgpu::DeviceType::Cpu)
+                .map_or("a CPU adapter", |a| a.name.as_str());
+            eprintln!(
+                "note: wgpu runs on a software {api:?} driver ({name}): correct but slow, and its \
+                 first steps compile kernels for minutes. For a GPU, install its {api:?} driver \
+                 (wgpu sees: {}); for speed on this machine, use --backend cpu.",
+                names(&adapters)
+            );
+        }
+        Ok(())
+    }
+
+    fn names(adapters: &[wgpu::AdapterInfo]) -> String {
+        adapters
+            .iter()
+            .map(|a| format!("{} ({:?})", a.name, a.device_type))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Runs a future of wgpu's native API, which completes without waiting
+    /// on anything outside it.
+    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
+        let mut future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(value) = future.as_mut().poll(&mut cx) {
+                return value;
+            }
+            std::thread::yield_now();
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// softmax, written out).
     #[arg(long, value_enum, default_value = "fused")]
     pub attention: AttentionArg,
+    /// The network: the reference U-Net (what shared/bench/torch_ref
+    /// times), or the tiny preset's (a quick check that a backend runs).
+    #[arg(long, value_enum, default_value = "reference")]
+    pub model: BenchModel,
     /// Skip batch 128 (slow on small CPUs).
     #[arg(long)]
     pub skip_128: bool,
@@ -41,6 +45,12 @@ pub struct BenchArgs {
     /// minutes on a 2-core CPU).
     #[arg(long)]
     pub skip_1000: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModel {
+    Reference,
+    Tiny,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,6 +62,7 @@ pub enum AttentionArg {
 #[derive(Debug, Serialize)]
 struct BenchResult {
     backend: &'static str,
+    model: String,
     threads: usize,
     attention: String,
     /// Whose kernels ran: the CPU kernels of this project, or burn's own.
@@ -193,7 +204,11 @@ impl Task for BenchTask {
             AttentionArg::Fused => AttentionImpl::Fused,
             AttentionArg::Explicit => AttentionImpl::Explicit,
         };
-        let config = UNetConfig::new().with_attention_impl(attention);
+        let config = match args.model {
+            BenchModel::Reference => UNetConfig::new(),
+            BenchModel::Tiny => crate::config::RunConfig::preset(crate::config::Preset::Tiny).model,
+        }
+        .with_attention_impl(attention);
         let schedule = NoiseSchedule::reference();
         let threads = std::env::var("RAYON_NUM_THREADS")
             .ok()
@@ -231,6 +246,7 @@ impl Task for BenchTask {
         };
         let result = BenchResult {
             backend: self.backend.name(),
+            model: format!("{:?}", args.model).to_lowercase(),
             threads,
             attention: format!("{attention:?}").to_lowercase(),
             kernels: if self.backend.is_cpu() {

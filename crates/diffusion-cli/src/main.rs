@@ -86,8 +86,22 @@ fn keep_freed_memory() {
     }
 }
 
+/// Mesa's Vulkan device-select layer connects to a Wayland display to
+/// order the GPUs, and where there is none (a server, CI) prints "error:
+/// XDG_RUNTIME_DIR is invalid" twice, which is no error of ours. Without a
+/// display session it has nothing to choose by, so it is turned off.
+#[cfg(feature = "wgpu")]
+fn quiet_vulkan_device_select() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY (edition 2021: a safe call): no other thread exists yet.
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 fn main() {
     keep_freed_memory();
+    #[cfg(feature = "wgpu")]
+    quiet_vulkan_device_select();
     // A panic inside a library (a device that cannot start, say) becomes one
     // line instead of a backtrace.
     std::panic::set_hook(Box::new(|info| {

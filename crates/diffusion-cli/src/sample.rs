@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use diffusion_core::{sample, BackendNoise, Guided, NoiseSchedule, SamplerConfig};
+use diffusion_core::{sample, BackendNoise, Guided, NoiseSchedule, NoiseSource, SamplerConfig, SeededNoise};
 use diffusion_model::UNet;
 
 use crate::backend::{dispatch, BackendKind, Task};
@@ -32,6 +32,8 @@ pub struct SampleArgs {
     /// Number of images (default 81, or the count in --noise).
     #[arg(long)]
     pub n: Option<usize>,
+    /// Seed of all the noise, drawn on the host: the same seed gives the
+    /// same images on every backend.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Grid PNG to write (default: RUN_DIR/samples/grid.png).
@@ -187,10 +189,13 @@ impl Task for SampleTask {
         let schedule = NoiseSchedule::new(self.config.schedule, self.config.model.num_steps)?;
         let m = &self.config.model;
         let shape = [self.n, m.image_channels, m.image_size, m.image_size];
-        B::<AB>::seed(&device, self.seed);
+        // All noise (the start when --noise is absent, then every step's)
+        // comes from one host stream of the seed, so a seed draws the same
+        // images on every backend.
+        let mut rng = SeededNoise::new(self.seed);
         let x = match &self.noise {
             Some(a) => Tensor::from_data(TensorData::new(a.data.clone(), shape), &device),
-            None => Tensor::<B<AB>, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device),
+            None => NoiseSource::<B<AB>>::sample(&mut rng, shape, &device),
         };
         let labels: Vec<Option<usize>> = (0..self.n)
             .map(|i| self.classes.as_ref().map(|c| c[i % c.len()]))
@@ -206,6 +211,7 @@ impl Task for SampleTask {
             x,
             &labels,
             &device,
+            &mut rng,
             gif.as_mut(),
         )?;
         let secs = started.elapsed().as_secs_f64();
@@ -241,6 +247,7 @@ fn run_sampler<B: Backend>(
     x: Tensor<B, 4>,
     labels: &[Option<usize>],
     device: &B::Device,
+    noise: &mut impl NoiseSource<B>,
     mut gif: Option<&mut GifWriter>,
 ) -> Result<Tensor<B, 4>> {
     let mut sampler = config.build::<B>(schedule)?;
@@ -258,7 +265,7 @@ fn run_sampler<B: Backend>(
         sampler.as_mut(),
         x,
         classes,
-        &mut BackendNoise,
+        noise,
         |step, x| {
             bar.set_position(step.index as u64 + 1);
             bar.set_message(format!("t = {}", step.t_next));
@@ -297,7 +304,17 @@ pub fn preview_grid<B: Backend>(
     let shape = [request.n, request.channels, request.size, request.size];
     B::seed(device, request.seed ^ 0x5EED);
     let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
-    let out = run_sampler(model, schedule, request.sampler, 1.0, x, &labels, device, None)?;
+    let out = run_sampler(
+        model,
+        schedule,
+        request.sampler,
+        1.0,
+        x,
+        &labels,
+        device,
+        &mut BackendNoise,
+        None,
+    )?;
     let values = host_values(out);
     write_png(
         path,
