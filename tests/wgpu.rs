@@ -42,16 +42,6 @@ fn cpu_run() -> &'static Path {
     })
 }
 
-/// Reads an f32 .npy file written by `diffusion sample --npy`.
-fn read_npy(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-    bytes[10 + header_len..]
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -89,14 +79,17 @@ fn the_shipped_unet_gives_the_same_output_on_wgpu_and_cpu() {
         // The source tree's copy, or ./data on a machine the test binary was
         // carried to (scripts/gpu-check.sh runs it from the repository).
         let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pretrained/mnist");
-        let run = if built.is_dir() { built } else { PathBuf::from("data/pretrained/mnist") };
+        let run = if built.is_dir() {
+            built
+        } else {
+            PathBuf::from("data/pretrained/mnist")
+        };
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
         let config: UNetConfig = serde_json::from_value(config["model"].clone()).unwrap();
-        let latest: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap(),
-        )
-        .unwrap();
+        let latest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap())
+                .unwrap();
         let weights = run
             .join("checkpoints")
             .join(latest["dir"].as_str().unwrap())
@@ -127,7 +120,10 @@ fn the_shipped_unet_gives_the_same_output_on_wgpu_and_cpu() {
         let diff = max_abs_diff(&cpu, &gpu);
         eprintln!("U-Net forward: max |wgpu - cpu| = {diff:.2e} (outputs up to {scale:.2})");
         assert!(scale > 0.5, "a trained network's output is order 1, got {scale}");
-        assert!(diff < FORWARD_TOL, "max |wgpu - cpu| = {diff:.2e} >= {FORWARD_TOL:.0e}");
+        assert!(
+            diff < FORWARD_TOL,
+            "max |wgpu - cpu| = {diff:.2e} >= {FORWARD_TOL:.0e}"
+        );
     }
 }
 
@@ -138,16 +134,31 @@ fn every_sampler_draws_the_same_images_on_wgpu_and_cpu() {
     let dir = scratch("wgpu-samplers");
     // The start noise from a file, the steps' noise from --seed (drawn on
     // the host, so the stochastic samplers add the same noise on both).
+    // Deterministic values spread over [-1.7, 1.7] (i times the golden
+    // ratio, fractional part): any start noise serves for a comparison.
     let noise: Vec<f32> = (0..4 * 784)
         .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 3.4)
         .collect();
     let noise_file = dir.join("noise.npy");
     write_npy(&noise_file, &[4, 1, 28, 28], &noise);
-    for (sampler, guidance) in [("ddim", "1"), ("dpm-solver++", "2"), ("ddpm", "1"), ("reference", "1")] {
+    for (sampler, guidance) in [
+        ("ddim", "1"),
+        ("dpm-solver++", "2"),
+        ("ddpm", "1"),
+        ("reference", "1"),
+    ] {
         let draw = |backend: &str| {
             let npy = dir.join(format!("{backend}-{}.npy", sampler.replace('+', "p")));
             let text = ok(bin()
-                .args(["sample", "--backend", backend, "--sampler", sampler, "--steps", "6"])
+                .args([
+                    "sample",
+                    "--backend",
+                    backend,
+                    "--sampler",
+                    sampler,
+                    "--steps",
+                    "6",
+                ])
                 .args(["--guidance", guidance, "--seed", "3", "--noise"])
                 .arg(&noise_file)
                 .arg("--checkpoint")
@@ -169,7 +180,10 @@ fn every_sampler_draws_the_same_images_on_wgpu_and_cpu() {
             "{sampler}: max |wgpu - cpu| = {diff:.2e} >= {SAMPLE_TOL:.0e}"
         );
         // The images are not the noise: the sampler ran.
-        assert!(max_abs_diff(&cpu, &noise) > 0.5, "{sampler} left the noise as it was");
+        assert!(
+            max_abs_diff(&cpu, &noise) > 0.5,
+            "{sampler} left the noise as it was"
+        );
     }
 }
 
@@ -209,7 +223,10 @@ fn a_tiny_run_trains_checkpoints_and_resumes_on_wgpu() {
     eprintln!("losses wgpu {g:.3?}\nlosses cpu  {c:.3?}");
     assert!(g.iter().all(|l| l.is_finite()), "{g:?}");
     let (first, last) = (mean(&g[..5]), mean(&g[15..]));
-    assert!(last < 0.8 * first, "wgpu loss should fall: {first:.3} -> {last:.3}");
+    assert!(
+        last < 0.8 * first,
+        "wgpu loss should fall: {first:.3} -> {last:.3}"
+    );
     // The backends draw t, ε and label dropout from their own generators,
     // so single steps differ by sampling noise; over the last ten steps the
     // mean loss agrees within 15% (2.3% measured on lavapipe; a wrong
@@ -224,7 +241,16 @@ fn a_tiny_run_trains_checkpoints_and_resumes_on_wgpu() {
 fn eval_and_bench_run_on_wgpu() {
     let run = cpu_run();
     let text = ok(bin()
-        .args(["eval", "--backend", "wgpu", "--per-class", "2", "--steps", "3", "--checkpoint"])
+        .args([
+            "eval",
+            "--backend",
+            "wgpu",
+            "--per-class",
+            "2",
+            "--steps",
+            "3",
+            "--checkpoint",
+        ])
         .arg(run));
     assert!(text.contains("accuracy") && text.contains("Fréchet"), "{text}");
     let text = ok(bin().args([
@@ -240,7 +266,10 @@ fn eval_and_bench_run_on_wgpu() {
         "--skip-128",
         "--skip-1000",
     ]));
-    let json = text.lines().rfind(|l| l.starts_with('{')).expect("bench's JSON line");
+    let json = text
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .expect("bench's JSON line");
     let result: serde_json::Value = serde_json::from_str(json).unwrap();
     eprintln!("bench on wgpu: {json}");
     assert_eq!(result["backend"], "wgpu");

@@ -107,3 +107,20 @@ pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
     }
     std::fs::write(path, bytes).unwrap();
 }
+
+/// Reads the values of a little-endian f32 .npy file written by
+/// `diffusion sample --npy` (version 1 header).
+pub fn read_npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(
+        &bytes[..8],
+        b"\x93NUMPY\x01\x00",
+        "{}: not a version 1 .npy",
+        path.display()
+    );
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}

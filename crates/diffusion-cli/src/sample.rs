@@ -260,20 +260,13 @@ fn run_sampler<B: Backend>(
     }
     let bar = progress::bar(sampler.num_steps() as u64, "steps");
     let guided = Guided::new(model, guidance);
-    let out = sample(
-        &guided,
-        sampler.as_mut(),
-        x,
-        classes,
-        noise,
-        |step, x| {
-            bar.set_position(step.index as u64 + 1);
-            bar.set_message(format!("t = {}", step.t_next));
-            if let Some(g) = gif.as_deref_mut() {
-                g.push(&host_values(x.clone()));
-            }
-        },
-    );
+    let out = sample(&guided, sampler.as_mut(), x, classes, noise, |step, x| {
+        bar.set_position(step.index as u64 + 1);
+        bar.set_message(format!("t = {}", step.t_next));
+        if let Some(g) = gif.as_deref_mut() {
+            g.push(&host_values(x.clone()));
+        }
+    });
     bar.finish_and_clear();
     Ok(out)
 }
