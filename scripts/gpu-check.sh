@@ -17,6 +17,11 @@
 #   seed-epoch.txt                         one epoch of the seed preset on
 #                                          cuda, with its wall time, and the
 #                                          run directory it made;
+#   cubecl-cache.tgz                       cubecl's compiled kernels and
+#                                          autotune results: pass it back
+#                                          as CUBECL_CACHE_TGZ=FILE on the
+#                                          next run and its cuda commands
+#                                          skip most compilation;
 #   wgpu-tests.txt                         the wgpu test group on the GPU's
 #                                          own Vulkan driver (third argument:
 #                                          the `wgpu` test binary, built with
@@ -78,6 +83,12 @@ cache = { file = "$out/.cubecl-cache" }
 cache = { file = "$out/.cubecl-cache" }
 TOML
     trap 'rm -f "$here/cubecl.toml"' EXIT
+    # A cache from an earlier run on the same kind of GPU (its tarball
+    # holds one folder, cache/).
+    if [ -n "${CUBECL_CACHE_TGZ:-}" ] && [ -f "$CUBECL_CACHE_TGZ" ]; then
+        mkdir -p "$out/.cubecl-cache"
+        tar xzf "$CUBECL_CACHE_TGZ" -C "$out/.cubecl-cache" --strip-components=1
+    fi
 fi
 cd "$here"
 
@@ -124,4 +135,9 @@ if [ -n "${3:-}" ]; then
     DIFFUSION_BIN="$bin" limit 400 "$test_bin" --nocapture --test-threads 1 \
         > "$out/wgpu-tests.txt" 2>&1
     echo "exit $?" >> "$out/wgpu-tests.txt"
+fi
+
+# The cache as one file (the device tool returns few files, none deep).
+if [ -d "$out/.cubecl-cache" ]; then
+    (cd "$out" && mv .cubecl-cache cache && tar czf cubecl-cache.tgz cache && rm -rf cache)
 fi

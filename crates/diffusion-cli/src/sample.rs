@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use diffusion_core::{sample, BackendNoise, Guided, NoiseSchedule, NoiseSource, SamplerConfig, SeededNoise};
+use burn::tensor::{Int, Tensor, TensorData};
+use diffusion_core::{sample, Guided, NoiseSchedule, NoiseSource, SamplerConfig, SeededNoise};
 use diffusion_model::UNet;
 
 use crate::backend::{dispatch, BackendKind, Task};
@@ -192,28 +192,22 @@ impl Task for SampleTask {
         // All noise (the start when --noise is absent, then every step's)
         // comes from one host stream of the seed, so a seed draws the same
         // images on every backend.
-        let mut rng = SeededNoise::new(self.seed);
-        let x = match &self.noise {
-            Some(a) => Tensor::from_data(TensorData::new(a.data.clone(), shape), &device),
-            None => NoiseSource::<B<AB>>::sample(&mut rng, shape, &device),
-        };
+        let start = self
+            .noise
+            .as_ref()
+            .map(|a| Tensor::from_data(TensorData::new(a.data.clone(), shape), &device));
         let labels: Vec<Option<usize>> = (0..self.n)
             .map(|i| self.classes.as_ref().map(|c| c[i % c.len()]))
             .collect();
         let layout = GridLayout::new(self.n, m.image_channels, m.image_size, m.image_size);
         let mut gif = self.gif.as_ref().map(|_| GifWriter::new(layout, labels.clone()));
         let started = Instant::now();
-        let out = run_sampler(
-            &model,
-            &schedule,
-            &self.sampler,
-            self.guidance,
-            x,
-            &labels,
-            &device,
-            &mut rng,
-            gif.as_mut(),
-        )?;
+        let draw = Draw {
+            sampler: &self.sampler,
+            guidance: self.guidance,
+            seed: self.seed,
+        };
+        let out = draw.run(&model, &schedule, start, shape, &labels, &device, gif.as_mut())?;
         let secs = started.elapsed().as_secs_f64();
         let values = host_values(out);
         write_png(&self.out, &layout, &values, &labels)?;
@@ -233,6 +227,49 @@ impl Task for SampleTask {
             say!("wrote {} (f32 {:?})", path.display(), shape);
         }
         Ok(0)
+    }
+}
+
+/// How `sample` draws, and the epoch previews with it: the sampler, the
+/// guidance scale and the seed of all the noise (the start, unless given,
+/// and every step's), drawn on the host so that a seed gives the same
+/// images on every backend.
+pub struct Draw<'a> {
+    pub sampler: &'a SamplerConfig,
+    pub guidance: f64,
+    pub seed: u64,
+}
+
+impl Draw<'_> {
+    /// Draws images of `shape` (from `start` if given) for `labels`; with
+    /// `gif`, records the start and x after every step as frames.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run<B: Backend>(
+        &self,
+        model: &UNet<B>,
+        schedule: &NoiseSchedule,
+        start: Option<Tensor<B, 4>>,
+        shape: [usize; 4],
+        labels: &[Option<usize>],
+        device: &B::Device,
+        gif: Option<&mut GifWriter>,
+    ) -> Result<Tensor<B, 4>> {
+        let mut rng = SeededNoise::new(self.seed);
+        let x = match start {
+            Some(x) => x,
+            None => NoiseSource::<B>::sample(&mut rng, shape, device),
+        };
+        run_sampler(
+            model,
+            schedule,
+            self.sampler,
+            self.guidance,
+            x,
+            labels,
+            device,
+            &mut rng,
+            gif,
+        )
     }
 }
 
@@ -274,7 +311,11 @@ fn run_sampler<B: Backend>(
 /// The grid drawn after each epoch of training.
 pub struct PreviewRequest<'a> {
     pub sampler: &'a SamplerConfig,
+    /// The run's guidance scale (what `sample` uses by default).
+    pub guidance: f64,
     pub n: usize,
+    /// The run's seed: the preview is what `sample --seed SEED --n N`
+    /// draws from the same weights.
     pub seed: u64,
     /// Image channels and (square) size.
     pub channels: usize,
@@ -282,8 +323,8 @@ pub struct PreviewRequest<'a> {
     pub num_classes: Option<usize>,
 }
 
-/// Samples a fixed-seed preview grid (classes 0, 1, 2, … in turn) with
-/// `model` and writes it to `path`.
+/// Samples a preview grid (classes 0, 1, 2, … in turn) with `model`, as
+/// `sample` draws ([`Draw`]), and writes it to `path`.
 pub fn preview_grid<B: Backend>(
     model: &UNet<B>,
     schedule: &NoiseSchedule,
@@ -295,19 +336,12 @@ pub fn preview_grid<B: Backend>(
         .map(|i| request.num_classes.map(|c| i % c))
         .collect();
     let shape = [request.n, request.channels, request.size, request.size];
-    B::seed(device, request.seed ^ 0x5EED);
-    let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
-    let out = run_sampler(
-        model,
-        schedule,
-        request.sampler,
-        1.0,
-        x,
-        &labels,
-        device,
-        &mut BackendNoise,
-        None,
-    )?;
+    let draw = Draw {
+        sampler: request.sampler,
+        guidance: request.guidance,
+        seed: request.seed,
+    };
+    let out = draw.run(model, schedule, None, shape, &labels, device, None)?;
     let values = host_values(out);
     write_png(
         path,

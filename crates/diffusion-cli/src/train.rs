@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{ElementConversion, Tensor};
 use diffusion_core::{NoiseSchedule, Prediction};
 use diffusion_data::{BatchLoader, ImageSet, Split};
 use diffusion_model::UNet;
-use diffusion_train::distributed::{self, parse_host_port, start_orchestrator, Cluster, Nodes, Replica};
-use diffusion_train::{CheckpointError, RunLock, Trainer};
+use diffusion_train::distributed::{self, parse_host_port, start_orchestrator, Cluster, Nodes};
+use diffusion_train::{
+    CheckpointError, EpochEnd, Fit, FitConfig, FitError, FitObserver, HookError, LogEvent, RunLock, Start,
+    Stop, Trainer,
+};
 
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
@@ -493,393 +495,278 @@ impl Task for TrainTask {
         } = self;
         let tc = &config.train;
         let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
-        let world = cluster.as_ref().map_or(1, Cluster::world_size);
-        let lead = cluster.as_ref().is_none_or(Cluster::is_lead_node);
-        let loader = BatchLoader::new(set.clone(), tc.batch_size, tc.seed, tc.workers);
-        let per_epoch = loader.batches_per_epoch() as u64;
-        let total = per_epoch * tc.epochs as u64;
-        let conditional = config.model.num_classes.is_some();
+        let loader = BatchLoader::new(set, tc.batch_size, tc.seed, tc.workers);
+        let total = loader.batches_per_epoch() as u64 * tc.epochs as u64;
+        let fit = Fit::new(
+            &run_dir,
+            FitConfig {
+                epochs: tc.epochs,
+                log_every: tc.log_every,
+                checkpoint_every: tc.checkpoint_every,
+                stop_after,
+                conditional: config.model.num_classes.is_some(),
+            },
+        )
+        .with_stop_flag(interrupted.clone());
 
         // Every replica starts from the same weights: the same seeded
         // initialisation, or the same checkpoint. Built here in turn (the
         // initialisation draws from the backend's generator).
         let mut trainers = Vec::with_capacity(devices.len());
-        let mut resumed = None;
+        let mut start = Start::Fresh;
         for device in &devices {
             let model: UNet<B> = config.model.init_seeded::<B>(device, tc.seed)?;
             let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), device);
             if resume {
-                match trainer.resume(&run_dir) {
-                    Err(CheckpointError::NotFound { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                    Ok(state) => {
-                        trainer.reopen();
-                        resumed = Some(state);
-                    }
-                }
+                start = fit
+                    .open(&mut trainer)
+                    .map_err(|e| fit_error(e, &config, &run_dir))?;
             }
             trainers.push(trainer);
         }
-        let mut trainer = trainers.remove(0);
-        let device = devices[0].clone();
-        if resume {
-            match resumed {
-                None => {
-                    eprintln!(
-                        "no checkpoint yet (the run stopped before its first one): starting it from step 0"
-                    );
-                }
-                Some(state) => {
-                    if state.finished && state.epoch as usize >= tc.epochs {
-                        eprintln!(
-                            "the run already finished {} epochs; pass --epochs N (more than {0}) to train longer",
-                            state.epoch
-                        );
-                        return Ok(0);
-                    }
-                    eprintln!(
-                        "resuming at step {} (epoch {}, batch {})",
-                        state.step,
-                        state.epoch + 1,
-                        state.batch_in_epoch
-                    );
-                }
+        match start {
+            Start::Fresh if resume => {
+                eprintln!("no checkpoint yet (the run stopped before its first one): starting it from step 0")
             }
-            if save_config {
-                config.save(&run_dir)?;
+            Start::Fresh => {}
+            Start::Finished(state) => {
+                eprintln!(
+                    "the run already finished {} epochs; pass --epochs N (more than {0}) to train longer",
+                    state.epoch
+                );
+                return Ok(0);
             }
+            Start::Resumed(state) => eprintln!(
+                "resuming at step {} (epoch {}, batch {})",
+                state.step,
+                state.epoch + 1,
+                state.batch_in_epoch
+            ),
+        }
+        if resume && save_config {
+            config.save(&run_dir)?;
         }
 
-        // Data-parallel: join the cluster (the other local replicas in
-        // threads of their own), and check that all start alike.
-        let mut replica = None;
-        let mut followers = Vec::new();
-        let loader = match &cluster {
-            None => loader,
+        let mut hooks = Hooks::<B> {
+            config: &config,
+            schedule: &schedule,
+            run_dir: &run_dir,
+            device: devices[0].clone(),
+            cpu,
+            total,
+            bar: None,
+            metrics: None,
+            probe: None,
+        };
+        let outcome = match &cluster {
+            None => fit.run(&mut trainers[0], &loader, &devices[0], &mut hooks),
             Some(cluster) => {
-                let fingerprint = run_fingerprint(&config, &trainer);
-                let follower = |trainer, loader, device, local| Follower::<B> {
-                    trainer,
-                    loader,
-                    device,
-                    cluster: cluster.clone(),
-                    local,
-                    fingerprint,
-                    epochs: tc.epochs,
-                    log_every: tc.log_every,
-                    conditional,
-                    interrupted: interrupted.clone(),
-                    stop_after,
-                };
-                for (k, t) in trainers.into_iter().enumerate() {
-                    let local = k + 1;
-                    let part = loader.clone().part(cluster.rank_of(local), world);
-                    let f = follower(t, part, devices[local].clone(), local);
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("diffusion-replica-{local}"))
-                        .spawn(move || {
-                            if let Err(e) = f.run() {
-                                // The lead would wait for this replica until
-                                // its time limit: end the process now.
-                                eprintln!("error: replica {local}: {e:#}");
-                                std::process::exit(1);
-                            }
-                        })
-                        .context("starting a replica thread")?;
-                    followers.push(spawned);
-                }
-                let r = join_agreed::<B>(cluster, 0, &device, fingerprint)?;
-                let rank = r.rank();
-                let loader = loader.part(rank, world);
-                if !lead {
-                    // Local replica 0 of a node other than 0: a follower too.
-                    let state = follower(trainer, loader, device, 0).follow(r)?;
-                    for f in followers {
-                        let _ = f.join();
-                    }
-                    eprintln!(
-                        "node {}: stopped at step {} (replica {rank}); node 0 wrote the checkpoints",
-                        cluster.nodes.as_ref().map_or(0, |n| n.rank),
-                        state.step
-                    );
-                    return Ok(if interrupted.load(Ordering::SeqCst) {
-                        130
-                    } else {
-                        0
-                    });
-                }
-                replica = Some(r);
-                loader
-            }
-        };
-        let save = |trainer: &mut Trainer<B, UNet<B>>| -> Result<()> {
-            trainer.save(&run_dir).map(|_| ()).map_err(|e| match e {
-                CheckpointError::NonFiniteLoss { step, loss } => non_finite(loss, step, &config, &run_dir),
-                other => other.into(),
-            })
-        };
-
-        let mut metrics = Metrics::open(&run_dir, trainer.state().step)?;
-        let mut probe = match &config.preview.quality {
-            Some(q) => {
-                let mut quality = Metrics::open_quality(&run_dir, trainer.state().step)?;
-                let probe = Probe::<B::InnerBackend>::new(q, tc.seed, cpu, &device)?;
-                // Before any training: the floor in the plot from the start.
-                if trainer.state().step == 0 {
-                    let r = probe.measure(
-                        &sampling_model(&trainer, config.sample_weights),
-                        &schedule,
-                        &device,
-                    )?;
-                    quality.quality_row(0, 0, &r, probe.floor)?;
-                }
-                Some((probe, quality))
-            }
-            None => None,
-        };
-        let bar = progress::bar(total, "steps");
-        bar.set_position(trainer.state().step);
-        let started = Instant::now();
-        let mut window = (Instant::now(), 0u64); // images since the last log
-        let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
-        let mut loss_count = 0u64;
-        let mut epoch_loss = (0.0f64, 0u64);
-        let mut reduce_time = (Duration::ZERO, 0u32);
-
-        while (trainer.state().epoch as usize) < tc.epochs {
-            let epoch = trainer.state().epoch;
-            for host in loader.epoch(epoch, trainer.state().batch_in_epoch as usize) {
-                let batch = host.to_device::<B>(&device);
-                let n = batch.images.dims()[0] * world;
-                let labels = conditional.then_some(batch.labels);
-                let out = match replica.as_mut() {
-                    None => trainer.step(batch.images, labels),
-                    Some(r) => {
-                        if interrupted.load(Ordering::SeqCst) {
-                            r.request_stop();
-                        }
-                        let out = trainer
-                            .step_part(batch.images, labels, r.part(tc.batch_size), r)
-                            .map_err(|e| lost_replica(e, &run_dir))?;
-                        reduce_time.0 += r.last_all_reduce();
-                        reduce_time.1 += 1;
-                        out
-                    }
-                };
-                loss_sum = Some(match loss_sum.take() {
-                    Some(s) => s + out.loss,
-                    None => out.loss,
+                let recipe = recipe(&config, &trainers[0]);
+                // A failed replica would leave the others waiting for it
+                // until the time limit: end the process now.
+                let fit = fit.clone().on_replica_error(|local, e| {
+                    eprintln!("error: replica {local}: {e}");
+                    std::process::exit(1);
                 });
-                loss_count += 1;
-                window.1 += n as u64;
-                let state = trainer.state();
-                bar.set_position(state.step);
-
-                if state.step % tc.log_every == 0 || state.batch_in_epoch == per_epoch {
-                    let sum: f64 = loss_sum.take().expect("at least one loss").into_scalar().elem();
-                    let mean = sum / loss_count as f64;
-                    if !mean.is_finite() {
-                        return Err(non_finite(mean, state.step, &config, &run_dir));
-                    }
-                    epoch_loss.0 += mean * loss_count as f64;
-                    epoch_loss.1 += loss_count;
-                    loss_count = 0;
-                    let ips = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-                    window = (Instant::now(), 0);
-                    let reduce_ms = if reduce_time.1 > 0 {
-                        1e3 * reduce_time.0.as_secs_f64() / f64::from(reduce_time.1)
-                    } else {
-                        0.0
-                    };
-                    reduce_time = (Duration::ZERO, 0);
-                    let parallel = if world > 1 {
-                        format!(
-                            " ({:.0}/replica) · all-reduce {reduce_ms:.0} ms",
-                            ips / world as f64
-                        )
-                    } else {
-                        String::new()
-                    };
-                    bar.set_message(format!(
-                        "epoch {}/{} · loss {mean:.4} · {ips:.0} img/s{parallel}",
-                        epoch + 1,
-                        tc.epochs
-                    ));
-                    metrics.row(&MetricsRow {
-                        step: state.step,
-                        epoch,
-                        loss: mean,
-                        lr: out.lr,
-                        ips,
-                        elapsed: started.elapsed().as_secs_f64(),
-                        ips_per_replica: ips / world as f64,
-                        reduce_ms,
-                    })?;
-                }
-                let stopping = match &replica {
-                    // Agreed by all replicas in this step's all-reduce.
-                    Some(r) => r.stop_agreed(),
-                    None => interrupted.load(Ordering::SeqCst),
-                };
-                let stop = stopping || stop_after.is_some_and(|s| state.step >= s);
-                if stop || (tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0) {
-                    save(&mut trainer)?;
-                }
-                if stop {
-                    bar.abandon();
-                    if let Some(r) = replica.take() {
-                        leave(r);
-                    }
-                    for f in followers {
-                        let _ = f.join();
-                    }
-                    eprintln!(
-                        "stopped at step {}; checkpoint saved. Continue with: cargo xtask train --resume {}",
-                        state.step,
-                        run_dir.display()
-                    );
-                    return Ok(if interrupted.load(Ordering::SeqCst) {
-                        130
-                    } else {
-                        0
-                    });
-                }
+                fit.run_cluster(cluster, &mut trainers, &devices, &loader, &recipe, &mut hooks)
             }
-            trainer.end_epoch(epoch as usize + 1 >= tc.epochs);
-            save(&mut trainer)?;
-            let state = trainer.state();
-            let grid = run_dir
-                .join("samples")
-                .join(format!("epoch-{:03}.png", state.epoch));
-            let preview = PreviewRequest {
-                sampler: &config.preview.sampler,
-                n: config.preview.n,
-                seed: tc.seed,
-                channels: config.model.image_channels,
-                size: config.model.image_size,
-                num_classes: config.model.num_classes,
-            };
-            let weights = sampling_model(&trainer, config.sample_weights);
-            preview_grid::<B::InnerBackend>(&weights, &schedule, &preview, &grid, &device)?;
-            let mut quality_note = String::new();
-            if let Some((probe, quality)) = &mut probe {
-                let r = bar.suspend(|| probe.measure(&weights, &schedule, &device))?;
-                quality.quality_row(state.step, state.epoch, &r, probe.floor)?;
-                quality_note = format!(
-                    "; samples {:.1}% correct, Fréchet {:.1} (floor {:.1})",
-                    100.0 * r.accuracy,
-                    r.frechet,
-                    probe.floor
+        }
+        .map_err(|e| fit_error(e, &config, &run_dir))?;
+        let code = if interrupted.load(Ordering::SeqCst) {
+            130
+        } else {
+            0
+        };
+        match (outcome.stop, &cluster) {
+            (_, Some(c)) if !c.is_lead_node() => eprintln!(
+                "node {}: stopped at step {} (replica {}); node 0 wrote the checkpoints",
+                c.nodes.as_ref().map_or(0, |n| n.rank),
+                outcome.state.step,
+                c.rank_of(0)
+            ),
+            (Stop::Finished, _) => {
+                if let Some(bar) = &hooks.bar {
+                    bar.finish_and_clear();
+                }
+                eprintln!(
+                    "done: {} steps in {:.0} s. Sample with: cargo xtask sample --checkpoint {}",
+                    outcome.state.step,
+                    hooks.started().as_secs_f64(),
+                    run_dir.display()
                 );
             }
-            crate::plot::draw_run(&run_dir)?;
-            // The mean over this process's steps of the epoch; a run stopped
-            // right at an epoch's end and resumed has none.
-            let loss_note = if epoch_loss.1 > 0 {
-                format!("mean loss {:.4}", epoch_loss.0 / epoch_loss.1 as f64)
-            } else {
-                "stopped at its end and resumed (its losses are in metrics.csv)".to_string()
-            };
-            bar.suspend(|| {
-                eprintln!(
-                    "epoch {}/{}: {loss_note}, {} steps, {:.0} s elapsed{quality_note}; samples: {}",
-                    state.epoch,
-                    tc.epochs,
-                    state.step,
-                    started.elapsed().as_secs_f64(),
-                    grid.display()
-                )
-            });
-            epoch_loss = (0.0, 0);
+            (Stop::Requested | Stop::StepLimit, _) => eprintln!(
+                "stopped at step {}; checkpoint saved. Continue with: cargo xtask train --resume {}",
+                outcome.state.step,
+                run_dir.display()
+            ),
         }
-        bar.finish_and_clear();
-        if let Some(r) = replica.take() {
-            leave(r);
-        }
-        for f in followers {
-            let _ = f.join();
-        }
-        eprintln!(
-            "done: {} steps in {:.0} s. Sample with: cargo xtask sample --checkpoint {}",
-            trainer.state().step,
-            started.elapsed().as_secs_f64(),
-            run_dir.display()
-        );
-        Ok(0)
+        Ok(code)
     }
 }
 
-/// A replica other than the lead (rank 0): it trains its share of every
-/// batch in step with the others and writes nothing.
-struct Follower<B: AutodiffBackend> {
-    trainer: Trainer<B, UNet<B>>,
-    loader: BatchLoader,
+/// What `train` shows and writes around the library's loop: the progress
+/// bar, `metrics.csv`, the epoch previews, the quality probe and the plot.
+struct Hooks<'a, B: AutodiffBackend> {
+    config: &'a RunConfig,
+    schedule: &'a NoiseSchedule,
+    run_dir: &'a Path,
     device: B::Device,
-    cluster: Cluster,
-    local: usize,
-    /// The run's fingerprint ([`run_fingerprint`]), checked against the others'.
-    fingerprint: u64,
-    epochs: usize,
-    log_every: u64,
-    conditional: bool,
-    interrupted: Arc<AtomicBool>,
-    stop_after: Option<u64>,
+    cpu: bool,
+    total: u64,
+    bar: Option<indicatif::ProgressBar>,
+    metrics: Option<(Metrics, Instant)>,
+    probe: Option<(Probe<B::InnerBackend>, Metrics)>,
 }
 
-impl<B: AutodiffBackend> Follower<B> {
-    /// Joins the cluster and trains to the end (or an agreed stop).
-    fn run(self) -> Result<diffusion_train::TrainState> {
-        let replica = join_agreed::<B>(&self.cluster, self.local, &self.device, self.fingerprint)?;
-        self.follow(replica)
+impl<B: AutodiffBackend> Hooks<'_, B> {
+    fn started(&self) -> Duration {
+        self.metrics.as_ref().map_or(Duration::ZERO, |m| m.1.elapsed())
     }
 
-    /// Trains with a replica that has joined and agreed.
-    fn follow(mut self, mut replica: Replica<B::InnerBackend>) -> Result<diffusion_train::TrainState> {
-        let global = self.loader.batch_size();
-        let per_epoch = self.loader.batches_per_epoch() as u64;
-        let trainer = &mut self.trainer;
-        while (trainer.state().epoch as usize) < self.epochs {
-            let epoch = trainer.state().epoch;
-            for host in self.loader.epoch(epoch, trainer.state().batch_in_epoch as usize) {
-                let batch = host.to_device::<B>(&self.device);
-                if self.interrupted.load(Ordering::SeqCst) {
-                    replica.request_stop();
-                }
-                let labels = self.conditional.then_some(batch.labels);
-                trainer.step_part(batch.images, labels, replica.part(global), &mut replica)?;
-                let state = trainer.state();
-                if state.step % self.log_every == 0 || state.batch_in_epoch == per_epoch {
-                    // The loss is the replicas' mean: the lead stops here too.
-                    trainer.check_finite()?;
-                }
-                if replica.stop_agreed() || self.stop_after.is_some_and(|s| state.step >= s) {
-                    leave(replica);
-                    return Ok(state);
-                }
+    fn bar(&self) -> &indicatif::ProgressBar {
+        self.bar.as_ref().expect("the bar is made in on_start")
+    }
+
+    /// The epoch's preview grid, drawn as `sample` draws.
+    fn preview(&self, trainer: &Trainer<B, UNet<B>>, epochs_done: u64) -> Result<PathBuf> {
+        let grid = self
+            .run_dir
+            .join("samples")
+            .join(format!("epoch-{epochs_done:03}.png"));
+        let c = self.config;
+        let preview = PreviewRequest {
+            sampler: &c.preview.sampler,
+            guidance: c.guidance,
+            n: c.preview.n,
+            seed: c.train.seed,
+            channels: c.model.image_channels,
+            size: c.model.image_size,
+            num_classes: c.model.num_classes,
+        };
+        let weights = sampling_model(trainer, c.sample_weights);
+        preview_grid::<B::InnerBackend>(&weights, self.schedule, &preview, &grid, &self.device)?;
+        Ok(grid)
+    }
+}
+
+impl<B: AutodiffBackend> FitObserver<B, UNet<B>> for Hooks<'_, B> {
+    fn on_start(&mut self, trainer: &Trainer<B, UNet<B>>) -> Result<(), HookError> {
+        let step = trainer.state().step;
+        self.metrics = Some((Metrics::open(self.run_dir, step)?, Instant::now()));
+        if let Some(q) = &self.config.preview.quality {
+            let mut quality = Metrics::open_quality(self.run_dir, step)?;
+            let probe = Probe::<B::InnerBackend>::new(q, self.config.train.seed, self.cpu, &self.device)?;
+            // Before any training: the floor in the plot from the start.
+            if step == 0 {
+                let weights = sampling_model(trainer, self.config.sample_weights);
+                let r = probe.measure(&weights, self.schedule, &self.device)?;
+                quality.quality_row(0, 0, &r, probe.floor)?;
             }
-            trainer.end_epoch(epoch as usize + 1 >= self.epochs);
+            self.probe = Some((probe, quality));
         }
-        let state = trainer.state();
-        leave(replica);
-        Ok(state)
+        let bar = progress::bar(self.total, "steps");
+        bar.set_position(step);
+        self.bar = Some(bar);
+        Ok(())
+    }
+
+    fn on_step(&mut self, state: diffusion_train::TrainState) {
+        self.bar().set_position(state.step);
+    }
+
+    fn on_log(&mut self, _: &Trainer<B, UNet<B>>, log: &LogEvent) -> Result<(), HookError> {
+        let world = log.world as f64;
+        let reduce_ms = 1e3 * log.all_reduce.as_secs_f64();
+        let parallel = if log.world > 1 {
+            format!(
+                " ({:.0}/replica) · all-reduce {reduce_ms:.0} ms",
+                log.images_per_s / world
+            )
+        } else {
+            String::new()
+        };
+        self.bar().set_message(format!(
+            "epoch {}/{} · loss {:.4} · {:.0} img/s{parallel}",
+            log.epoch + 1,
+            self.config.train.epochs,
+            log.loss,
+            log.images_per_s
+        ));
+        let (metrics, started) = self.metrics.as_mut().expect("opened in on_start");
+        metrics.row(&MetricsRow {
+            step: log.step,
+            epoch: log.epoch,
+            loss: log.loss,
+            lr: log.lr,
+            ips: log.images_per_s,
+            elapsed: started.elapsed().as_secs_f64(),
+            ips_per_replica: log.images_per_s / world,
+            reduce_ms,
+        })?;
+        Ok(())
+    }
+
+    fn on_epoch_end(&mut self, trainer: &Trainer<B, UNet<B>>, end: &EpochEnd) -> Result<(), HookError> {
+        let grid = self.preview(trainer, end.epochs_done)?;
+        let mut quality_note = String::new();
+        if let Some((probe, quality)) = &mut self.probe {
+            let weights = sampling_model(trainer, self.config.sample_weights);
+            let bar = self.bar.as_ref().expect("made in on_start");
+            let r = bar.suspend(|| probe.measure(&weights, self.schedule, &self.device))?;
+            quality.quality_row(end.step, end.epochs_done, &r, probe.floor)?;
+            quality_note = format!(
+                "; samples {:.1}% correct, Fréchet {:.1} (floor {:.1})",
+                100.0 * r.accuracy,
+                r.frechet,
+                probe.floor
+            );
+        }
+        crate::plot::draw_run(self.run_dir)?;
+        let loss_note = match end.mean_loss {
+            Some(l) => format!("mean loss {l:.4}"),
+            None => "stopped at its end and resumed (its losses are in metrics.csv)".to_string(),
+        };
+        self.bar().suspend(|| {
+            eprintln!(
+                "epoch {}/{}: {loss_note}, {} steps, {:.0} s elapsed{quality_note}; samples: {}",
+                end.epochs_done,
+                self.config.train.epochs,
+                end.step,
+                end.elapsed.as_secs_f64(),
+                grid.display()
+            )
+        });
+        Ok(())
+    }
+
+    fn on_stop(&mut self, _: &Trainer<B, UNet<B>>, _: Stop) -> Result<(), HookError> {
+        self.bar().abandon();
+        Ok(())
     }
 }
 
-/// Joins the cluster as this node's `local`-th replica and checks that
-/// every replica starts from the same run ([`run_fingerprint`]).
-fn join_agreed<B: AutodiffBackend>(
-    cluster: &Cluster,
-    local: usize,
-    device: &B::Device,
-    fingerprint: u64,
-) -> Result<Replica<B::InnerBackend>> {
-    let mut replica = Replica::<B::InnerBackend>::join(cluster, local, device.clone())?;
-    replica.agree(
-        "configuration, step or weights",
-        &distributed::fingerprint_words(fingerprint),
-        device,
-    )?;
-    Ok(replica)
+/// The library loop's error as this program reports it: what happened,
+/// what was kept, how to go on.
+fn fit_error(e: FitError, config: &RunConfig, run_dir: &Path) -> anyhow::Error {
+    match e {
+        FitError::NonFiniteLoss { step, loss }
+        | FitError::Checkpoint(CheckpointError::NonFiniteLoss { step, loss }) => {
+            non_finite(loss, step, config, run_dir)
+        }
+        FitError::Distributed(e) => lost_replica(e, run_dir),
+        FitError::Hook(e) => {
+            // The hook's own error, with its causes, as `{:#}` shows them.
+            let mut text = e.to_string();
+            let mut source = e.source();
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            anyhow::anyhow!(text)
+        }
+        other => other.into(),
+    }
 }
 
 /// A step that could not reach the other replicas: what happened, what is
@@ -895,17 +782,9 @@ fn lost_replica(e: distributed::DistributedError, run_dir: &Path) -> anyhow::Err
     )
 }
 
-/// Leaves the cluster once training is over. Every replica has agreed to
-/// stop after the same step and node 0 has saved, so this is only
-/// courtesy to burn's orchestrator: it may already be gone (node 0 exited
-/// first, or Ctrl-C stopped it), and then there is nothing to wait for.
-fn leave<I: burn::tensor::backend::Backend>(replica: Replica<I>) {
-    let _ = replica.finish_within(Duration::from_secs(2));
-}
-
-/// What every replica must agree on before training: the recipe (not the
-/// per-machine settings), the step and the weights.
-fn run_fingerprint<B: AutodiffBackend>(config: &RunConfig, trainer: &Trainer<B, UNet<B>>) -> u64 {
+/// What every replica must agree on before training besides the step and
+/// the weights: the recipe (not the per-machine settings).
+fn recipe<B: AutodiffBackend>(config: &RunConfig, trainer: &Trainer<B, UNet<B>>) -> Vec<u8> {
     let mut trainer_config = serde_json::to_value(trainer.config()).unwrap_or_default();
     if let Some(fields) = trainer_config.as_object_mut() {
         // Threads per replica: a per-machine choice, not part of the recipe.
@@ -922,7 +801,7 @@ fn run_fingerprint<B: AutodiffBackend>(config: &RunConfig, trainer: &Trainer<B, 
         // Every node must count the same replicas (--devices × --nodes).
         "world": config.train.world_size,
     });
-    distributed::fingerprint(recipe.to_string().as_bytes(), trainer)
+    recipe.to_string().into_bytes()
 }
 
 /// The error for a NaN or infinite loss: what happened, what was kept,

@@ -28,7 +28,11 @@ use diffusion_data::{
 
 /// The MNIST copy bundled in this repository.
 fn bundled_mnist_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist")
+    // Cargo sets the variable when it runs the test too: a test binary
+    // reused from a build in another checkout still finds this one's data.
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    crate_dir.join("../../data/mnist")
 }
 
 /// A one-thread HTTP/1.1 server for the files in `root`. It stops when

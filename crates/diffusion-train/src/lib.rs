@@ -45,6 +45,7 @@ pub mod atomic;
 pub mod checkpoint;
 #[cfg(feature = "collective")]
 pub mod distributed;
+pub mod fit;
 pub mod lock;
 pub mod lr;
 pub mod params;
@@ -52,6 +53,7 @@ pub mod shard;
 pub mod trainer;
 
 pub use checkpoint::{CheckpointError, TrainState};
+pub use fit::{EpochEnd, Fit, FitConfig, FitError, FitObserver, HookError, LogEvent, Outcome, Start, Stop};
 pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
 pub use trainer::{BatchPart, GradientSync, StepOutput, Trainer, TrainerConfig};

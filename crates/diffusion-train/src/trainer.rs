@@ -89,7 +89,7 @@ pub trait GradientSync<B: AutodiffBackend> {
 }
 
 /// The one-replica [`GradientSync`]: the gradients are already the mean.
-struct Alone;
+pub(crate) struct Alone;
 
 impl<B: AutodiffBackend> GradientSync<B> for Alone {
     type Error = std::convert::Infallible;
@@ -223,18 +223,24 @@ where
     /// number back from the device). [`Trainer::save`] calls it first, so a
     /// state reached through a NaN or infinite loss is never saved.
     pub fn check_finite(&mut self) -> Result<(), CheckpointError> {
-        if let Some(sum) = self.unchecked.take() {
-            let loss: f64 = sum.into_scalar().elem();
-            if !loss.is_finite() {
-                // Keep failing: this state stays unsaveable.
-                self.unchecked = Some(Tensor::from_floats([loss as f32], &self.device));
-                return Err(CheckpointError::NonFiniteLoss {
-                    step: self.state.step,
-                    loss,
-                });
-            }
+        match self.take_loss_sum() {
+            Some(loss) if !loss.is_finite() => Err(CheckpointError::NonFiniteLoss {
+                step: self.state.step,
+                loss,
+            }),
+            _ => Ok(()),
         }
-        Ok(())
+    }
+
+    /// The sum of the losses since the last check, read back from the
+    /// device (`None` when no step was taken since). A non-finite sum is
+    /// kept, so this state stays unsaveable.
+    pub(crate) fn take_loss_sum(&mut self) -> Option<f64> {
+        let sum: f64 = self.unchecked.take()?.into_scalar().elem();
+        if !sum.is_finite() {
+            self.unchecked = Some(Tensor::from_floats([sum as f32], &self.device));
+        }
+        Some(sum)
     }
 
     /// The learning rate of step `step`.
@@ -244,15 +250,16 @@ where
             .at(self.config.lr, step, self.config.total_steps)
     }
 
-    /// Marks the end of an epoch (`finished` when it was the last).
-    pub fn end_epoch(&mut self, finished: bool) {
+    /// Marks the end of an epoch (`finished` when it was the last); only
+    /// [`crate::Fit`] does, so the epoch count matches the data order.
+    pub(crate) fn end_epoch(&mut self, finished: bool) {
         self.state.epoch += 1;
         self.state.batch_in_epoch = 0;
         self.state.finished = finished;
     }
 
     /// Lets training continue past a finished run (for more epochs).
-    pub fn reopen(&mut self) {
+    pub(crate) fn reopen(&mut self) {
         self.state.finished = false;
     }
 
