@@ -248,12 +248,7 @@ impl RunConfig {
             }
             Preset::Tiny => RunConfig {
                 preset,
-                model: UNetConfig::new()
-                    .with_widths(vec![8, 16, 16, 32])
-                    .with_up_widths(vec![16, 16, 8])
-                    .with_attention(vec![false, false, false, true])
-                    .with_mult(2)
-                    .with_embed_dim(32),
+                model: UNetConfig::tiny(),
                 schedule: Schedule::default(),
                 train: TrainConfig {
                     epochs: 2,

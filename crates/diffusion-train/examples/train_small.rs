@@ -1,5 +1,6 @@
 //! Trains a small class-conditional U-Net on Fashion-MNIST for a few hundred
-//! steps with the library crates only, then samples a PNG grid.
+//! steps with the library crates only (checkpoints in `fashion-run/`; run it
+//! again to continue), then samples a PNG grid.
 //!
 //!     cargo run --release -p diffusion-train --example train_small -- [IDX_DIR] [STEPS]
 //!
@@ -17,7 +18,7 @@ use diffusion_data::{
     canonical_mirrors, default_dir, download, is_present, load_split, BatchLoader, DatasetName, Split,
 };
 use diffusion_model::UNetConfig;
-use diffusion_train::{LrSchedule, Trainer, TrainerConfig};
+use diffusion_train::{Fit, FitConfig, LogEvent, LrSchedule, OnLog, Trainer, TrainerConfig};
 
 type B = Autodiff<Flex>;
 
@@ -64,23 +65,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..TrainerConfig::new(steps)
     };
     let mut trainer = Trainer::new(unet, &schedule, config, &device);
+    // The library's loop: epochs, checkpoints in fashion-run/ (run the
+    // example again to continue from the last one), a log every 50 steps.
+    let epochs = (steps as usize).div_ceil(loader.batches_per_epoch());
+    let fit = Fit::new("fashion-run", FitConfig::new(epochs).with_stop_after(Some(steps)));
+    println!("{:?}", fit.open(&mut trainer)?);
     let start = std::time::Instant::now();
-    'train: for epoch in 0.. {
-        for batch in loader.epoch(epoch, 0) {
-            let batch = batch.to_device::<B>(&device);
-            let loss: f32 = trainer.step(batch.images, Some(batch.labels)).loss.into_scalar();
-            let step = trainer.state().step;
-            if step % 50 == 0 {
-                println!(
-                    "step {step:4}  loss {loss:.4}  {:.0} s",
-                    start.elapsed().as_secs_f64()
-                );
-            }
-            if step == steps {
-                break 'train;
-            }
-        }
-    }
+    let mut log = OnLog(|l: &LogEvent| {
+        println!(
+            "step {:4}  loss {:.4}  {:.0} s",
+            l.step,
+            l.loss,
+            start.elapsed().as_secs_f64()
+        )
+    });
+    fit.run(&mut trainer, &loader, &device, &mut log)?;
 
     // 10 samples of each class from the EMA weights: DPM-Solver++ 20 steps, guidance 2.
     let ema = &trainer.ema().model;

@@ -67,6 +67,35 @@ impl FitConfig {
             conditional: true,
         }
     }
+
+    /// With a log every `steps` steps.
+    pub fn with_log_every(self, steps: u64) -> Self {
+        Self {
+            log_every: steps,
+            ..self
+        }
+    }
+
+    /// With a checkpoint every `steps` steps (0: at epoch ends only).
+    pub fn with_checkpoint_every(self, steps: u64) -> Self {
+        Self {
+            checkpoint_every: steps,
+            ..self
+        }
+    }
+
+    /// Stopping (with a checkpoint) once `steps` steps are done in all.
+    pub fn with_stop_after(self, steps: Option<u64>) -> Self {
+        Self {
+            stop_after: steps,
+            ..self
+        }
+    }
+
+    /// For a model that takes no labels (`false`) or does.
+    pub fn with_conditional(self, conditional: bool) -> Self {
+        Self { conditional, ..self }
+    }
 }
 
 /// How [`Fit::open`] found the run.
@@ -165,6 +194,21 @@ pub trait FitObserver<B: AutodiffBackend, M: AutodiffModule<B>> {
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B>> FitObserver<B, M> for () {}
+
+/// An observer that only logs: `OnLog(|log| println!("{}", log.loss))`.
+pub struct OnLog<F>(pub F);
+
+impl<B, M, F> FitObserver<B, M> for OnLog<F>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B>,
+    F: FnMut(&LogEvent),
+{
+    fn on_log(&mut self, _: &Trainer<B, M>, log: &LogEvent) -> Result<(), HookError> {
+        (self.0)(log);
+        Ok(())
+    }
+}
 
 /// An observer's error, passed through [`FitError::Hook`] unchanged.
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;

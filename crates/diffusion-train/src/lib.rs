@@ -53,7 +53,9 @@ pub mod shard;
 pub mod trainer;
 
 pub use checkpoint::{CheckpointError, TrainState};
-pub use fit::{EpochEnd, Fit, FitConfig, FitError, FitObserver, HookError, LogEvent, Outcome, Start, Stop};
+pub use fit::{
+    EpochEnd, Fit, FitConfig, FitError, FitObserver, HookError, LogEvent, OnLog, Outcome, Start, Stop,
+};
 pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
 pub use trainer::{BatchPart, GradientSync, StepOutput, Trainer, TrainerConfig};

@@ -2,7 +2,6 @@
 //! step that returns the loss and checkpoints that resume exactly.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -10,7 +9,7 @@ use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
 use burn::record::Recorder as _;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
-use diffusion_core::rng::mix_seed;
+use diffusion_core::rng::{mix_seed, with_backend_seed};
 use diffusion_core::{BatchDenoiser, ForwardProcess, NoiseSchedule, Objective};
 use diffusion_model::ema::EmaConfig;
 use diffusion_model::Ema;
@@ -104,10 +103,6 @@ impl<B: AutodiffBackend> GradientSync<B> for Alone {
     }
 }
 
-/// Held while a trainer seeds the backend's generator and draws a step's
-/// randomness, so replicas in threads of one process do not interleave.
-static DRAWS: Mutex<()> = Mutex::new(());
-
 /// What a step returns.
 #[derive(Debug, Clone)]
 pub struct StepOutput<B: AutodiffBackend> {
@@ -188,13 +183,12 @@ where
         sync: &mut S,
     ) -> Result<StepOutput<B>, S::Error> {
         let objective = self.config.objective;
-        let batch = {
-            // The generator may be shared by replicas in other threads:
-            // seeding and drawing happen under one lock.
-            let _guard = DRAWS.lock().unwrap_or_else(|e| e.into_inner());
-            B::seed(&self.device, mix_seed(self.config.seed, self.state.step));
+        // The generator may be shared by replicas in other threads:
+        // seeding and drawing happen under one lock.
+        let seed = mix_seed(self.config.seed, self.state.step);
+        let batch = with_backend_seed::<B, _>(&self.device, seed, || {
             objective.draw_part(x0, labels, self.num_steps, part.offset, part.global)
-        };
+        });
         let n = batch.len();
         let fp = &self.fp;
         let (grads, loss) = sharded_gradients(&self.model, n, self.config.shards, |model: &M, range| {
