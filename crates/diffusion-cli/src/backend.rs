@@ -202,3 +202,23 @@ mod wgpu_adapter {
         }
     }
 }
+
+/// The CPU's threads (`RAYON_NUM_THREADS` if set, as for the kernels).
+pub fn cpu_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Threads that draw sampling batches at once: the CPU's on the CPU
+/// backend (the single-threaded stretches between parallel kernels then
+/// overlap), 1 on a GPU.
+pub fn sampling_threads(cpu: bool) -> usize {
+    if cpu {
+        cpu_threads()
+    } else {
+        1
+    }
+}

@@ -172,14 +172,15 @@ fn time_eval_sampling<B: Backend>(
 ) -> Result<f64> {
     let sampler = SamplerConfig::new(SamplerKind::DpmSolverPp, 20);
     let labels: Vec<usize> = (0..10).flat_map(|c| std::iter::repeat_n(c, 100)).collect();
-    let threads = if cpu {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        1
+    let how = diffusion_eval::Generation {
+        sampler,
+        guidance: 1.6,
+        batch: 250,
+        seed: 0,
+        threads: crate::backend::sampling_threads(cpu),
     };
     let start = Instant::now();
-    let images =
-        crate::eval::generate::<B>(model, schedule, &sampler, 1.6, &labels, 250, 0, threads, device)?;
+    let images = diffusion_eval::generate(model, schedule, &how, &labels, [1, 28, 28], device, &|_| {})?;
     let took = start.elapsed().as_secs_f64();
     if images.len() != labels.len() * 784 {
         bail!("generated {} values for {} digits", images.len(), labels.len());
@@ -210,10 +211,7 @@ impl Task for BenchTask {
         }
         .with_attention_impl(attention);
         let schedule = NoiseSchedule::reference();
-        let threads = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        let threads = crate::backend::cpu_threads();
         eprintln!("timing training at batch 32 ...");
         let t32 = time_training::<B>(&config, &schedule, 32, args.warmup, args.repeats, &device)?;
         let t128 = if args.skip_128 {

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use burn::tensor::backend::Backend;
 use diffusion_model::{UNet, UNetConfig};
-pub use diffusion_train::checkpoint::{latest, save_module, write, Recorder, EMA, MODEL};
+pub use diffusion_train::checkpoint::{latest, save_module, write, EMA, MODEL};
 pub use diffusion_train::TrainState;
 
 /// Loads weights saved by [`save_module`] into a freshly built U-Net.

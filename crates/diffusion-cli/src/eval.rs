@@ -12,18 +12,18 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Int, Tensor, TensorData};
-use diffusion_core::{sample, Guided, NoiseSchedule, NoiseSource, SamplerConfig, SamplerKind, SeededNoise};
+use burn::tensor::{Distribution, Tensor};
+use diffusion_core::{NoiseSchedule, SamplerConfig, SamplerKind};
 use diffusion_data::{DatasetName, Split};
+use diffusion_eval::judge::host_values;
+use diffusion_eval::{generate, score, Generation, Judge, Probe, Reference};
 use serde::Serialize;
 
+use crate::backend::sampling_threads;
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
 use crate::config::{RunConfig, SamplingFlags, Weights};
-use crate::frechet::{frechet_distance, Gaussian};
 use crate::fsutil::write_bytes_atomically;
-use crate::judge::{classify, set_pixels};
-use crate::sample::host_values;
 use crate::{data, judge, npy, progress};
 
 /// `diffusion eval` flags.
@@ -229,7 +229,7 @@ impl Task for EvalTask {
             test,
             train,
         } = self;
-        let (classifier, info) = judge::load::<B<AB>>(&classifier_dir, &device)?;
+        let judge = Judge::<B<AB>>::load(&classifier_dir, &device)?;
         let started = Instant::now();
         let shape = [1, 28, 28];
         let mut guidance = 1.0;
@@ -249,54 +249,31 @@ impl Task for EvalTask {
                 let labels: Vec<usize> = (0..10)
                     .flat_map(|c| std::iter::repeat_n(c, args.per_class))
                     .collect();
-                let threads = if cpu {
-                    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-                } else {
-                    1
+                let how = Generation {
+                    sampler: sampler.clone(),
+                    guidance,
+                    batch: args.batch,
+                    seed: args.seed,
+                    threads: sampling_threads(cpu),
                 };
-                let images = generate::<B<AB>>(
-                    &model, &schedule, &sampler, guidance, &labels, args.batch, args.seed, threads, &device,
-                )?;
-                (
-                    images,
-                    labels,
-                    dir.display().to_string(),
-                    Some(sampler),
-                    Some(weights),
-                )
+                let bar = progress::bar(labels.len() as u64, "images");
+                let images = generate(&model, &schedule, &how, &labels, shape, &device, &|n| {
+                    bar.inc(n as u64)
+                })?;
+                bar.finish_and_clear();
+                let name = dir.display().to_string();
+                (images, labels, name, Some(sampler), Some(weights))
             }
             Source::Files { name, images, labels } => (images, labels, name, None, None),
         };
         let n = labels.len();
-        let (preds, feats) = classify(&classifier, &images, shape, 500, &device);
-        let mut confusion = vec![vec![0usize; 10]; 10];
-        for (&l, &p) in labels.iter().zip(&preds) {
-            confusion[l][p.min(9)] += 1;
-        }
-        let correct: usize = (0..10).map(|c| confusion[c][c]).sum();
-        let per_class_accuracy: Vec<f64> = confusion
-            .iter()
-            .enumerate()
-            .map(|(c, row)| {
-                let total: usize = row.iter().sum();
-                if total == 0 {
-                    f64::NAN
-                } else {
-                    row[c] as f64 / total as f64
-                }
-            })
-            .collect();
-
-        let dim = feats.len() / n;
-        let features_of = |pixels: &[f32]| classify(&classifier, pixels, shape, 500, &device).1;
-        let test_g = Gaussian::fit(&features_of(&set_pixels(&test, test.len)), dim);
-        let m = n.min(train.len);
-        let train_g = Gaussian::fit(&features_of(&set_pixels(&train, m)), dim);
+        let (preds, feats) = judge.classify(&images, shape, 500, &device);
+        let scores = score(&labels, &preds, 10);
+        let reference = Reference::new(&judge, &test, &device);
         B::<AB>::seed(&device, args.seed ^ 0xC0FFEE);
         let noise = Tensor::<B<AB>, 4>::random([n, 1, 28, 28], Distribution::Normal(0.0, 1.0), &device)
             .clamp(-1.0, 1.0);
         let noise = host_values(noise);
-        let noise_g = Gaussian::fit(&features_of(&noise), dim);
         let report = Report {
             source: name,
             sampler,
@@ -305,13 +282,13 @@ impl Task for EvalTask {
             samples: n,
             seed: args.seed,
             wall_time_s: started.elapsed().as_secs_f64(),
-            accuracy: correct as f64 / n as f64,
-            per_class_accuracy,
-            confusion,
-            frechet: frechet_distance(&Gaussian::fit(&feats, dim), &test_g),
-            frechet_floor_train_vs_test: frechet_distance(&train_g, &test_g),
-            frechet_ceiling_noise_vs_test: frechet_distance(&noise_g, &test_g),
-            classifier_test_accuracy: info.test_accuracy,
+            accuracy: scores.accuracy,
+            per_class_accuracy: scores.per_class_accuracy,
+            confusion: scores.confusion,
+            frechet: reference.distance(&feats),
+            frechet_floor_train_vs_test: reference.floor(&judge, &train, n, &device),
+            frechet_ceiling_noise_vs_test: reference.distance(&judge.features(&noise, shape, &device)),
+            classifier_test_accuracy: judge.info.test_accuracy,
         };
         let json = serde_json::to_string_pretty(&report)?;
         if let Some(dir) = &args.checkpoint {
@@ -343,88 +320,6 @@ impl Task for EvalTask {
         }
         Ok(0)
     }
-}
-
-/// Generates images of the given classes in batches, with a progress bar.
-/// Batches run in `threads` parallel threads (on the CPU, so that the
-/// single-threaded stretches between parallel kernels overlap); each batch
-/// draws its noise from its own seeded generator, so the images do not
-/// depend on the thread count or timing.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn generate<B: Backend>(
-    model: &diffusion_model::UNet<B>,
-    schedule: &NoiseSchedule,
-    config: &SamplerConfig,
-    guidance: f64,
-    labels: &[usize],
-    batch: usize,
-    seed: u64,
-    threads: usize,
-    device: &B::Device,
-) -> Result<Vec<f32>> {
-    let bar = progress::bar(labels.len() as u64, "images");
-    let chunks: Vec<&[usize]> = labels.chunks(batch).collect();
-    let threads = threads.clamp(1, chunks.len());
-    let mut results: Vec<Option<Result<Vec<f32>>>> = (0..chunks.len()).map(|_| None).collect();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|w| {
-                let model = model.clone();
-                let chunks = &chunks;
-                let bar = &bar;
-                scope.spawn(move || {
-                    let mut done = Vec::new();
-                    for k in (w..chunks.len()).step_by(threads) {
-                        let out =
-                            generate_batch(&model, schedule, config, guidance, chunks[k], seed, k, device);
-                        bar.inc(chunks[k].len() as u64);
-                        done.push((k, out));
-                    }
-                    done
-                })
-            })
-            .collect();
-        for h in handles {
-            for (k, out) in h.join().expect("a sampling thread panicked") {
-                results[k] = Some(out);
-            }
-        }
-    });
-    bar.finish_and_clear();
-    let mut images = Vec::with_capacity(labels.len() * 784);
-    for r in results {
-        images.extend(r.expect("every batch ran")?);
-    }
-    Ok(images)
-}
-
-/// Batch `k` of an evaluation: noise from `SeededNoise(seed, k)`.
-#[allow(clippy::too_many_arguments)]
-fn generate_batch<B: Backend>(
-    model: &diffusion_model::UNet<B>,
-    schedule: &NoiseSchedule,
-    config: &SamplerConfig,
-    guidance: f64,
-    classes: &[usize],
-    seed: u64,
-    k: usize,
-    device: &B::Device,
-) -> Result<Vec<f32>> {
-    let m = classes.len();
-    let mut noise = SeededNoise::new(diffusion_core::rng::mix_seed(seed, k as u64));
-    let x: Tensor<B, 4> = noise.sample([m, 1, 28, 28], device);
-    let ids: Vec<i32> = classes.iter().map(|&c| c as i32).collect();
-    let classes = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [m]), device);
-    let mut sampler = config.build::<B>(schedule)?;
-    let x = sample(
-        &Guided::new(model, guidance),
-        sampler.as_mut(),
-        x,
-        Some(classes),
-        &mut noise,
-        |_, _| {},
-    );
-    Ok(host_values(x.clamp(-1.0, 1.0)))
 }
 
 fn print_table(r: &Report) {
@@ -469,96 +364,23 @@ fn print_table(r: &Report) {
     }
 }
 
-/// A small evaluation run during training (after each epoch): a few digits
-/// per class with a fast sampler, judged like `eval` does, against the
-/// test set's features computed once.
-pub struct Probe<B: Backend> {
-    classifier: diffusion_model::Classifier<B>,
-    test: Gaussian,
-    /// Fréchet distance of as many training images as the probe draws, to
-    /// the test set: the best a model can score at this count.
-    pub floor: f64,
-    labels: Vec<usize>,
-    sampler: SamplerConfig,
-    guidance: f64,
+/// The quality probe a run asks for (`preview.quality`): its judge, the
+/// MNIST test set as the reference and the training set for the floor.
+pub fn probe<B: Backend>(
+    probe: &crate::config::QualityProbe,
     seed: u64,
-    threads: usize,
-}
-
-/// What a [`Probe`] measures.
-#[derive(Debug, Clone, Copy)]
-pub struct ProbeResult {
-    /// Share of samples the classifier gives their own class.
-    pub accuracy: f64,
-    /// Fréchet distance of the samples' classifier features to the test set.
-    pub frechet: f64,
-}
-
-impl<B: Backend> Probe<B> {
-    /// Loads the judge and the MNIST test and train sets' features.
-    pub fn new(
-        probe: &crate::config::QualityProbe,
-        seed: u64,
-        cpu: bool,
-        device: &B::Device,
-    ) -> Result<Self> {
-        let (classifier, _) = judge::load::<B>(&judge::default_dir(), device)?;
-        let test = data::load(DatasetName::Mnist, None, Split::Test)?;
-        let train = data::load(DatasetName::Mnist, None, Split::Train)?;
-        let labels: Vec<usize> = (0..10)
-            .flat_map(|c| std::iter::repeat_n(c, probe.per_class))
-            .collect();
-        let shape = [1, 28, 28];
-        let features = |pixels: &[f32]| classify(&classifier, pixels, shape, 500, device).1;
-        let test_f = features(&set_pixels(&test, test.len));
-        let dim = test_f.len() / test.len;
-        let test = Gaussian::fit(&test_f, dim);
-        let floor = frechet_distance(
-            &Gaussian::fit(&features(&set_pixels(&train, labels.len())), dim),
-            &test,
-        );
-        let threads = if cpu {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        } else {
-            1
-        };
-        Ok(Self {
-            classifier,
-            test,
-            floor,
-            labels,
-            sampler: probe.sampler.clone(),
-            guidance: probe.guidance,
-            seed,
-            threads,
-        })
-    }
-
-    /// Samples and judges `model`'s digits (the same noise every time).
-    pub fn measure(
-        &self,
-        model: &diffusion_model::UNet<B>,
-        schedule: &NoiseSchedule,
-        device: &B::Device,
-    ) -> Result<ProbeResult> {
-        let batch = self.labels.len().div_ceil(self.threads);
-        let images = generate(
-            model,
-            schedule,
-            &self.sampler,
-            self.guidance,
-            &self.labels,
-            batch,
-            self.seed,
-            self.threads,
-            device,
-        )?;
-        let (preds, feats) = classify(&self.classifier, &images, [1, 28, 28], 500, device);
-        let correct = preds.iter().zip(&self.labels).filter(|(p, l)| p == l).count();
-        let dim = feats.len() / self.labels.len();
-        Ok(ProbeResult {
-            accuracy: correct as f64 / self.labels.len() as f64,
-            frechet: frechet_distance(&Gaussian::fit(&feats, dim), &self.test),
-        })
-    }
+    cpu: bool,
+    device: &B::Device,
+) -> Result<Probe<B>> {
+    let judge = Judge::<B>::load(&judge::default_dir(), device)?;
+    let test = data::load(DatasetName::Mnist, None, Split::Test)?;
+    let train = data::load(DatasetName::Mnist, None, Split::Train)?;
+    let how = Generation {
+        sampler: probe.sampler.clone(),
+        guidance: probe.guidance,
+        batch: 1, // the probe splits its samples over the threads itself
+        seed,
+        threads: sampling_threads(cpu),
+    };
+    Ok(Probe::new(judge, &test, &train, probe.per_class, how, device))
 }

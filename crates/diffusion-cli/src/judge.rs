@@ -1,113 +1,28 @@
-//! The digit classifier that judges samples: where its weights live, how
-//! to load it, and `diffusion classifier`, which trains it.
+//! The digit classifier that judges samples: where its weights live, and
+//! `diffusion classifier`, which trains it (loading and judging are
+//! `diffusion_eval::judge`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
 use diffusion_data::{BatchLoader, DatasetName, ImageSet, Split};
+use diffusion_eval::judge::{classify, set_pixels, INFO, WEIGHTS};
+use diffusion_eval::ClassifierInfo;
 use diffusion_model::{Classifier, ClassifierConfig};
-use serde::{Deserialize, Serialize};
 
 use crate::backend::{dispatch, BackendKind, Task};
-use crate::checkpoint::{save_module, Recorder};
+use crate::checkpoint::save_module;
 use crate::fsutil::write_bytes_atomically;
-use crate::sample::host_values;
 use crate::{data, progress};
 
 /// `data/classifier`, where the committed classifier lives.
 pub fn default_dir() -> PathBuf {
     data::repo_data_dir().join("classifier")
-}
-
-/// What is saved beside the weights.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClassifierInfo {
-    pub config: ClassifierConfig,
-    pub dataset: DatasetName,
-    pub test_accuracy: f64,
-    pub epochs: usize,
-    pub seed: u64,
-    /// The command that reproduces the weights.
-    pub command: String,
-}
-
-const WEIGHTS: &str = "lenet";
-const INFO: &str = "lenet.json";
-
-/// Loads the classifier saved in `dir` (weights `lenet.mpk`, `lenet.json`).
-pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<(Classifier<B>, ClassifierInfo)> {
-    let info_path = dir.join(INFO);
-    let text = std::fs::read_to_string(&info_path).with_context(|| {
-        format!(
-            "{}: no classifier here; train one with `cargo xtask classifier`",
-            info_path.display()
-        )
-    })?;
-    let info: ClassifierInfo = serde_json::from_str(&text)
-        .with_context(|| format!("{}: corrupt classifier info", info_path.display()))?;
-    let file = dir.join(WEIGHTS);
-    let model = info
-        .config
-        .init::<B>(device)
-        .load_file(file.clone(), &Recorder::new(), device)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "{}.mpk: cannot load the classifier ({e}); retrain it with `cargo xtask classifier`",
-                file.display()
-            )
-        })?;
-    Ok((model, info))
-}
-
-/// Classifies `images` ([n, c, h, w] values in [−1, 1]) in batches:
-/// returns (predicted class, features) per image.
-pub fn classify<B: Backend>(
-    model: &Classifier<B>,
-    images: &[f32],
-    shape: [usize; 3],
-    batch: usize,
-    device: &B::Device,
-) -> (Vec<usize>, Vec<f32>) {
-    let per = shape.iter().product::<usize>();
-    let n = images.len() / per;
-    let mut preds = Vec::with_capacity(n);
-    let mut feats = Vec::new();
-    for start in (0..n).step_by(batch) {
-        let m = batch.min(n - start);
-        let x = Tensor::<B, 4>::from_data(
-            TensorData::new(
-                images[start * per..(start + m) * per].to_vec(),
-                [m, shape[0], shape[1], shape[2]],
-            ),
-            device,
-        );
-        let f = model.features(x);
-        let logits = model.logits_from_features(f.clone());
-        let p = logits
-            .argmax(1)
-            .into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .expect("ints");
-        preds.extend(p.into_iter().map(|v| v as usize));
-        feats.extend(host_values(f));
-    }
-    (preds, feats)
-}
-
-/// The images of an [`ImageSet`] as [-1, 1] floats.
-pub fn set_pixels(set: &ImageSet, n: usize) -> Vec<f32> {
-    let per = set.height * set.width;
-    set.images[..n * per]
-        .iter()
-        .map(|&p| diffusion_data::batch::scale_pixel(p))
-        .collect()
 }
 
 /// `diffusion classifier` flags.

@@ -20,12 +20,9 @@ mod checkpoint;
 mod config;
 mod data;
 mod eval;
-mod font;
-mod frechet;
 mod fsutil;
 #[cfg(test)]
 mod fuzz;
-mod grid;
 mod interop;
 mod judge;
 mod npy;

@@ -12,9 +12,9 @@ use diffusion_model::UNet;
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
 use crate::config::{RunConfig, SamplingFlags, Weights};
-use crate::grid::{write_png, GifWriter, GridLayout};
 use crate::npy;
 use crate::progress;
+use diffusion_eval::pictures::{write_png, GifWriter, GridLayout};
 
 /// `diffusion sample` flags. Flags left out take the run's defaults.
 #[derive(Debug, clap::Args)]
@@ -50,13 +50,7 @@ pub struct SampleArgs {
     pub noise: Option<PathBuf>,
 }
 
-/// A tensor's values on the host as f32 (waits for the device).
-pub fn host_values<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
-    x.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("f32 data after convert")
-}
+pub use diffusion_eval::judge::host_values;
 
 /// Parses "all" or a comma-separated class list.
 pub fn parse_classes(text: &str, num_classes: Option<usize>) -> Result<Option<Vec<usize>>> {
@@ -343,10 +337,10 @@ pub fn preview_grid<B: Backend>(
     };
     let out = draw.run(model, schedule, None, shape, &labels, device, None)?;
     let values = host_values(out);
-    write_png(
+    Ok(write_png(
         path,
         &GridLayout::new(request.n, request.channels, request.size, request.size),
         &values,
         &labels,
-    )
+    )?)
 }

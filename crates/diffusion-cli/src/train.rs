@@ -23,7 +23,6 @@ use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint;
 use crate::config::{Preset, RunConfig, Weights};
 use crate::data::{self, DatasetArg};
-use crate::eval::{Probe, ProbeResult};
 use crate::progress;
 use crate::sample::{preview_grid, PreviewRequest};
 
@@ -616,7 +615,7 @@ struct Hooks<'a, B: AutodiffBackend> {
     total: u64,
     bar: Option<indicatif::ProgressBar>,
     metrics: Option<(Metrics, Instant)>,
-    probe: Option<(Probe<B::InnerBackend>, Metrics)>,
+    probe: Option<(diffusion_eval::Probe<B::InnerBackend>, Metrics)>,
 }
 
 impl<B: AutodiffBackend> Hooks<'_, B> {
@@ -656,7 +655,8 @@ impl<B: AutodiffBackend> FitObserver<B, UNet<B>> for Hooks<'_, B> {
         self.metrics = Some((Metrics::open(self.run_dir, step)?, Instant::now()));
         if let Some(q) = &self.config.preview.quality {
             let mut quality = Metrics::open_quality(self.run_dir, step)?;
-            let probe = Probe::<B::InnerBackend>::new(q, self.config.train.seed, self.cpu, &self.device)?;
+            let probe =
+                crate::eval::probe::<B::InnerBackend>(q, self.config.train.seed, self.cpu, &self.device)?;
             // Before any training: the floor in the plot from the start.
             if step == 0 {
                 let weights = sampling_model(trainer, self.config.sample_weights);
@@ -890,7 +890,13 @@ impl Metrics {
         Ok(Self { file })
     }
 
-    fn quality_row(&mut self, step: u64, epoch: u64, r: &ProbeResult, floor: f64) -> Result<()> {
+    fn quality_row(
+        &mut self,
+        step: u64,
+        epoch: u64,
+        r: &diffusion_eval::ProbeResult,
+        floor: f64,
+    ) -> Result<()> {
         writeln!(
             self.file,
             "{step},{epoch},{:.4},{:.3},{floor:.3}",

@@ -326,8 +326,11 @@ mod tests {
         };
         let x0 = Tensor::<B, 4>::random([6, 1, 2, 2], Distribution::Normal(0.0, 1.0), &device);
         let labels = Tensor::<B, 1, Int>::from_ints([0, 1, 2, 3, 4, 5], &device);
-        <B as Backend>::seed(&device, 3);
-        let whole = objective.draw(x0.clone(), Some(labels.clone()), 1000);
+        // Seeded under the process-wide lock: other tests draw from the
+        // same generator in parallel threads.
+        let whole = crate::rng::with_backend_seed::<B, _>(&device, 3, || {
+            objective.draw(x0.clone(), Some(labels.clone()), 1000)
+        });
         let floats = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap();
         let label_ints = |l: &Labels<B>| match l {
             Labels::WithDropped(l) => ints(l),
@@ -337,14 +340,15 @@ mod tests {
         let mut eps = Vec::new();
         let mut dropped = Vec::new();
         for (offset, len) in [(0, 2), (2, 4)] {
-            <B as Backend>::seed(&device, 3);
-            let part = objective.draw_part(
-                x0.clone().narrow(0, offset, len),
-                Some(labels.clone().narrow(0, offset, len)),
-                1000,
-                offset,
-                6,
-            );
+            let part = crate::rng::with_backend_seed::<B, _>(&device, 3, || {
+                objective.draw_part(
+                    x0.clone().narrow(0, offset, len),
+                    Some(labels.clone().narrow(0, offset, len)),
+                    1000,
+                    offset,
+                    6,
+                )
+            });
             t.extend(ints(&part.t));
             eps.extend(floats(part.eps));
             dropped.extend(label_ints(&part.labels));

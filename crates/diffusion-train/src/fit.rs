@@ -259,6 +259,7 @@ pub struct Fit {
     run_dir: PathBuf,
     config: FitConfig,
     stop: Arc<AtomicBool>,
+    #[cfg_attr(not(feature = "collective"), allow(dead_code))]
     replica_error: ReplicaErrorHook,
 }
 
@@ -707,7 +708,7 @@ mod cluster {
 
 /// The hook [`Fit::on_replica_error`] installs.
 #[derive(Clone, Default)]
-pub(crate) struct ReplicaErrorHook(#[allow(dead_code)] Option<Arc<dyn Fn(usize, &FitError) + Send + Sync>>);
+pub(crate) struct ReplicaErrorHook(Option<Arc<dyn Fn(usize, &FitError) + Send + Sync>>);
 
 impl std::fmt::Debug for ReplicaErrorHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -6,10 +6,38 @@
 use std::io::BufWriter;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use diffusion_train::atomic::write_atomically;
 
 use crate::font;
-use crate::fsutil::write_atomically;
+use crate::EvalError;
+
+/// Why an encoder failed, for [`EvalError::Write`].
+struct Failed(String);
+
+impl From<std::io::Error> for Failed {
+    fn from(e: std::io::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<image::ImageError> for Failed {
+    fn from(e: image::ImageError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<gif::EncodingError> for Failed {
+    fn from(e: gif::EncodingError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+fn written(path: &Path, result: Result<(), Failed>) -> Result<(), EvalError> {
+    result.map_err(|Failed(reason)| EvalError::Write {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
 
 /// How a grid looks.
 #[derive(Debug, Clone, Copy)]
@@ -20,7 +48,9 @@ pub struct GridLayout {
     pub scale: usize,
     /// Image channels, height, width.
     pub channels: usize,
+    /// Image height in pixels.
     pub height: usize,
+    /// Image width in pixels.
     pub width: usize,
 }
 
@@ -110,7 +140,12 @@ pub fn to_byte(v: f32) -> u8 {
 }
 
 /// Writes a PNG grid (atomically: temp file, then rename).
-pub fn write_png(path: &Path, layout: &GridLayout, images: &[f32], labels: &[Option<usize>]) -> Result<()> {
+pub fn write_png(
+    path: &Path,
+    layout: &GridLayout,
+    images: &[f32],
+    labels: &[Option<usize>],
+) -> Result<(), EvalError> {
     let (w, h) = layout.size(labels.len());
     let pixels = layout.render(images, labels);
     let color = if layout.channels == 3 {
@@ -118,12 +153,12 @@ pub fn write_png(path: &Path, layout: &GridLayout, images: &[f32], labels: &[Opt
     } else {
         image::ExtendedColorType::L8
     };
-    write_atomically(path, |file| {
+    let result = write_atomically(path, |file| {
         let encoder = image::codecs::png::PngEncoder::new(BufWriter::new(file));
         image::ImageEncoder::write_image(encoder, &pixels, w as u32, h as u32, color)?;
         Ok(())
-    })
-    .with_context(|| format!("writing {}", path.display()))
+    });
+    written(path, result)
 }
 
 /// Collects grid frames and writes them as an animated GIF with a grey
@@ -135,6 +170,7 @@ pub struct GifWriter {
 }
 
 impl GifWriter {
+    /// An animation of grids in `layout`, `labels[i]` above image i.
     pub fn new(layout: GridLayout, labels: Vec<Option<usize>>) -> Self {
         Self {
             layout,
@@ -167,15 +203,21 @@ impl GifWriter {
         self.frames.push(grey.render(&first, &self.labels));
     }
 
+    /// Frames so far.
     pub fn len(&self) -> usize {
         self.frames.len()
     }
 
+    /// Whether no frame was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
     /// Writes the animation: 80 ms a frame, the last one held for 2 s.
-    pub fn write(&self, path: &Path) -> Result<()> {
+    pub fn write(&self, path: &Path) -> Result<(), EvalError> {
         let (w, h) = self.layout.size(self.labels.len());
         let palette: Vec<u8> = (0..=255u8).flat_map(|v| [v, v, v]).collect();
-        write_atomically(path, |file| {
+        let result = write_atomically(path, |file| {
             let mut enc = gif::Encoder::new(BufWriter::new(file), w as u16, h as u16, &palette)?;
             enc.set_repeat(gif::Repeat::Infinite)?;
             for (k, frame) in self.frames.iter().enumerate() {
@@ -184,7 +226,7 @@ impl GifWriter {
                 enc.write_frame(&f)?;
             }
             Ok(())
-        })
-        .with_context(|| format!("writing {}", path.display()))
+        });
+        written(path, result)
     }
 }

@@ -11,7 +11,9 @@ use nalgebra::{DMatrix, DVector, SymmetricEigen};
 /// Mean and covariance of a feature set.
 #[derive(Debug, Clone)]
 pub struct Gaussian {
+    /// The mean vector.
     pub mean: DVector<f64>,
+    /// The covariance matrix (unbiased).
     pub cov: DMatrix<f64>,
 }
 
