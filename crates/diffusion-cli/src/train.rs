@@ -283,6 +283,42 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     // Only node 0 writes into the run directory; the others read it when
     // resuming (it must be on every node: a shared folder, or a copy).
     let lead = cluster.as_ref().is_none_or(Cluster::is_lead_node);
+    let (config, run_dir, resume, save_config) = open_run(&args, world, lead)?;
+    let lock = lock_run(&run_dir, lead, resume)?;
+    let set = training_set(&config)?;
+    if lead && !resume {
+        config.save(&run_dir)?;
+    }
+    start_node(cluster.as_ref(), world)?;
+    let interrupted = stop_on_signals();
+    eprintln!(
+        "training {:?} preset on {} {} images ({}), backend {}, into {}",
+        config.preset,
+        set.len,
+        config.train.dataset,
+        if resume { "resuming" } else { "new run" },
+        backend.name(),
+        run_dir.display()
+    );
+    let task = TrainTask {
+        config,
+        cpu: backend.is_cpu(),
+        run_dir,
+        resume,
+        save_config,
+        set: Arc::new(set),
+        interrupted,
+        stop_after: args.stop_after,
+        cluster,
+        _lock: lock,
+    };
+    dispatch(backend, task)
+}
+
+/// The run's configuration and directory: a new one from the flags, or the
+/// one `--resume` names (with `--epochs` and the world size it may change).
+/// Also whether config.json must be rewritten once the resume succeeds.
+fn open_run(args: &TrainArgs, world: usize, lead: bool) -> Result<(RunConfig, PathBuf, bool, bool)> {
     let (mut config, run_dir, resume) = match &args.resume {
         Some(dir) => (RunConfig::load(dir)?, dir.clone(), true),
         None => {
@@ -325,8 +361,19 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         config.train.world_size = world;
     }
     config.validate()?;
+    Ok((
+        config,
+        run_dir,
+        resume,
+        lead && (new_epochs.is_some() || new_world),
+    ))
+}
+
+/// The run directory's lock (held by the node that writes), and a last
+/// check that no other `train` made a run there meanwhile.
+fn lock_run(run_dir: &Path, lead: bool, resume: bool) -> Result<Option<RunLock>> {
     let lock = if lead {
-        let lock = RunLock::acquire(&run_dir)?;
+        let lock = RunLock::acquire(run_dir)?;
         if let Some(pid) = lock.removed_stale {
             eprintln!(
                 "note: removed a stale lock of process {pid}, which no longer runs (killed before it could clean up)"
@@ -343,12 +390,17 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             run_dir.display()
         );
     }
+    Ok(lock)
+}
+
+/// The training images the run asks for, checked against its model.
+fn training_set(config: &RunConfig) -> Result<ImageSet> {
     let set = data::load(
         config.train.dataset,
         config.train.data_dir.as_deref(),
         Split::Train,
     )?;
-    check_data_fits(&config, &set)?;
+    check_data_fits(config, &set)?;
     let set = match config.train.limit {
         Some(n) if n < set.len => set.truncated(n),
         _ => set,
@@ -360,10 +412,13 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             config.train.batch_size
         );
     }
-    if lead && !resume {
-        config.save(&run_dir)?;
-    }
-    if let Some(nodes) = cluster.as_ref().and_then(|c| c.nodes.as_ref()) {
+    Ok(set)
+}
+
+/// On a multi-node run: node 0 starts burn's orchestrator; every node says
+/// where it stands.
+fn start_node(cluster: Option<&Cluster>, world: usize) -> Result<()> {
+    if let Some(nodes) = cluster.and_then(|c| c.nodes.as_ref()) {
         if nodes.rank == 0 {
             let (_, port) =
                 parse_host_port(&nodes.coordinator).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
@@ -373,12 +428,18 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             "node {} of {}: {} replica(s) here, {world} in all; coordinator {}, this node at {}",
             nodes.rank,
             nodes.count,
-            cluster.as_ref().map_or(1, |c| c.devices_per_node),
+            cluster.map_or(1, |c| c.devices_per_node),
             nodes.coordinator,
             nodes.address
         );
     }
 
+    Ok(())
+}
+
+/// A flag raised by Ctrl-C, SIGTERM or SIGHUP: training saves a checkpoint
+/// after the current step. A second signal exits at once.
+fn stop_on_signals() -> Arc<AtomicBool> {
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -391,28 +452,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             eprintln!("\ninterrupted: saving a checkpoint after this step (interrupt again to quit at once)");
         });
     }
-    eprintln!(
-        "training {:?} preset on {} {} images ({}), backend {}, into {}",
-        config.preset,
-        set.len,
-        config.train.dataset,
-        if resume { "resuming" } else { "new run" },
-        backend.name(),
-        run_dir.display()
-    );
-    let task = TrainTask {
-        config,
-        cpu: backend.is_cpu(),
-        run_dir,
-        resume,
-        save_config: lead && (new_epochs.is_some() || new_world),
-        set: Arc::new(set),
-        interrupted,
-        stop_after: args.stop_after,
-        cluster,
-        _lock: lock,
-    };
-    dispatch(backend, task)
+    interrupted
 }
 
 fn check_data_fits(config: &RunConfig, set: &ImageSet) -> Result<()> {
@@ -508,40 +548,10 @@ impl Task for TrainTask {
         )
         .with_stop_flag(interrupted.clone());
 
-        // Every replica starts from the same weights: the same seeded
-        // initialisation, or the same checkpoint. Built here in turn (the
-        // initialisation draws from the backend's generator).
-        let mut trainers = Vec::with_capacity(devices.len());
-        let mut start = Start::Fresh;
-        for device in &devices {
-            let model: UNet<B> = config.model.init_seeded::<B>(device, tc.seed)?;
-            let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), device);
-            if resume {
-                start = fit
-                    .open(&mut trainer)
-                    .map_err(|e| fit_error(e, &config, &run_dir))?;
-            }
-            trainers.push(trainer);
-        }
-        match start {
-            Start::Fresh if resume => {
-                eprintln!("no checkpoint yet (the run stopped before its first one): starting it from step 0")
-            }
-            Start::Fresh => {}
-            Start::Finished(state) => {
-                eprintln!(
-                    "the run already finished {} epochs; pass --epochs N (more than {0}) to train longer",
-                    state.epoch
-                );
-                return Ok(0);
-            }
-            Start::Resumed(state) => eprintln!(
-                "resuming at step {} (epoch {}, batch {})",
-                state.step,
-                state.epoch + 1,
-                state.batch_in_epoch
-            ),
-        }
+        let Some(mut trainers) = build_trainers(&config, &fit, &devices, total, cpu, resume, &run_dir)?
+        else {
+            return Ok(0);
+        };
         if resume && save_config {
             config.save(&run_dir)?;
         }
@@ -571,36 +581,105 @@ impl Task for TrainTask {
             }
         }
         .map_err(|e| fit_error(e, &config, &run_dir))?;
-        let code = if interrupted.load(Ordering::SeqCst) {
+        report(
+            &outcome,
+            cluster.as_ref(),
+            hooks.bar.as_ref(),
+            hooks.started(),
+            &run_dir,
+        );
+        Ok(if interrupted.load(Ordering::SeqCst) {
             130
         } else {
             0
-        };
-        match (outcome.stop, &cluster) {
-            (_, Some(c)) if !c.is_lead_node() => eprintln!(
-                "node {}: stopped at step {} (replica {}); node 0 wrote the checkpoints",
-                c.nodes.as_ref().map_or(0, |n| n.rank),
-                outcome.state.step,
-                c.rank_of(0)
-            ),
-            (Stop::Finished, _) => {
-                if let Some(bar) = &hooks.bar {
-                    bar.finish_and_clear();
-                }
-                eprintln!(
-                    "done: {} steps in {:.0} s. Sample with: cargo xtask sample --checkpoint {}",
-                    outcome.state.step,
-                    hooks.started().as_secs_f64(),
-                    run_dir.display()
-                );
-            }
-            (Stop::Requested | Stop::StepLimit, _) => eprintln!(
-                "stopped at step {}; checkpoint saved. Continue with: cargo xtask train --resume {}",
-                outcome.state.step,
-                run_dir.display()
-            ),
+        })
+    }
+}
+
+/// One trainer per device, each from the same seeded initialisation and,
+/// on a resume, the same checkpoint (built in turn: the initialisation
+/// draws from the backend's generator). `None` when the run is already
+/// finished.
+#[allow(clippy::too_many_arguments)]
+fn build_trainers<B: AutodiffBackend>(
+    config: &RunConfig,
+    fit: &Fit,
+    devices: &[B::Device],
+    total: u64,
+    cpu: bool,
+    resume: bool,
+    run_dir: &Path,
+) -> Result<Option<Vec<Trainer<B, UNet<B>>>>> {
+    let tc = &config.train;
+    let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
+    // Every replica starts from the same weights: the same seeded
+    // initialisation, or the same checkpoint. Built here in turn (the
+    // initialisation draws from the backend's generator).
+    let mut trainers = Vec::with_capacity(devices.len());
+    let mut start = Start::Fresh;
+    for device in devices {
+        let model: UNet<B> = config.model.init_seeded::<B>(device, tc.seed)?;
+        let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), device);
+        if resume {
+            start = fit
+                .open(&mut trainer)
+                .map_err(|e| fit_error(e, config, run_dir))?;
         }
-        Ok(code)
+        trainers.push(trainer);
+    }
+    match start {
+        Start::Fresh if resume => {
+            eprintln!("no checkpoint yet (the run stopped before its first one): starting it from step 0")
+        }
+        Start::Fresh => {}
+        Start::Finished(state) => {
+            eprintln!(
+                "the run already finished {} epochs; pass --epochs N (more than {0}) to train longer",
+                state.epoch
+            );
+            return Ok(None);
+        }
+        Start::Resumed(state) => eprintln!(
+            "resuming at step {} (epoch {}, batch {})",
+            state.step,
+            state.epoch + 1,
+            state.batch_in_epoch
+        ),
+    }
+    Ok(Some(trainers))
+}
+
+/// The last line of a run: how it ended and what to do next.
+fn report(
+    outcome: &diffusion_train::Outcome,
+    cluster: Option<&Cluster>,
+    bar: Option<&indicatif::ProgressBar>,
+    took: Duration,
+    run_dir: &Path,
+) {
+    match (outcome.stop, cluster) {
+        (_, Some(c)) if !c.is_lead_node() => eprintln!(
+            "node {}: stopped at step {} (replica {}); node 0 wrote the checkpoints",
+            c.nodes.as_ref().map_or(0, |n| n.rank),
+            outcome.state.step,
+            c.rank_of(0)
+        ),
+        (Stop::Finished, _) => {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            eprintln!(
+                "done: {} steps in {:.0} s. Sample with: cargo xtask sample --checkpoint {}",
+                outcome.state.step,
+                took.as_secs_f64(),
+                run_dir.display()
+            );
+        }
+        (Stop::Requested | Stop::StepLimit, _) => eprintln!(
+            "stopped at step {}; checkpoint saved. Continue with: cargo xtask train --resume {}",
+            outcome.state.step,
+            run_dir.display()
+        ),
     }
 }
 
