@@ -141,11 +141,21 @@ pub struct RunConfig {
 impl RunConfig {
     /// The starting configuration of a preset.
     pub fn preset(preset: Preset) -> Self {
+        match preset {
+            Preset::Seed => Self::seed_preset(),
+            Preset::Quick => Self::quick_preset(),
+            Preset::Full => Self::full_preset(),
+            Preset::Tiny => Self::tiny_preset(),
+        }
+    }
+
+    /// What every preset starts from: SPEC.md's training run.
+    fn base_train() -> TrainConfig {
         let ema = EmaConfig {
             decay: 0.999,
             warmup: true,
         };
-        let base_train = TrainConfig {
+        TrainConfig {
             dataset: DatasetName::Mnist,
             data_dir: None,
             limit: None,
@@ -163,115 +173,129 @@ impl RunConfig {
             workers: 2,
             shards: 2,
             world_size: 1,
-        };
-        match preset {
-            Preset::Seed => RunConfig {
-                preset,
-                model: UNetConfig::new(),
-                schedule: Schedule::default(),
-                train: base_train,
+        }
+    }
+
+    /// The reference run of SPEC.md, unchanged.
+    fn seed_preset() -> Self {
+        let (preset, base_train) = (Preset::Seed, Self::base_train());
+        RunConfig {
+            preset,
+            model: UNetConfig::new(),
+            schedule: Schedule::default(),
+            train: base_train,
+            sampler: SamplerConfig::reference(),
+            sample_weights: Weights::Model,
+            guidance: 1.0,
+            preview: PreviewConfig {
+                n: 81,
                 sampler: SamplerConfig::reference(),
-                sample_weights: Weights::Model,
-                guidance: 1.0,
-                preview: PreviewConfig {
-                    n: 81,
+                // The preset's own sampler: this ε model has no label
+                // dropout, so no guidance, and DPM-Solver++ without it
+                // misjudged it (57.5% where the reference sampler drew
+                // 91.7%, docs/quality.md).
+                quality: Some(QualityProbe {
+                    per_class: 20,
                     sampler: SamplerConfig::reference(),
-                    // The preset's own sampler: this ε model has no label
-                    // dropout, so no guidance, and DPM-Solver++ without it
-                    // misjudged it (57.5% where the reference sampler drew
-                    // 91.7%, docs/quality.md).
-                    quality: Some(QualityProbe {
-                        per_class: 20,
-                        sampler: SamplerConfig::reference(),
-                        guidance: 1.0,
-                    }),
-                },
+                    guidance: 1.0,
+                }),
             },
-            // Chosen by measurement within about 10 minutes of CPU training
-            // (docs/quality.md): v prediction with Min-SNR-5 weighting,
-            // 28,800 distinct images seen once, DPM-Solver++ 20 steps with
-            // guidance 2.25 on the raw weights.
-            Preset::Quick => RunConfig {
-                preset,
-                model: UNetConfig::new()
-                    .with_attention(vec![false, false, true, true])
-                    .with_prediction(diffusion_core::Prediction::V),
-                schedule: Schedule::default(),
-                train: TrainConfig {
-                    epochs: 1,
-                    batch_size: 32,
-                    lr: 2e-3,
-                    lr_schedule: LrSchedule {
-                        warmup_steps: 100,
-                        cosine_decay: true,
-                        min_factor: 0.05,
-                    },
-                    label_dropout: 0.1,
-                    min_snr_gamma: Some(5.0),
-                    ema: EmaConfig {
-                        decay: 0.995,
-                        warmup: true,
-                    },
-                    limit: Some(28_800),
-                    shards: 4,
-                    ..base_train
+        }
+    }
+
+    /// Chosen by measurement within about 10 minutes of CPU training
+    /// (docs/quality.md): v prediction with Min-SNR-5 weighting,
+    /// 28,800 distinct images seen once, DPM-Solver++ 20 steps with
+    /// guidance 2.25 on the raw weights.
+    fn quick_preset() -> Self {
+        let (preset, base_train) = (Preset::Quick, Self::base_train());
+        RunConfig {
+            preset,
+            model: UNetConfig::new()
+                .with_attention(vec![false, false, true, true])
+                .with_prediction(diffusion_core::Prediction::V),
+            schedule: Schedule::default(),
+            train: TrainConfig {
+                epochs: 1,
+                batch_size: 32,
+                lr: 2e-3,
+                lr_schedule: LrSchedule {
+                    warmup_steps: 100,
+                    cosine_decay: true,
+                    min_factor: 0.05,
                 },
+                label_dropout: 0.1,
+                min_snr_gamma: Some(5.0),
+                ema: EmaConfig {
+                    decay: 0.995,
+                    warmup: true,
+                },
+                limit: Some(28_800),
+                shards: 4,
+                ..base_train
+            },
+            sampler: SamplerConfig::new(SamplerKind::DpmSolverPp, 20),
+            // After 900 steps the EMA still lags the fast-moving weights:
+            // the raw weights measured better (98.6% against 97.8%).
+            sample_weights: Weights::Model,
+            guidance: 2.25,
+            preview: PreviewConfig {
+                n: 20,
                 sampler: SamplerConfig::new(SamplerKind::DpmSolverPp, 20),
-                // After 900 steps the EMA still lags the fast-moving weights:
-                // the raw weights measured better (98.6% against 97.8%).
-                sample_weights: Weights::Model,
-                guidance: 2.25,
-                preview: PreviewConfig {
-                    n: 20,
-                    sampler: SamplerConfig::new(SamplerKind::DpmSolverPp, 20),
-                    quality: Some(QualityProbe {
-                        per_class: 20,
-                        sampler: SamplerConfig::new(SamplerKind::DpmSolverPp, 10),
-                        guidance: 2.0,
-                    }),
-                },
+                quality: Some(QualityProbe {
+                    per_class: 20,
+                    sampler: SamplerConfig::new(SamplerKind::DpmSolverPp, 10),
+                    guidance: 2.0,
+                }),
             },
-            Preset::Full => {
-                let mut c = RunConfig::preset(Preset::Quick);
-                c.preset = Preset::Full;
-                let t = &mut c.train;
-                t.limit = None;
-                t.epochs = 3;
-                t.batch_size = 64;
-                t.lr_schedule.warmup_steps = 200;
-                t.min_snr_gamma = None;
-                t.ema.decay = 0.999;
-                t.checkpoint_every = 200;
-                c.sample_weights = Weights::Ema;
-                c.guidance = 1.6;
-                c
-            }
-            Preset::Tiny => RunConfig {
-                preset,
-                model: UNetConfig::tiny(),
-                schedule: Schedule::default(),
-                train: TrainConfig {
-                    epochs: 2,
-                    batch_size: 32,
-                    lr: 2e-3,
-                    limit: Some(512),
-                    label_dropout: 0.1,
-                    ema: EmaConfig {
-                        decay: 0.99,
-                        warmup: true,
-                    },
-                    checkpoint_every: 0,
-                    log_every: 1,
-                    ..base_train
+        }
+    }
+
+    /// `quick` on all of MNIST for 3 epochs, sampled from the EMA.
+    fn full_preset() -> Self {
+        let mut c = RunConfig::preset(Preset::Quick);
+        c.preset = Preset::Full;
+        let t = &mut c.train;
+        t.limit = None;
+        t.epochs = 3;
+        t.batch_size = 64;
+        t.lr_schedule.warmup_steps = 200;
+        t.min_snr_gamma = None;
+        t.ema.decay = 0.999;
+        t.checkpoint_every = 200;
+        c.sample_weights = Weights::Ema;
+        c.guidance = 1.6;
+        c
+    }
+
+    /// Seconds on a CPU: for tests.
+    fn tiny_preset() -> Self {
+        let (preset, base_train) = (Preset::Tiny, Self::base_train());
+        RunConfig {
+            preset,
+            model: UNetConfig::tiny(),
+            schedule: Schedule::default(),
+            train: TrainConfig {
+                epochs: 2,
+                batch_size: 32,
+                lr: 2e-3,
+                limit: Some(512),
+                label_dropout: 0.1,
+                ema: EmaConfig {
+                    decay: 0.99,
+                    warmup: true,
                 },
-                sampler: SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 8),
-                sample_weights: Weights::Ema,
-                guidance: 1.0,
-                preview: PreviewConfig {
-                    n: 10,
-                    sampler: SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 4),
-                    quality: None,
-                },
+                checkpoint_every: 0,
+                log_every: 1,
+                ..base_train
+            },
+            sampler: SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 8),
+            sample_weights: Weights::Ema,
+            guidance: 1.0,
+            preview: PreviewConfig {
+                n: 10,
+                sampler: SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 4),
+                quality: None,
             },
         }
     }

@@ -7,7 +7,7 @@
 //! images; beside it the same distance for as many training images (the
 //! floor) and for as many pure-noise images (the ceiling).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -87,93 +87,8 @@ pub fn run(args: EvalArgs) -> Result<i32> {
         bail!("--per-class must be in 1..=10000 and --batch at least 1");
     }
     let source = match (&args.checkpoint, &args.npy, &args.labels) {
-        (Some(dir), _, _) => {
-            let config = RunConfig::load(dir)?;
-            if config.model.image_channels != 1 || config.model.image_size != 28 {
-                bail!(
-                    "eval judges 1x28x28 digits; this run makes {}x{}x{}",
-                    config.model.image_channels,
-                    config.model.image_size,
-                    config.model.image_size
-                );
-            }
-            if config.model.num_classes.is_none() {
-                bail!("eval measures conditional accuracy; this run's model is unconditional");
-            }
-            let guidance = args.sampling.guidance(&config)?;
-            let (ckpt, _) = checkpoint::latest(dir)?;
-            let sampler = args.sampling.sampler(&config)?;
-            let weights = args.sampling.weights(&config);
-            Source::Run {
-                dir: dir.clone(),
-                config: Box::new(config),
-                ckpt,
-                sampler,
-                weights,
-                guidance,
-            }
-        }
-        (None, Some(images), Some(labels)) => {
-            let a = npy::read(images)?;
-            if a.shape.len() != 4 || a.shape[1..] != [1, 28, 28] {
-                bail!(
-                    "{}: shape {:?}; eval needs [n, 1, 28, 28]",
-                    images.display(),
-                    a.shape
-                );
-            }
-            if a.shape[0] < 2 {
-                bail!(
-                    "{}: {} image(s); the Fréchet distance needs at least 2 (use a few hundred for a meaningful one)",
-                    images.display(),
-                    a.shape[0]
-                );
-            }
-            if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
-                bail!(
-                    "{}: image {} holds a non-finite value ({}); eval judges finite pixels in [-1, 1]",
-                    images.display(),
-                    i / 784,
-                    a.data[i]
-                );
-            }
-            let l = npy::read(labels)?;
-            if l.shape.len() != 1 {
-                bail!(
-                    "{}: shape {:?}; labels must be one-dimensional, [n]",
-                    labels.display(),
-                    l.shape
-                );
-            }
-            if l.data.len() != a.shape[0] {
-                bail!(
-                    "{}: {} labels for {} images",
-                    labels.display(),
-                    l.data.len(),
-                    a.shape[0]
-                );
-            }
-            let labels: Vec<usize> = l
-                .data
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    if v.is_finite() && v.fract() == 0.0 && (0.0..10.0).contains(&v) {
-                        Ok(v as usize)
-                    } else {
-                        Err(anyhow::anyhow!(
-                            "{}: label {i} is {v}, not a digit class 0..9",
-                            labels.display()
-                        ))
-                    }
-                })
-                .collect::<Result<_>>()?;
-            Source::Files {
-                name: images.display().to_string(),
-                images: a.data,
-                labels,
-            }
-        }
+        (Some(dir), _, _) => run_source(dir, &args)?,
+        (None, Some(images), Some(labels)) => file_source(images, labels)?,
         _ => bail!("give --checkpoint RUN_DIR, or --npy FILE with --labels FILE"),
     };
     let classifier_dir = args.classifier.clone().unwrap_or_else(judge::default_dir);
@@ -188,6 +103,97 @@ pub fn run(args: EvalArgs) -> Result<i32> {
         train,
     };
     dispatch(backend, task)
+}
+
+/// A run to sample from, with the sampling flags applied.
+fn run_source(dir: &Path, args: &EvalArgs) -> Result<Source> {
+    let config = RunConfig::load(dir)?;
+    if config.model.image_channels != 1 || config.model.image_size != 28 {
+        bail!(
+            "eval judges 1x28x28 digits; this run makes {}x{}x{}",
+            config.model.image_channels,
+            config.model.image_size,
+            config.model.image_size
+        );
+    }
+    if config.model.num_classes.is_none() {
+        bail!("eval measures conditional accuracy; this run's model is unconditional");
+    }
+    let guidance = args.sampling.guidance(&config)?;
+    let (ckpt, _) = checkpoint::latest(dir)?;
+    let sampler = args.sampling.sampler(&config)?;
+    let weights = args.sampling.weights(&config);
+    Ok(Source::Run {
+        dir: dir.to_path_buf(),
+        config: Box::new(config),
+        ckpt,
+        sampler,
+        weights,
+        guidance,
+    })
+}
+
+/// Images and labels from .npy files, checked.
+fn file_source(images: &Path, labels: &Path) -> Result<Source> {
+    let a = npy::read(images)?;
+    if a.shape.len() != 4 || a.shape[1..] != [1, 28, 28] {
+        bail!(
+            "{}: shape {:?}; eval needs [n, 1, 28, 28]",
+            images.display(),
+            a.shape
+        );
+    }
+    if a.shape[0] < 2 {
+        bail!(
+            "{}: {} image(s); the Fréchet distance needs at least 2 (use a few hundred for a meaningful one)",
+            images.display(),
+            a.shape[0]
+        );
+    }
+    if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{}: image {} holds a non-finite value ({}); eval judges finite pixels in [-1, 1]",
+            images.display(),
+            i / 784,
+            a.data[i]
+        );
+    }
+    let l = npy::read(labels)?;
+    if l.shape.len() != 1 {
+        bail!(
+            "{}: shape {:?}; labels must be one-dimensional, [n]",
+            labels.display(),
+            l.shape
+        );
+    }
+    if l.data.len() != a.shape[0] {
+        bail!(
+            "{}: {} labels for {} images",
+            labels.display(),
+            l.data.len(),
+            a.shape[0]
+        );
+    }
+    let labels: Vec<usize> = l
+        .data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if v.is_finite() && v.fract() == 0.0 && (0.0..10.0).contains(&v) {
+                Ok(v as usize)
+            } else {
+                Err(anyhow::anyhow!(
+                    "{}: label {i} is {v}, not a digit class 0..9",
+                    labels.display()
+                ))
+            }
+        })
+        .collect::<Result<_>>()?;
+    Ok(Source::Files {
+        name: images.display().to_string(),
+        images: a.data,
+        labels,
+    })
 }
 
 enum Source {
@@ -292,24 +298,7 @@ impl Task for EvalTask {
         };
         let json = serde_json::to_string_pretty(&report)?;
         if let Some(dir) = &args.checkpoint {
-            let s = report.sampler.as_ref().expect("a run has a sampler");
-            let eta = match s.kind {
-                SamplerKind::Reference { eta } | SamplerKind::Ddim { eta } => format!("-eta{eta}"),
-                _ => String::new(),
-            };
-            let kind = format!("{:?}", s.kind)
-                .split([' ', '{'])
-                .next()
-                .unwrap_or("sampler")
-                .to_lowercase();
-            // Every setting that changes the samples is in the name, so
-            // evaluations of one run with other settings do not overwrite
-            // each other.
-            let weights = report.weights.map_or("samples", Weights::file);
-            let file = dir.join("eval").join(format!(
-                "{kind}-{}{eta}-w{}-{weights}-n{n}-seed{}.json",
-                s.steps, guidance, args.seed
-            ));
+            let file = dir.join("eval").join(report_name(&report));
             write_bytes_atomically(&file, json.as_bytes())?;
             eprintln!("wrote {}", file.display());
         }
@@ -320,6 +309,27 @@ impl Task for EvalTask {
         }
         Ok(0)
     }
+}
+
+/// The file name of a run's evaluation: every setting that changes the
+/// samples is in it, so evaluations of one run with other settings do not
+/// overwrite each other.
+fn report_name(report: &Report) -> String {
+    let s = report.sampler.as_ref().expect("a run has a sampler");
+    let eta = match s.kind {
+        SamplerKind::Reference { eta } | SamplerKind::Ddim { eta } => format!("-eta{eta}"),
+        _ => String::new(),
+    };
+    let kind = format!("{:?}", s.kind)
+        .split([' ', '{'])
+        .next()
+        .unwrap_or("sampler")
+        .to_lowercase();
+    let weights = report.weights.map_or("samples", Weights::file);
+    format!(
+        "{kind}-{}{eta}-w{}-{weights}-n{}-seed{}.json",
+        s.steps, report.guidance, report.samples, report.seed
+    )
 }
 
 fn print_table(r: &Report) {

@@ -51,85 +51,9 @@ pub fn expected_magic(kind: FileKind) -> u32 {
 /// with the dimensions of `kind` and exactly as much data as its header
 /// declares, and hashes the uncompressed bytes.
 pub fn read_idx(path: &Path, kind: FileKind) -> Result<IdxFile, DataError> {
-    let io_err = |source: io::Error| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => DataError::NotFound {
-            path: path.to_path_buf(),
-            dataset: None,
-        },
-        _ => io_err(source),
-    })?;
-    let file_len = file.metadata().map_err(io_err)?.len();
-
-    let mut sniff = [0u8; 2];
-    let sniffed = read_up_to(&mut file, &mut sniff).map_err(io_err)?;
-    let gzipped = sniffed == 2 && sniff == [0x1f, 0x8b];
-    // A gzip file ends with the uncompressed size mod 2^32 (RFC 1952
-    // ISIZE); used only to reserve the output buffer in one go.
-    let size_hint = if gzipped && file_len >= 18 {
-        file.seek(SeekFrom::End(-4)).map_err(io_err)?;
-        let mut isize = [0u8; 4];
-        file.read_exact(&mut isize).map_err(io_err)?;
-        u64::from(u32::from_le_bytes(isize))
-    } else {
-        file_len
-    };
-    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
-
-    let mut source: Box<dyn Read> = if gzipped {
-        Box::new(GzDecoder::new(file))
-    } else {
-        Box::new(io::BufReader::with_capacity(1 << 16, file))
-    };
+    let (mut source, gzipped, size_hint) = open_stream(path)?;
     let stream_err = |source: io::Error| stream_error(path, gzipped, source);
-
-    // Header: the magic number, then one u32 per dimension.
-    let mut magic = [0u8; 4];
-    let got = read_up_to(&mut source, &mut magic).map_err(stream_err)?;
-    if got < 4 {
-        return Err(DataError::LengthMismatch {
-            path: path.to_path_buf(),
-            expected: 4,
-            found: got as u64,
-            dataset: None,
-        });
-    }
-    let found_magic = u32::from_be_bytes(magic);
-    if magic[0] != 0 || magic[1] != 0 || magic[2] != TYPE_U8 {
-        return Err(DataError::BadMagic {
-            path: path.to_path_buf(),
-            kind,
-            found: found_magic,
-            expected: expected_magic(kind),
-        });
-    }
-    let ndims = usize::from(magic[3]);
-    if ndims != kind.ndims() {
-        return Err(DataError::WrongDimensions {
-            path: path.to_path_buf(),
-            kind,
-            found: ndims,
-            expected: kind.ndims(),
-        });
-    }
-    let mut header = magic.to_vec();
-    header.resize(4 + 4 * ndims, 0);
-    let got = read_up_to(&mut source, &mut header[4..]).map_err(stream_err)?;
-    if got < 4 * ndims {
-        return Err(DataError::LengthMismatch {
-            path: path.to_path_buf(),
-            expected: header.len() as u64,
-            found: 4 + got as u64,
-            dataset: None,
-        });
-    }
-    let dims: Vec<usize> = header[4..]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
+    let (header, dims) = read_header(&mut source, path, kind, gzipped)?;
     // Saturating: a header whose sizes overflow u64 simply never matches.
     let expected = dims.iter().fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
 
@@ -166,6 +90,100 @@ pub fn read_idx(path: &Path, kind: FileKind) -> Result<IdxFile, DataError> {
         data,
         sha256: hex(&hasher.finalize()),
     })
+}
+
+/// Opens `path` as a stream of its uncompressed bytes: whether it is
+/// gzipped, and about how many bytes it holds uncompressed.
+fn open_stream(path: &Path) -> Result<(Box<dyn Read>, bool, u64), DataError> {
+    let io_err = |source: io::Error| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => DataError::NotFound {
+            path: path.to_path_buf(),
+            dataset: None,
+        },
+        _ => io_err(source),
+    })?;
+    let file_len = file.metadata().map_err(io_err)?.len();
+
+    let mut sniff = [0u8; 2];
+    let sniffed = read_up_to(&mut file, &mut sniff).map_err(io_err)?;
+    let gzipped = sniffed == 2 && sniff == [0x1f, 0x8b];
+    // A gzip file ends with the uncompressed size mod 2^32 (RFC 1952
+    // ISIZE); used only to reserve the output buffer in one go.
+    let size_hint = if gzipped && file_len >= 18 {
+        file.seek(SeekFrom::End(-4)).map_err(io_err)?;
+        let mut isize = [0u8; 4];
+        file.read_exact(&mut isize).map_err(io_err)?;
+        u64::from(u32::from_le_bytes(isize))
+    } else {
+        file_len
+    };
+    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
+
+    let source: Box<dyn Read> = if gzipped {
+        Box::new(GzDecoder::new(file))
+    } else {
+        Box::new(io::BufReader::with_capacity(1 << 16, file))
+    };
+    Ok((source, gzipped, size_hint))
+}
+
+/// Reads and checks the header: the magic number, then one u32 per
+/// dimension. Returns its bytes and the dimensions.
+fn read_header(
+    source: &mut impl Read,
+    path: &Path,
+    kind: FileKind,
+    gzipped: bool,
+) -> Result<(Vec<u8>, Vec<usize>), DataError> {
+    let stream_err = |e: io::Error| stream_error(path, gzipped, e);
+    let mut magic = [0u8; 4];
+    let got = read_up_to(source, &mut magic).map_err(stream_err)?;
+    if got < 4 {
+        return Err(DataError::LengthMismatch {
+            path: path.to_path_buf(),
+            expected: 4,
+            found: got as u64,
+            dataset: None,
+        });
+    }
+    let found_magic = u32::from_be_bytes(magic);
+    if magic[0] != 0 || magic[1] != 0 || magic[2] != TYPE_U8 {
+        return Err(DataError::BadMagic {
+            path: path.to_path_buf(),
+            kind,
+            found: found_magic,
+            expected: expected_magic(kind),
+        });
+    }
+    let ndims = usize::from(magic[3]);
+    if ndims != kind.ndims() {
+        return Err(DataError::WrongDimensions {
+            path: path.to_path_buf(),
+            kind,
+            found: ndims,
+            expected: kind.ndims(),
+        });
+    }
+    let mut header = magic.to_vec();
+    header.resize(4 + 4 * ndims, 0);
+    let got = read_up_to(source, &mut header[4..]).map_err(stream_err)?;
+    if got < 4 * ndims {
+        return Err(DataError::LengthMismatch {
+            path: path.to_path_buf(),
+            expected: header.len() as u64,
+            found: 4 + got as u64,
+            dataset: None,
+        });
+    }
+    let dims: Vec<usize> = header[4..]
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect();
+    Ok((header, dims))
 }
 
 /// Reads until `buf` is full or the stream ends; returns how much was read.
