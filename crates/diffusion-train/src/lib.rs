@@ -43,6 +43,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod csv_log;
 #[cfg(feature = "collective")]
 pub mod distributed;
 pub mod fit;
@@ -53,6 +54,7 @@ pub mod shard;
 pub mod trainer;
 
 pub use checkpoint::{CheckpointError, TrainState};
+pub use csv_log::CsvLog;
 pub use fit::{
     EpochEnd, Fit, FitConfig, FitError, FitObserver, HookError, LogEvent, OnLog, Outcome, Start, Stop,
 };
