@@ -494,3 +494,56 @@ fn the_pretrained_model_draws_the_digits_asked_for() {
     let acc = report["accuracy"].as_f64().unwrap();
     assert!(acc >= 0.95, "the pretrained model's digits judged {acc}");
 }
+
+#[test]
+fn adamw_and_gradient_clipping_are_recorded_in_the_run_and_train() {
+    let dir = scratch("adamw").join("run");
+    let text = train_tiny(
+        &dir,
+        &[
+            "--optimizer",
+            "adamw",
+            "--weight-decay",
+            "0.02",
+            "--grad-clip",
+            "1.0",
+            "--stop-after",
+            "4",
+        ],
+    );
+    assert!(text.contains("stopped at step 4"), "{text}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["train"]["optimizer"]["kind"], "adam_w");
+    assert_eq!(config["train"]["optimizer"]["weight_decay"], 0.02);
+    assert_eq!(config["train"]["grad_clip"], 1.0);
+    let latest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checkpoints/latest.json")).unwrap()).unwrap();
+    assert_eq!(latest["state"]["step"], 4);
+
+    let line = fails(
+        bin()
+            .args([
+                "train",
+                "--backend",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--weight-decay",
+                "0.1",
+            ])
+            .arg("--out")
+            .arg(scratch("decay-alone")),
+    );
+    assert!(line.contains("--weight-decay needs --optimizer adamw"), "{line}");
+    let line = fails(
+        bin()
+            .args(["train", "--backend", "cpu", "--preset", "tiny", "--grad-clip=0"])
+            .arg("--out")
+            .arg(scratch("clip-negative")),
+    );
+    assert!(
+        line.contains("--grad-clip") && line.contains("positive"),
+        "{line}"
+    );
+}

@@ -94,6 +94,12 @@ pub struct TrainConfig {
     /// may resume with another world size that divides `batch_size`.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// Adam (the default) or AdamW with its weight decay.
+    #[serde(default)]
+    pub optimizer: diffusion_train::OptimizerKind,
+    /// Clip the gradients' global norm to this before each step.
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
 }
 
 /// The grid drawn after every epoch.
@@ -173,6 +179,8 @@ impl RunConfig {
             workers: 2,
             shards: 2,
             world_size: 1,
+            optimizer: diffusion_train::OptimizerKind::Adam,
+            grad_clip: None,
         }
     }
 
@@ -319,6 +327,8 @@ impl RunConfig {
             ema: t.ema,
             shards: if cpu { t.shards.max(1) } else { 1 },
             total_steps,
+            optimizer: t.optimizer,
+            grad_clip: t.grad_clip,
         }
     }
 
@@ -366,6 +376,7 @@ impl RunConfig {
         if !(t.adam_epsilon > 0.0 && t.adam_epsilon.is_finite()) {
             bail!("adam_epsilon must be a positive number, got {}", t.adam_epsilon);
         }
+        check_optimizer(t)?;
         if !(0.0..1.0).contains(&t.label_dropout) {
             bail!(
                 "label_dropout (--label-dropout) must be in [0, 1), got {}",
@@ -525,6 +536,21 @@ impl SamplingFlags {
         }
         Ok(w)
     }
+}
+
+/// The optimizer's settings: AdamW's decay in [0, 1), a positive clip.
+fn check_optimizer(t: &TrainConfig) -> Result<()> {
+    if let diffusion_train::OptimizerKind::AdamW { weight_decay } = t.optimizer {
+        if !(weight_decay.is_finite() && (0.0..1.0).contains(&weight_decay)) {
+            bail!("weight decay (--weight-decay) must be a number in [0, 1), got {weight_decay}");
+        }
+    }
+    if let Some(c) = t.grad_clip {
+        if !(c.is_finite() && c > 0.0) {
+            bail!("grad_clip (--grad-clip) must be a positive number, got {c}");
+        }
+    }
+    Ok(())
 }
 
 /// Applies `sample`/`eval` flags to a run's default sampler.

@@ -49,6 +49,7 @@ pub mod distributed;
 pub mod fit;
 pub mod lock;
 pub mod lr;
+pub mod optim;
 pub mod params;
 pub mod shard;
 pub mod trainer;
@@ -60,6 +61,7 @@ pub use fit::{
 };
 pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
+pub use optim::{clip_global_norm, OptimizerKind, TrainerOptimizer};
 pub use trainer::{BatchPart, GradientSync, StepOutput, Trainer, TrainerConfig};
 
 /// The README's Rust examples, compiled and run as doctests.

@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
-use burn::record::Recorder as _;
+use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use diffusion_core::rng::{mix_seed, with_backend_seed};
@@ -15,8 +13,9 @@ use diffusion_model::ema::EmaConfig;
 use diffusion_model::Ema;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, CheckpointError, Recorder, TrainState};
+use crate::checkpoint::{self, CheckpointError, TrainState};
 use crate::lr::LrSchedule;
+use crate::optim::{clip_global_norm, OptimizerKind, TrainerOptimizer};
 use crate::shard::sharded_gradients;
 
 /// Everything a [`Trainer`] needs to know besides the model and the data.
@@ -39,6 +38,13 @@ pub struct TrainerConfig {
     pub shards: usize,
     /// Steps of the whole run (where the learning-rate decay ends).
     pub total_steps: u64,
+    /// The optimizer (Adam unless set; its ε is `adam_epsilon`).
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Clip the gradients' global L2 norm to this before each step
+    /// (`None`: no clipping; 1.0 is common for diffusion models).
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
 }
 
 impl TrainerConfig {
@@ -55,6 +61,8 @@ impl TrainerConfig {
             ema: EmaConfig::default(),
             shards: 1,
             total_steps,
+            optimizer: OptimizerKind::Adam,
+            grad_clip: None,
         }
     }
 }
@@ -121,7 +129,7 @@ pub struct StepOutput<B: AutodiffBackend> {
 /// so a resumed run draws exactly what an uninterrupted one would.
 pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
     model: M,
-    optim: OptimizerAdaptor<Adam, M, B>,
+    optim: Box<dyn TrainerOptimizer<M, B>>,
     ema: Ema<M::InnerModule>,
     state: TrainState,
     config: TrainerConfig,
@@ -138,8 +146,34 @@ where
     M: AutodiffModule<B> + BatchDenoiser<B>,
 {
     /// A trainer at step 0 for `model`, with noise `schedule`.
-    pub fn new(model: M, schedule: &NoiseSchedule, config: TrainerConfig, device: &B::Device) -> Self {
-        let optim = adam(&config);
+    pub fn new(model: M, schedule: &NoiseSchedule, config: TrainerConfig, device: &B::Device) -> Self
+    where
+        M: 'static,
+    {
+        let optim = config.optimizer.build::<B, M>(config.adam_epsilon);
+        Self::with_boxed(model, schedule, config, optim, device)
+    }
+
+    /// A trainer with an optimizer of your own (any of burn's; `config`'s
+    /// `optimizer` and `adam_epsilon` are then not used). Its state is
+    /// saved in checkpoints and restored by [`Trainer::resume`] like Adam's.
+    pub fn with_optimizer(
+        model: M,
+        schedule: &NoiseSchedule,
+        config: TrainerConfig,
+        optimizer: impl Optimizer<M, B> + 'static,
+        device: &B::Device,
+    ) -> Self {
+        Self::with_boxed(model, schedule, config, Box::new(optimizer), device)
+    }
+
+    fn with_boxed(
+        model: M,
+        schedule: &NoiseSchedule,
+        config: TrainerConfig,
+        optim: Box<dyn TrainerOptimizer<M, B>>,
+        device: &B::Device,
+    ) -> Self {
         let ema = Ema::new(model.valid(), config.ema);
         Self {
             model,
@@ -201,6 +235,10 @@ where
         });
         let (grads, loss) = sync.average(&self.model, grads, loss)?;
         let lr = self.lr_at(self.state.step);
+        let grads = match self.config.grad_clip {
+            Some(max) => clip_global_norm::<B, M>(&self.model, grads, max).0,
+            None => grads,
+        };
         self.model = self.optim.step(lr, self.model.clone(), grads);
         self.ema.update(&self.model.valid());
         self.state.step += 1;
@@ -292,11 +330,7 @@ where
         checkpoint::write(run_dir, self.state, |dir| {
             checkpoint::save_module(self.model.clone(), &dir.join(checkpoint::MODEL))?;
             checkpoint::save_module(self.ema.model.clone(), &dir.join(checkpoint::EMA))?;
-            checkpoint::save_record::<B, _>(
-                self.optim.to_record(),
-                &dir.join(checkpoint::OPTIMIZER),
-                "optimizer state",
-            )
+            self.optim.save(&dir.join(checkpoint::OPTIMIZER))
         })
     }
 
@@ -306,30 +340,12 @@ where
         let (dir, state) = checkpoint::latest(run_dir)?;
         let model = checkpoint::load_module(self.model.clone(), &dir.join(checkpoint::MODEL), &self.device)?;
         let ema = checkpoint::load_module(self.ema.model.clone(), &dir.join(checkpoint::EMA), &self.device)?;
-        let file = dir.join(checkpoint::OPTIMIZER);
-        let record = checkpoint::decode_guarded(&file.with_extension("mpk"), "optimizer state", || {
-            Recorder::new().load(file.clone(), &self.device)
-        })?
-        .map_err(|e| CheckpointError::Load {
-            path: file.with_extension("mpk"),
-            what: "optimizer state",
-            reason: e.to_string().lines().next().unwrap_or_default().to_string(),
-        })?;
-        let optim = adam(&self.config).load_record(record);
+        self.optim.load(&dir.join(checkpoint::OPTIMIZER), &self.device)?;
         self.model = model;
         self.ema.model = ema;
         self.ema.updates = state.ema_updates;
-        self.optim = optim;
         self.state = state;
         self.unchecked = None;
         Ok(state)
     }
-}
-
-/// A fresh Adam with the config's ε (its state comes from `load_record`
-/// when resuming).
-fn adam<B: AutodiffBackend, M: AutodiffModule<B>>(config: &TrainerConfig) -> OptimizerAdaptor<Adam, M, B> {
-    AdamConfig::new()
-        .with_epsilon(config.adam_epsilon as f32)
-        .init::<B, M>()
 }

@@ -203,6 +203,69 @@ fn a_run_stopped_mid_epoch_and_resumed_equals_one_that_never_stopped() {
 }
 
 #[test]
+fn adamw_with_clipping_resumes_bit_for_bit_and_is_not_adam() {
+    let make = |optimizer| {
+        let device = Default::default();
+        let model = common::tiny_unet().init_seeded::<B>(&device, 3).unwrap();
+        let config = TrainerConfig {
+            lr: 2e-3,
+            seed: 9,
+            optimizer,
+            grad_clip: Some(0.5),
+            ..TrainerConfig::new(15)
+        };
+        Trainer::new(model, &NoiseSchedule::reference(), config, &device)
+    };
+    let adamw = diffusion_train::OptimizerKind::AdamW { weight_decay: 0.05 };
+    let (device, loader) = (Default::default(), loader());
+    let whole_dir = scratch("adamw-whole");
+    let mut whole = make(adamw);
+    fit(&whole_dir, None)
+        .run(&mut whole, &loader, &device, &mut ())
+        .unwrap();
+    let parts_dir = scratch("adamw-parts");
+    let mut first = make(adamw);
+    fit(&parts_dir, Some(6))
+        .run(&mut first, &loader, &device, &mut ())
+        .unwrap();
+    let mut second = make(adamw);
+    assert!(matches!(fit(&parts_dir, None).open(&mut second).unwrap(), Start::Resumed(s) if s.step == 6));
+    fit(&parts_dir, None)
+        .run(&mut second, &loader, &device, &mut ())
+        .unwrap();
+    let (a, b) = (all_weights(&whole), all_weights(&second));
+    let differing = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    assert_eq!(
+        differing,
+        0,
+        "{differing} of {} weights differ after the resume",
+        a.len()
+    );
+
+    // The same run with Adam: the decay makes AdamW's weights differ.
+    let adam_dir = scratch("adam-same");
+    let mut adam = make(diffusion_train::OptimizerKind::Adam);
+    fit(&adam_dir, None)
+        .run(&mut adam, &loader, &device, &mut ())
+        .unwrap();
+    let c = all_weights(&adam);
+    let differing = a
+        .iter()
+        .zip(&c)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    assert!(
+        differing > a.len() / 2,
+        "only {differing} of {} weights differ from Adam's",
+        a.len()
+    );
+}
+
+#[test]
 fn a_diverging_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = scratch("nan");
     let mut t = trainer(1e30);

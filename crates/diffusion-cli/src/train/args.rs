@@ -67,6 +67,16 @@ pub struct TrainArgs {
     /// natural weight (Min-SNR-γ, Hang et al. 2023; γ = 5 there).
     #[arg(long, value_name = "GAMMA")]
     pub min_snr_gamma: Option<f64>,
+    /// The optimizer: adam (the reference's) or adamw (with --weight-decay).
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerArg>,
+    /// AdamW's decoupled weight decay (default 0.01; needs --optimizer adamw).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the gradients' global L2 norm to this before each step (1.0 is
+    /// common for diffusion models; default: no clipping).
+    #[arg(long, value_name = "NORM")]
+    pub grad_clip: Option<f64>,
     /// Save a checkpoint every N steps (0 = only at epoch ends).
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
@@ -175,6 +185,12 @@ pub(super) fn cluster_from(args: &TrainArgs) -> Result<Option<Cluster>> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerArg {
+    Adam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PredictionArg {
     Eps,
     X0,
@@ -228,6 +244,16 @@ pub(super) fn configure(args: &TrainArgs, world: usize) -> Result<RunConfig> {
             bail!("--min-snr-gamma must be a positive number, got {g}");
         }
         t.min_snr_gamma = Some(g);
+    }
+    t.optimizer = match (args.optimizer, args.weight_decay) {
+        (Some(OptimizerArg::Adamw), w) => diffusion_train::OptimizerKind::AdamW {
+            weight_decay: w.unwrap_or(0.01),
+        },
+        (_, Some(_)) => bail!("--weight-decay needs --optimizer adamw (Adam has no decoupled decay)"),
+        (Some(OptimizerArg::Adam) | None, None) => diffusion_train::OptimizerKind::Adam,
+    };
+    if args.grad_clip.is_some() {
+        t.grad_clip = args.grad_clip;
     }
     if let Some(p) = args.prediction {
         c.model.prediction = p.into();
