@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use diffusion_core::{Clip, SamplerConfig, SamplerKind, Schedule};
 use diffusion_data::DatasetName;
-use diffusion_model::ema::EmaConfig;
+use diffusion_train::EmaConfig;
 use diffusion_model::UNetConfig;
 pub use diffusion_train::LrSchedule;
 use serde::{Deserialize, Serialize};

@@ -47,7 +47,6 @@ pub mod block;
 pub mod class_embedding;
 pub mod classifier;
 pub mod convnext;
-pub mod ema;
 pub mod kernels;
 pub mod time_embedding;
 pub mod unet;
@@ -60,7 +59,6 @@ pub use block::{Block, BlockConfig};
 pub use class_embedding::{ClassCondition, ClassEmbedding, ClassEmbeddingConfig};
 pub use classifier::{Classifier, ClassifierConfig};
 pub use convnext::{ConvNeXtBlock, ConvNeXtConfig};
-pub use ema::Ema;
 pub use unet::{materialize, UNet, UNetConfig};
 
 /// A model that cannot be built as configured.

@@ -44,6 +44,7 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod csv_log;
+pub mod ema;
 #[cfg(feature = "collective")]
 pub mod distributed;
 pub mod fit;
@@ -56,6 +57,7 @@ pub mod trainer;
 
 pub use checkpoint::{CheckpointError, TrainState};
 pub use csv_log::CsvLog;
+pub use ema::{Ema, EmaConfig};
 pub use fit::{
     EpochEnd, Fit, FitConfig, FitError, FitObserver, HookError, LogEvent, OnLog, Outcome, Start, Stop,
 };

@@ -9,11 +9,10 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use diffusion_core::rng::{mix_seed, with_backend_seed};
 use diffusion_core::{BatchDenoiser, ForwardProcess, NoiseSchedule, Objective};
-use diffusion_model::ema::EmaConfig;
-use diffusion_model::Ema;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::ema::{Ema, EmaConfig};
 use crate::lr::LrSchedule;
 use crate::optim::{clip_global_norm, OptimizerKind, TrainerOptimizer};
 use crate::shard::sharded_gradients;
