@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use diffusion_core::{Clip, SamplerConfig, SamplerKind, Schedule};
 use diffusion_data::DatasetName;
-use diffusion_train::EmaConfig;
 use diffusion_model::UNetConfig;
+use diffusion_train::EmaConfig;
 pub use diffusion_train::LrSchedule;
 use serde::{Deserialize, Serialize};
 
@@ -639,5 +639,23 @@ mod tests {
             let back: RunConfig = serde_json::from_value(json.clone()).unwrap();
             assert_eq!(serde_json::to_value(&back).unwrap(), json);
         }
+    }
+}
+
+#[cfg(test)]
+mod prediction_names {
+    use diffusion_core::Prediction;
+
+    #[test]
+    fn x0_is_written_as_x0_and_the_old_name_sample_still_reads() {
+        assert_eq!(serde_json::to_string(&Prediction::X0).unwrap(), "\"x0\"");
+        assert_eq!(
+            serde_json::from_str::<Prediction>("\"x0\"").unwrap(),
+            Prediction::X0
+        );
+        assert_eq!(
+            serde_json::from_str::<Prediction>("\"sample\"").unwrap(),
+            Prediction::X0
+        );
     }
 }

@@ -132,7 +132,7 @@ pub fn min_snr_weight<B: Backend>(
     let clipped = snr.clone().clamp_max(gamma);
     match prediction {
         Prediction::Epsilon => clipped / snr.clamp_min(1e-12),
-        Prediction::Sample => clipped,
+        Prediction::X0 => clipped,
         Prediction::V => clipped / snr.add_scalar(1.0),
     }
 }
@@ -272,7 +272,7 @@ mod tests {
         let schedule = NoiseSchedule::reference();
         let fp = ForwardProcess::<B>::new(&schedule, &device);
         <B as Backend>::seed(&device, 3);
-        for prediction in [Prediction::Epsilon, Prediction::Sample, Prediction::V] {
+        for prediction in [Prediction::Epsilon, Prediction::X0, Prediction::V] {
             for weighting in [LossWeighting::Uniform, LossWeighting::MinSnr { gamma: 5.0 }] {
                 let objective = Objective {
                     label_dropout: 0.0,
@@ -303,7 +303,7 @@ mod tests {
         let ab = Tensor::<B, 4>::from_data(TensorData::new(vec![0.8f32, 0.5, 0.9], [3, 1, 1, 1]), &device);
         let cases = [
             (Prediction::Epsilon, [1.0, 1.0, 5.0 / 9.0]), // min(SNR, γ)/SNR
-            (Prediction::Sample, [4.0, 1.0, 5.0]),        // min(SNR, γ)
+            (Prediction::X0, [4.0, 1.0, 5.0]),            // min(SNR, γ)
             (Prediction::V, [4.0 / 5.0, 1.0 / 2.0, 5.0 / 10.0]), // min(SNR, γ)/(SNR + 1)
         ];
         for (p, expect) in cases {

@@ -23,8 +23,10 @@ pub enum Prediction {
     /// The noise ε (the reference, Ho et al. 2020).
     #[default]
     Epsilon,
-    /// The clean sample x0.
-    Sample,
+    /// The clean sample x0 (`"x0"` in configs; `"sample"`, its old name,
+    /// is still read).
+    #[serde(alias = "sample")]
+    X0,
     /// The velocity v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022).
     V,
 }
@@ -49,7 +51,7 @@ impl Prediction {
     ) -> Tensor<B, 4> {
         match self {
             Prediction::Epsilon => eps,
-            Prediction::Sample => x0,
+            Prediction::X0 => x0,
             Prediction::V => {
                 let sa = alpha_bar.clone().sqrt();
                 let sb = alpha_bar.neg().add_scalar(1.0).sqrt();
@@ -75,7 +77,7 @@ impl Prediction {
                 let x0 = (x_t - output.clone().mul_scalar(sb)).div_scalar(sa);
                 Estimate { x0, eps: output }
             }
-            Prediction::Sample => {
+            Prediction::X0 => {
                 let eps = if sb > 0.0 {
                     (x_t - output.clone().mul_scalar(sa)).div_scalar(sb)
                 } else {
@@ -98,7 +100,7 @@ impl Prediction {
         let sb = (1.0 - alpha_bar).sqrt();
         match self {
             Prediction::Epsilon => estimate.eps.clone(),
-            Prediction::Sample => estimate.x0.clone(),
+            Prediction::X0 => estimate.x0.clone(),
             Prediction::V => estimate.eps.clone().mul_scalar(sa) - estimate.x0.clone().mul_scalar(sb),
         }
     }
@@ -130,7 +132,7 @@ mod tests {
         for a in [0.999_f64, 0.5, 0.01] {
             let x_t = x0.clone().mul_scalar(a.sqrt()) + eps.clone().mul_scalar((1.0 - a).sqrt());
             let ab = Tensor::<TestBackend, 4>::full([1, 1, 1, 1], a, &x0.device());
-            for kind in [Prediction::Epsilon, Prediction::Sample, Prediction::V] {
+            for kind in [Prediction::Epsilon, Prediction::X0, Prediction::V] {
                 let out = kind.target(x0.clone(), eps.clone(), ab.clone());
                 let est = kind.to_estimate(x_t.clone(), out.clone(), a);
                 assert!(max_abs_diff(&est.x0, &x0) < 1e-4, "{kind:?} a={a}");

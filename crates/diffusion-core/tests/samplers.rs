@@ -82,7 +82,7 @@ impl Denoiser<B> for SinglePoint {
         let eps = (x_t.clone() - x0.clone().mul_scalar(a.sqrt())).div_scalar((1.0 - a).sqrt());
         match self.prediction {
             Prediction::Epsilon => eps,
-            Prediction::Sample => x0,
+            Prediction::X0 => x0,
             Prediction::V => eps.mul_scalar(a.sqrt()) - x0.mul_scalar((1.0 - a).sqrt()),
         }
     }
@@ -101,7 +101,7 @@ fn single_point_data_is_recovered_by_every_textbook_sampler() {
     let x0: Vec<f32> = (0..36).map(|i| ((i as f32) * 0.37).sin()).collect();
     let x0 = Tensor::<B, 4>::from_data(TensorData::new(x0, [1, 1, 6, 6]), &device);
     let mut worst = 0.0f32;
-    for prediction in [Prediction::Epsilon, Prediction::Sample, Prediction::V] {
+    for prediction in [Prediction::Epsilon, Prediction::X0, Prediction::V] {
         let model = SinglePoint {
             x0: x0.clone(),
             schedule: schedule.clone(),

@@ -112,7 +112,7 @@ impl<B: Backend> ModuleMapper<B> for Blend<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::TestBackend;
+    type TestBackend = burn::backend::Flex;
     use burn::nn::{Linear, LinearConfig};
 
     fn weights(l: &Linear<TestBackend>) -> Vec<f32> {

@@ -44,9 +44,9 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod csv_log;
-pub mod ema;
 #[cfg(feature = "collective")]
 pub mod distributed;
+pub mod ema;
 pub mod fit;
 pub mod lock;
 pub mod lr;

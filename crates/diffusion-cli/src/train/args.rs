@@ -201,7 +201,7 @@ impl From<PredictionArg> for Prediction {
     fn from(p: PredictionArg) -> Self {
         match p {
             PredictionArg::Eps => Prediction::Epsilon,
-            PredictionArg::X0 => Prediction::Sample,
+            PredictionArg::X0 => Prediction::X0,
             PredictionArg::V => Prediction::V,
         }
     }
