@@ -2,9 +2,9 @@
 //!
 //! - [`judge`]: the digit classifier that judges samples ([`Judge::load`],
 //!   [`Judge::classify`]);
-//! - [`generate`]: seeded, labelled generation in batches over threads,
+//! - [`generate`](mod@generate): seeded, labelled generation in batches over threads,
 //!   for any [`diffusion_core::Denoiser`];
-//! - [`score`]: accuracy, the confusion matrix and the Fréchet distance to
+//! - [`score`](mod@score): accuracy, the confusion matrix and the Fréchet distance to
 //!   a reference set ([`frechet`] holds the formula);
 //! - [`probe`]: a small evaluation to run after each epoch of training;
 //! - [`pictures`]: labelled grids as PNG and reverse trajectories as GIF.
