@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::Tensor;
 use diffusion_core::BatchDenoiser;
 use diffusion_data::BatchLoader;
 
@@ -335,7 +334,7 @@ impl Fit {
         M: AutodiffModule<B> + BatchDenoiser<B>,
         O: FitObserver<B, M>,
     {
-        self.drive(trainer, loader, device, &mut Single, Role::Lead(observer))
+        self.drive(trainer, loader, device, &mut Alone, Role::Lead(observer))
     }
 
     /// The one loop, for one device and for every replica of a
@@ -449,22 +448,7 @@ pub(crate) trait LoopSync<B: AutodiffBackend>: GradientSync<B> {
 }
 
 /// One device: the whole batch, the local flag.
-struct Single;
-
-impl<B: AutodiffBackend> GradientSync<B> for Single {
-    type Error = Infallible;
-
-    fn average<M: AutodiffModule<B>>(
-        &mut self,
-        model: &M,
-        grads: burn::optim::GradientsParams,
-        loss: Tensor<B::InnerBackend, 1>,
-    ) -> Result<(burn::optim::GradientsParams, Tensor<B::InnerBackend, 1>), Infallible> {
-        GradientSync::<B>::average(&mut Alone, model, grads, loss)
-    }
-}
-
-impl<B: AutodiffBackend> LoopSync<B> for Single {
+impl<B: AutodiffBackend> LoopSync<B> for Alone {
     fn world(&self) -> usize {
         1
     }

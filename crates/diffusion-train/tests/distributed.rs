@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use diffusion_core::{NoiseSchedule, Objective};
@@ -61,21 +60,6 @@ fn tensors(batch: &(Vec<f32>, Vec<i32>), offset: usize, len: usize) -> (Tensor<B
     (x, y)
 }
 
-/// Every float of the model and of its EMA, in visiting order.
-fn all_weights(t: &Trainer<B, UNet<B>>) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl<Bk: Backend> ModuleVisitor<Bk> for Collect {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            self.0
-                .extend(p.val().into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        }
-    }
-    let mut c = Collect(Vec::new());
-    t.model().valid().visit(&mut c);
-    t.ema().model.visit(&mut c);
-    c.0
-}
-
 /// Trains `STEPS` steps as replica `local` of `cluster` and returns the
 /// weights and the losses.
 fn replica_run(
@@ -93,7 +77,7 @@ fn replica_run(
         let out = t.step_part(x, Some(y), part, &mut replica)?;
         losses.push(out.loss.into_scalar());
     }
-    let w = all_weights(&t);
+    let w = common::all_weights(&t);
     // Leaving informs burn's orchestrator, which lives in node 0's process:
     // once that process has exited, leaving can only time out. The work is
     // done by then, so (as the CLI does) a short wait, and no error.
@@ -108,7 +92,7 @@ fn single_run(shards: usize, data: &[(Vec<f32>, Vec<i32>)]) -> (Vec<f32>, Vec<f3
         let (x, y) = tensors(batch, 0, GLOBAL_BATCH);
         losses.push(t.step(x, Some(y)).loss.into_scalar());
     }
-    (all_weights(&t), losses)
+    (common::all_weights(&t), losses)
 }
 
 /// Asserts bit-equality, reporting how far apart the values are if not.
@@ -187,7 +171,7 @@ fn two_replicas_equal_one_device_with_the_batch_split_in_two(data: &[(Vec<f32>, 
     );
     assert!(max_diff(&runs[0].1, &whole_losses) < 1e-5);
     // ... and the steps did change the weights (the check has teeth).
-    assert!(max_diff(&whole, &all_weights(&trainer(1))) > 1e-4);
+    assert!(max_diff(&whole, &common::all_weights(&trainer(1))) > 1e-4);
 }
 
 fn a_missing_replica_times_out_with_a_clear_error() {

@@ -9,9 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::backend::{Autodiff, Flex};
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 use diffusion_core::NoiseSchedule;
 use diffusion_data::{BatchLoader, ImageSet};
 use diffusion_model::UNet;
@@ -53,21 +50,6 @@ fn trainer(lr: f64) -> Trainer<B, UNet<B>> {
         ..TrainerConfig::new(15)
     };
     Trainer::new(model, &NoiseSchedule::reference(), config, &device)
-}
-
-/// Every float of the model and of its EMA, in visiting order.
-fn all_weights(t: &Trainer<B, UNet<B>>) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl<Bk: Backend> ModuleVisitor<Bk> for Collect {
-        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Bk, D>>) {
-            self.0
-                .extend(p.val().into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        }
-    }
-    let mut c = Collect(Vec::new());
-    t.model().valid().visit(&mut c);
-    t.ema().model.visit(&mut c);
-    c.0
 }
 
 /// What the hooks saw.
@@ -178,13 +160,9 @@ fn a_run_stopped_mid_epoch_and_resumed_equals_one_that_never_stopped() {
         [2, 3]
     );
 
-    let (a, b) = (all_weights(&whole), all_weights(&second));
+    let (a, b) = (common::all_weights(&whole), common::all_weights(&second));
     assert_eq!(a.len(), b.len());
-    let differing = a
-        .iter()
-        .zip(&b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count();
+    let differing = common::differing_bits(&a, &b);
     assert_eq!(
         differing,
         0,
@@ -233,12 +211,8 @@ fn adamw_with_clipping_resumes_bit_for_bit_and_is_not_adam() {
     fit(&parts_dir, None)
         .run(&mut second, &loader, &device, &mut ())
         .unwrap();
-    let (a, b) = (all_weights(&whole), all_weights(&second));
-    let differing = a
-        .iter()
-        .zip(&b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count();
+    let (a, b) = (common::all_weights(&whole), common::all_weights(&second));
+    let differing = common::differing_bits(&a, &b);
     assert_eq!(
         differing,
         0,
@@ -252,12 +226,8 @@ fn adamw_with_clipping_resumes_bit_for_bit_and_is_not_adam() {
     fit(&adam_dir, None)
         .run(&mut adam, &loader, &device, &mut ())
         .unwrap();
-    let c = all_weights(&adam);
-    let differing = a
-        .iter()
-        .zip(&c)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count();
+    let c = common::all_weights(&adam);
+    let differing = common::differing_bits(&a, &c);
     assert!(
         differing > a.len() / 2,
         "only {differing} of {} weights differ from Adam's",
@@ -348,7 +318,7 @@ fn final_weights(run: &Path) -> Vec<f32> {
     let mut t = Trainer::new(unet, &NoiseSchedule::reference(), TrainerConfig::new(1), &device);
     let state = t.resume(run).unwrap();
     assert!(state.finished && state.step == 64, "{state:?}");
-    all_weights(&t)
+    common::all_weights(&t)
 }
 
 #[test]
