@@ -109,23 +109,13 @@ fn sample_writes_png_gif_and_npy_of_the_right_size() {
 #[test]
 fn the_last_epoch_preview_is_what_sample_draws_with_the_run_seed() {
     // The preview of the last epoch comes from the same weights as the
-    // latest checkpoint, drawn the way `sample` draws: the run's guidance
-    // and weights, all noise from the run's seed (1 here). The tiny
-    // preset's preview is 10 digits, DDIM with 4 steps.
+    // latest checkpoint, drawn the way `sample` draws: the run's sampler,
+    // guidance and weights, all noise from the run's seed (1 here). The
+    // tiny preset's preview is 10 digits; no sampling flag is given.
     let run = trained_run();
     let png = scratch("preview-as-sample").join("grid.png");
     ok(bin()
-        .args([
-            "sample",
-            "--backend",
-            "cpu",
-            "--n",
-            "10",
-            "--sampler",
-            "ddim",
-            "--steps",
-            "4",
-        ])
+        .args(["sample", "--backend", "cpu", "--n", "10"])
         .args(["--seed", "1", "--checkpoint"])
         .arg(run)
         .arg("--out")

@@ -13,15 +13,15 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
-use diffusion_core::{NoiseSchedule, SamplerConfig, SamplerKind};
+use diffusion_core::{SamplerConfig, SamplerKind};
 use diffusion_data::{DatasetName, Split};
 use diffusion_eval::judge::host_values;
 use diffusion_eval::{generate, score, Generation, Judge, Probe, Reference};
+use diffusion_train::Run;
 use serde::Serialize;
 
 use crate::backend::sampling_threads;
 use crate::backend::{dispatch, BackendKind, Task};
-use crate::checkpoint;
 use crate::config::{RunConfig, SamplingFlags, Weights};
 use crate::fsutil::write_bytes_atomically;
 use crate::{data, judge, npy, progress};
@@ -107,7 +107,8 @@ pub fn run(args: EvalArgs) -> Result<i32> {
 
 /// A run to sample from, with the sampling flags applied.
 fn run_source(dir: &Path, args: &EvalArgs) -> Result<Source> {
-    let config = RunConfig::load(dir)?;
+    let run = Run::open(dir)?;
+    let config = &run.config;
     if config.model.image_channels != 1 || config.model.image_size != 28 {
         bail!(
             "eval judges 1x28x28 digits; this run makes {}x{}x{}",
@@ -119,14 +120,11 @@ fn run_source(dir: &Path, args: &EvalArgs) -> Result<Source> {
     if config.model.num_classes.is_none() {
         bail!("eval measures conditional accuracy; this run's model is unconditional");
     }
-    let guidance = args.sampling.guidance(&config)?;
-    let (ckpt, _) = checkpoint::latest(dir)?;
-    let sampler = args.sampling.sampler(&config)?;
-    let weights = args.sampling.weights(&config);
+    let guidance = args.sampling.guidance(config)?;
+    let sampler = args.sampling.sampler(config)?;
+    let weights = args.sampling.weights(config);
     Ok(Source::Run {
-        dir: dir.to_path_buf(),
-        config: Box::new(config),
-        ckpt,
+        run: Box::new(run),
         sampler,
         weights,
         guidance,
@@ -198,9 +196,7 @@ fn file_source(images: &Path, labels: &Path) -> Result<Source> {
 
 enum Source {
     Run {
-        dir: PathBuf,
-        config: Box<RunConfig>,
-        ckpt: PathBuf,
+        run: Box<Run>,
         sampler: SamplerConfig,
         weights: Weights,
         guidance: f64,
@@ -241,17 +237,14 @@ impl Task for EvalTask {
         let mut guidance = 1.0;
         let (images, labels, name, sampler, weights) = match source {
             Source::Run {
-                dir,
-                config,
-                ckpt,
+                run,
                 sampler,
                 weights,
                 guidance: w,
             } => {
                 guidance = w;
-                let file = weights.file();
-                let model = checkpoint::load_unet::<B<AB>>(&config.model, &ckpt.join(file), &device)?;
-                let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
+                let model = run.model::<B<AB>>(weights, &device)?;
+                let schedule = run.noise_schedule()?;
                 let labels: Vec<usize> = (0..10)
                     .flat_map(|c| std::iter::repeat_n(c, args.per_class))
                     .collect();
@@ -267,7 +260,7 @@ impl Task for EvalTask {
                     bar.inc(n as u64)
                 })?;
                 bar.finish_and_clear();
-                let name = dir.display().to_string();
+                let name = run.dir.display().to_string();
                 (images, labels, name, Some(sampler), Some(weights))
             }
             Source::Files { name, images, labels } => (images, labels, name, None, None),
@@ -375,10 +368,11 @@ fn print_table(r: &Report) {
 }
 
 /// The quality probe a run asks for (`preview.quality`): its judge, the
-/// MNIST test set as the reference and the training set for the floor.
+/// MNIST test set as the reference and the training set for the floor;
+/// it draws with the run's sampler and guidance from the run's seed.
 pub fn probe<B: Backend>(
     probe: &crate::config::QualityProbe,
-    seed: u64,
+    run: &RunConfig,
     cpu: bool,
     device: &B::Device,
 ) -> Result<Probe<B>> {
@@ -386,10 +380,10 @@ pub fn probe<B: Backend>(
     let test = data::load(DatasetName::Mnist, None, Split::Test)?;
     let train = data::load(DatasetName::Mnist, None, Split::Train)?;
     let how = Generation {
-        sampler: probe.sampler.clone(),
-        guidance: probe.guidance,
+        sampler: run.sampler.clone(),
+        guidance: run.guidance,
         batch: 1, // the probe splits its samples over the threads itself
-        seed,
+        seed: run.train.trainer.seed,
         threads: sampling_threads(cpu),
     };
     Ok(Probe::new(judge, &test, &train, probe.per_class, how, device))

@@ -1,257 +1,19 @@
-//! Weights of the PyTorch reference: `diffusion import` (a `torch.save`d
-//! state_dict or a safetensors file) and `diffusion export` (safetensors
-//! with the reference's names, loadable by PyTorch).
-//!
-//! The reference's parameter names are its module paths; they map onto this
-//! U-Net's as follows (L = number of levels − 1):
-//!
-//! | reference | here |
-//! |---|---|
-//! | `class_emb.weight` | `class_embedding.table.weight` |
-//! | `downblocks.0.{0,1}.` | `stem.{convnext,attention}.` |
-//! | `downblocks.i.{0,1}.` (i = 1..L) | `down_blocks.(i−1).{convnext,attention}.` |
-//! | `upblocks.j.{0,1}.` | `up_blocks.j.{convnext,attention}.` |
-//! | `downscales.i.`, `upscales.j.`, `final_conv.` | `downsamples.i.`, `upsamples.j.`, `head.` |
-//! | ConvNeXt `ds_conv`, `t_fc`, `c_fc`, `sequential.{0,1,3,4}`, `shortcut` | `depthwise`, `time_proj`, `class_proj`, `norm1`, `conv1`, `norm2`, `conv2`, `shortcut` |
-//! | attention `gn`, `wx`, `wo` | `norm`, `qkv`, `out` |
-//!
-//! Linear weights are transposed ([out, in] there, [in, out] here; burn-store's
-//! PyTorch adapters do it) and GroupNorm's `weight`/`bias` are burn's
-//! `gamma`/`beta` (renamed by the key mapping). `t_emb`, the fixed time
-//! table, is not a parameter here (this U-Net computes it from the same
-//! formula): import ignores it and export does not write it, so load an
-//! exported file into the reference with `load_state_dict(sd, strict=False)`.
+//! `diffusion import` (a `torch.save`d state_dict or a safetensors file of
+//! the PyTorch reference into a run directory) and `diffusion export` (a
+//! run's weights as safetensors with the reference's names); the name
+//! table and the checks are [`diffusion_model::interop`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn_store::{
-    ApplyResult, BurnToPyTorchAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore,
-    SafetensorsStore,
-};
-use diffusion_model::{UNet, UNetConfig};
+use burn::tensor::backend::AutodiffBackend;
+pub use diffusion_model::interop::{load_reference, load_reference_into, save_reference};
+use diffusion_model::UNetConfig;
+use diffusion_train::Run;
 
 use crate::backend::{dispatch, BackendKind, Task};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Preset, RunConfig, Weights};
-
-/// (regex on a reference name, replacement) pairs, applied in order.
-pub fn reference_to_burn(levels: usize) -> Vec<(String, String)> {
-    let mut p: Vec<(String, String)> = vec![
-        // GroupNorm's affine parameters: weight/bias there, gamma/beta here.
-        (r"\.(sequential\.[03]|gn)\.weight$".into(), ".$1.gamma".into()),
-        (r"\.(sequential\.[03]|gn)\.bias$".into(), ".$1.beta".into()),
-        (r"^class_emb\.".into(), "class_embedding.table.".into()),
-        (r"^downblocks\.0\.0\.".into(), "stem.convnext.".into()),
-        (r"^downblocks\.0\.1\.".into(), "stem.attention.".into()),
-    ];
-    for i in 1..levels {
-        p.push((
-            format!(r"^downblocks\.{i}\.0\."),
-            format!("down_blocks.{}.convnext.", i - 1),
-        ));
-        p.push((
-            format!(r"^downblocks\.{i}\.1\."),
-            format!("down_blocks.{}.attention.", i - 1),
-        ));
-    }
-    for (from, to) in [
-        (r"^upblocks\.(\d+)\.0\.", "up_blocks.$1.convnext."),
-        (r"^upblocks\.(\d+)\.1\.", "up_blocks.$1.attention."),
-        (r"^downscales\.", "downsamples."),
-        (r"^upscales\.", "upsamples."),
-        (r"^final_conv\.", "head."),
-        (r"\.ds_conv\.", ".depthwise."),
-        (r"\.t_fc\.", ".time_proj."),
-        (r"\.c_fc\.", ".class_proj."),
-        (r"\.sequential\.0\.", ".norm1."),
-        (r"\.sequential\.1\.", ".conv1."),
-        (r"\.sequential\.3\.", ".norm2."),
-        (r"\.sequential\.4\.", ".conv2."),
-        (r"\.gn\.", ".norm."),
-        (r"\.wx\.", ".qkv."),
-        (r"\.wo\.", ".out."),
-    ] {
-        p.push((from.into(), to.into()));
-    }
-    p
-}
-
-/// The inverse of [`reference_to_burn`].
-pub fn burn_to_reference(levels: usize) -> Vec<(String, String)> {
-    let mut p: Vec<(String, String)> = vec![
-        (r"\.(norm1|norm2|norm)\.gamma$".into(), ".$1.weight".into()),
-        (r"\.(norm1|norm2|norm)\.beta$".into(), ".$1.bias".into()),
-        (r"^class_embedding\.table\.".into(), "class_emb.".into()),
-        (r"^stem\.convnext\.".into(), "downblocks.0.0.".into()),
-        (r"^stem\.attention\.".into(), "downblocks.0.1.".into()),
-    ];
-    for i in 1..levels {
-        p.push((
-            format!(r"^down_blocks\.{}\.convnext\.", i - 1),
-            format!("downblocks.{i}.0."),
-        ));
-        p.push((
-            format!(r"^down_blocks\.{}\.attention\.", i - 1),
-            format!("downblocks.{i}.1."),
-        ));
-    }
-    for (from, to) in [
-        (r"^up_blocks\.(\d+)\.convnext\.", "upblocks.$1.0."),
-        (r"^up_blocks\.(\d+)\.attention\.", "upblocks.$1.1."),
-        (r"^downsamples\.", "downscales."),
-        (r"^upsamples\.", "upscales."),
-        (r"^head\.", "final_conv."),
-        (r"\.depthwise\.", ".ds_conv."),
-        (r"\.time_proj\.", ".t_fc."),
-        (r"\.class_proj\.", ".c_fc."),
-        (r"\.norm1\.", ".sequential.0."),
-        (r"\.conv1\.", ".sequential.1."),
-        (r"\.norm2\.", ".sequential.3."),
-        (r"\.conv2\.", ".sequential.4."),
-        (r"\.norm\.", ".gn."),
-        (r"\.qkv\.", ".wx."),
-        (r"\.out\.", ".wo."),
-    ] {
-        p.push((from.into(), to.into()));
-    }
-    p
-}
-
-/// One error listing every missing, unexpected or mis-shaped key.
-/// Unexpected keys are named as in the file (the mapping undone).
-fn check(result: &ApplyResult, file: &Path, levels: usize) -> Result<()> {
-    let missing: Vec<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
-    let back: Vec<(regex::Regex, String)> = burn_to_reference(levels)
-        .into_iter()
-        .map(|(from, to)| (regex::Regex::new(&from).expect("valid pattern"), to))
-        .collect();
-    let unused: Vec<String> = result
-        .unused
-        .iter()
-        .filter(|k| k.as_str() != "t_emb")
-        .map(|k| {
-            back.iter().fold(k.clone(), |name, (re, to)| {
-                re.replace_all(&name, to.as_str()).into_owned()
-            })
-        })
-        .collect();
-    let errors: Vec<String> = result.errors.iter().map(|e| e.to_string()).collect();
-    if missing.is_empty() && unused.is_empty() && errors.is_empty() {
-        return Ok(());
-    }
-    let mut parts = Vec::new();
-    if !missing.is_empty() {
-        parts.push(format!(
-            "missing keys (this U-Net's names): {}",
-            missing.join(", ")
-        ));
-    }
-    if !unused.is_empty() {
-        parts.push(format!(
-            "unexpected keys (the file's names): {}",
-            unused.join(", ")
-        ));
-    }
-    if !errors.is_empty() {
-        parts.push(errors.join("; "));
-    }
-    bail!(
-        "{}: does not match the U-Net configuration; {}. Pass --config with the reference run's widths, strides, mult, embedding width and T",
-        file.display(),
-        parts.join("; ")
-    )
-}
-
-/// Loads reference weights (.pt or .safetensors, by extension) into a U-Net.
-pub fn load_reference<B: Backend>(config: &UNetConfig, file: &Path, device: &B::Device) -> Result<UNet<B>> {
-    load_reference_into(config.init::<B>(device)?, file)
-}
-
-/// Loads reference weights into `model`, a U-Net built from the
-/// configuration the file is expected to match (every name, shape, dtype
-/// and value is checked as in [`load_reference`]).
-pub fn load_reference_into<B: Backend>(mut model: UNet<B>, file: &Path) -> Result<UNet<B>> {
-    let levels = model.downsamples.len() + 1;
-    let expected = diffusion_train::params::describe(&model);
-    let is_safetensors = file.extension().is_some_and(|e| e == "safetensors");
-    let result = if is_safetensors {
-        let mut store = SafetensorsStore::from_file(file.to_path_buf())
-            .with_from_adapter(PyTorchToBurnAdapter)
-            .allow_partial(true)
-            .validate(false)
-            .map_indices_contiguous(false);
-        for (from, to) in reference_to_burn(levels) {
-            store = store.with_key_remapping(from, to);
-        }
-        check_dtypes(&mut store, file)?;
-        guarded(file, || model.load_from(&mut store))?
-            .map_err(|e| anyhow::anyhow!("{}: cannot read safetensors: {e}", file.display()))?
-    } else {
-        let mut store = PytorchStore::from_file(file.to_path_buf())
-            .allow_partial(true)
-            .validate(false)
-            .map_indices_contiguous(false);
-        for (from, to) in reference_to_burn(levels) {
-            store = store.with_key_remapping(from, to);
-        }
-        check_dtypes(&mut store, file)?;
-        guarded(file, || model.load_from(&mut store))?.map_err(|e| {
-            anyhow::anyhow!(
-                "{}: cannot read a PyTorch state_dict (torch.save(model.state_dict(), path)): {e}",
-                file.display()
-            )
-        })?
-    };
-    check(&result, file, levels)?;
-    Ok(diffusion_train::checkpoint::check_loaded(&expected, model, file)?)
-}
-
-/// burn-store's decoding with its panics turned into an error naming the
-/// file.
-fn guarded<T>(file: &Path, decode: impl FnOnce() -> T) -> Result<T> {
-    Ok(diffusion_train::checkpoint::decode_guarded(
-        file, "weights", decode,
-    )?)
-}
-
-/// Refuses a file in which a tensor is not floating point, before any
-/// tensor is built: burn-store panics on such a tensor ("Expected float
-/// dtype"), and in burn 0.21 that panic, raised while the store holds its
-/// tensors, ends the process with SIGSEGV instead of an error.
-fn check_dtypes<S: ModuleStore>(store: &mut S, file: &Path) -> Result<()>
-where
-    S::Error: std::fmt::Display,
-{
-    let snapshots = guarded(file, || store.get_all_snapshots())?
-        .map_err(|e| anyhow::anyhow!("{}: cannot read the tensors: {e}", file.display()))?;
-    for (name, snapshot) in snapshots {
-        if !snapshot.dtype.is_float() {
-            bail!(
-                "{}: tensor {name} holds {:?} values; weights must be floating point (save the model's float state_dict)",
-                file.display(),
-                snapshot.dtype
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Writes a U-Net's weights as safetensors with the reference's names.
-pub fn save_reference<B: Backend>(model: &UNet<B>, file: &Path) -> Result<()> {
-    let levels = model.downsamples.len() + 1;
-    let mut store = SafetensorsStore::from_file(file.to_path_buf())
-        .with_to_adapter(BurnToPyTorchAdapter)
-        .overwrite(true)
-        .map_indices_contiguous(false);
-    for (from, to) in burn_to_reference(levels) {
-        store = store.with_key_remapping(from, to);
-    }
-    model
-        .save_into(&mut store)
-        .map_err(|e| anyhow::anyhow!("{}: cannot write safetensors: {e}", file.display()))
-}
 
 /// `diffusion import` flags.
 #[derive(Debug, clap::Args)]
@@ -358,14 +120,12 @@ impl Task for ImportTask {
 
 pub fn export(args: ExportArgs) -> Result<i32> {
     let backend = BackendKind::resolve(args.backend);
-    let config = RunConfig::load(&args.checkpoint)?;
-    let (dir, _) = checkpoint::latest(&args.checkpoint)?;
-    let weights = args.weights.unwrap_or(config.sample_weights);
+    let run = Run::open(&args.checkpoint)?;
+    let weights = args.weights.unwrap_or(run.config.sample_weights);
     dispatch(
         backend,
         ExportTask {
-            config,
-            dir,
+            run,
             weights,
             out: args.safetensors,
         },
@@ -373,8 +133,7 @@ pub fn export(args: ExportArgs) -> Result<i32> {
 }
 
 struct ExportTask {
-    config: RunConfig,
-    dir: PathBuf,
+    run: Run,
     weights: Weights,
     out: PathBuf,
 }
@@ -383,9 +142,7 @@ impl Task for ExportTask {
     type Output = i32;
 
     fn run<AB: AutodiffBackend>(self, device: AB::Device) -> Result<i32> {
-        let file = self.weights.file();
-        let model =
-            checkpoint::load_unet::<AB::InnerBackend>(&self.config.model, &self.dir.join(file), &device)?;
+        let model = self.run.model::<AB::InnerBackend>(self.weights, &device)?;
         save_reference(&model, &self.out)?;
         say!(
             "wrote {} ({:?} weights, reference names)",
@@ -402,6 +159,8 @@ mod tests {
     use crate::npy;
     use burn::backend::Flex;
     use burn::tensor::{Int, Tensor, TensorData};
+    use diffusion_model::UNet;
+    use std::path::Path;
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))

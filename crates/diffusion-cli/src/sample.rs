@@ -10,11 +10,11 @@ use diffusion_core::{sample, Guided, NoiseSchedule, NoiseSource, SamplerConfig, 
 use diffusion_model::UNet;
 
 use crate::backend::{dispatch, BackendKind, Task};
-use crate::checkpoint;
-use crate::config::{RunConfig, SamplingFlags, Weights};
+use crate::config::{SamplingFlags, Weights};
 use crate::npy;
 use crate::progress;
 use diffusion_eval::pictures::{write_png, GifWriter, GridLayout};
+use diffusion_train::Run;
 
 /// `diffusion sample` flags. Flags left out take the run's defaults.
 #[derive(Debug, clap::Args)]
@@ -82,12 +82,12 @@ pub fn parse_classes(text: &str, num_classes: Option<usize>) -> Result<Option<Ve
 
 /// The most images one `sample` draws: a grid, a GIF or a .npy of more
 /// would not be looked at, and memory grows with the count.
-pub const MAX_SAMPLES: usize = 10_000;
+pub use diffusion_train::run::MAX_SAMPLES;
 
 pub fn run(args: SampleArgs) -> Result<i32> {
     let backend = BackendKind::resolve(args.backend);
-    let config = RunConfig::load(&args.checkpoint)?;
-    let (ckpt_dir, state) = checkpoint::latest(&args.checkpoint)?;
+    let run = Run::open(&args.checkpoint)?;
+    let config = &run.config;
     let sampler = args.sampling.sampler(&config)?;
     let classes = parse_classes(&args.classes, config.model.num_classes)?;
     let noise = match &args.noise {
@@ -134,9 +134,9 @@ pub fn run(args: SampleArgs) -> Result<i32> {
         .out
         .clone()
         .unwrap_or_else(|| args.checkpoint.join("samples").join("grid.png"));
+    let step = run.state.step;
     let task = SampleTask {
-        config,
-        ckpt_dir,
+        run,
         sampler,
         guidance,
         classes,
@@ -150,7 +150,7 @@ pub fn run(args: SampleArgs) -> Result<i32> {
     };
     eprintln!(
         "sampling {n} images from step {} of {} ({:?} weights)",
-        state.step,
+        step,
         args.checkpoint.display(),
         weights
     );
@@ -158,8 +158,7 @@ pub fn run(args: SampleArgs) -> Result<i32> {
 }
 
 struct SampleTask {
-    config: RunConfig,
-    ckpt_dir: PathBuf,
+    run: Run,
     sampler: SamplerConfig,
     guidance: f64,
     classes: Option<Vec<usize>>,
@@ -177,11 +176,9 @@ impl Task for SampleTask {
 
     fn run<AB: AutodiffBackend>(self, device: AB::Device) -> Result<i32> {
         type B<AB> = <AB as AutodiffBackend>::InnerBackend;
-        let file = self.weights.file();
-        let model: UNet<B<AB>> =
-            checkpoint::load_unet(&self.config.model, &self.ckpt_dir.join(file), &device)?;
-        let schedule = NoiseSchedule::new(self.config.schedule, self.config.model.num_steps)?;
-        let m = &self.config.model;
+        let model: UNet<B<AB>> = self.run.model(self.weights, &device)?;
+        let schedule = self.run.noise_schedule()?;
+        let m = &self.run.config.model;
         let shape = [self.n, m.image_channels, m.image_size, m.image_size];
         // All noise (the start when --noise is absent, then every step's)
         // comes from one host stream of the seed, so a seed draws the same

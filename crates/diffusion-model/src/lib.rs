@@ -47,7 +47,10 @@ pub mod block;
 pub mod class_embedding;
 pub mod classifier;
 pub mod convnext;
+#[cfg(feature = "pytorch")]
+pub mod interop;
 pub mod kernels;
+pub mod params;
 pub mod time_embedding;
 pub mod unet;
 

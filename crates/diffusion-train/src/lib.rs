@@ -51,7 +51,9 @@ pub mod fit;
 pub mod lock;
 pub mod lr;
 pub mod optim;
-pub mod params;
+/// What a module's parameters are (moved to `diffusion_model::params`).
+pub use diffusion_model::params;
+pub mod run;
 pub mod shard;
 pub mod trainer;
 
@@ -64,6 +66,7 @@ pub use fit::{
 pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
 pub use optim::{clip_global_norm, OptimizerKind, TrainerOptimizer};
+pub use run::{Run, RunConfig, RunError};
 pub use trainer::{BatchPart, GradientSync, StepOutput, Trainer, TrainerConfig};
 
 /// The README's Rust examples, compiled and run as doctests.

@@ -35,7 +35,10 @@ pub struct TrainerConfig {
     /// Pieces each batch is split into and run in parallel threads (1 =
     /// none); the gradient is that of the whole batch either way.
     pub shards: usize,
-    /// Steps of the whole run (where the learning-rate decay ends).
+    /// Steps of the whole run (where the learning-rate decay ends). Not
+    /// written when 0, as in a run's `config.json`, where the loop derives
+    /// it from the epochs and the data when the run starts.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub total_steps: u64,
     /// The optimizer (Adam unless set; its ε is `adam_epsilon`).
     #[serde(default)]
@@ -44,6 +47,10 @@ pub struct TrainerConfig {
     /// (`None`: no clipping; 1.0 is common for diffusion models).
     #[serde(default)]
     pub grad_clip: Option<f64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl TrainerConfig {

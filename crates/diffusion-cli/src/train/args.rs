@@ -227,23 +227,24 @@ pub(super) fn configure(args: &TrainArgs, world: usize) -> Result<RunConfig> {
     // --batch is per device (as in PyTorch DDP); the preset's own batch is
     // the global one, split over the replicas.
     set!(t.batch_size, args.batch.map(|b| b.saturating_mul(world)));
+    set!(t.checkpoint_every, args.checkpoint_every);
+    set!(t.workers, args.workers);
+    if args.limit.is_some() {
+        t.limit = args.limit;
+    }
+    let t = &mut t.trainer;
     set!(t.lr, args.lr);
     set!(t.seed, args.seed);
     set!(t.lr_schedule.warmup_steps, args.warmup_steps);
     set!(t.lr_schedule.cosine_decay, args.cosine_decay);
     set!(t.ema.decay, args.ema_decay);
-    set!(t.label_dropout, args.label_dropout);
-    set!(t.checkpoint_every, args.checkpoint_every);
-    set!(t.workers, args.workers);
+    set!(t.objective.label_dropout, args.label_dropout);
     set!(t.shards, args.shards);
-    if args.limit.is_some() {
-        t.limit = args.limit;
-    }
     if let Some(g) = args.min_snr_gamma {
         if !(g > 0.0 && g.is_finite()) {
             bail!("--min-snr-gamma must be a positive number, got {g}");
         }
-        t.min_snr_gamma = Some(g);
+        t.objective.weighting = diffusion_core::LossWeighting::MinSnr { gamma: g };
     }
     t.optimizer = match (args.optimizer, args.weight_decay) {
         (Some(OptimizerArg::Adamw), w) => diffusion_train::OptimizerKind::AdamW {
@@ -265,13 +266,7 @@ pub(super) fn configure(args: &TrainArgs, world: usize) -> Result<RunConfig> {
     match args.quality_per_class {
         Some(0) => c.preview.quality = None,
         Some(n) => {
-            let guidance = if c.train.label_dropout > 0.0 { 2.0 } else { 1.0 };
-            let q = c.preview.quality.get_or_insert(crate::config::QualityProbe {
-                per_class: n,
-                sampler: diffusion_core::SamplerConfig::new(diffusion_core::SamplerKind::DpmSolverPp, 10),
-                guidance,
-            });
-            q.per_class = n;
+            c.preview.quality = Some(crate::config::QualityProbe { per_class: n });
         }
         None => {}
     }

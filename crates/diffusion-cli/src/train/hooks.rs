@@ -46,10 +46,10 @@ impl<B: AutodiffBackend> Hooks<'_, B> {
             .join(format!("epoch-{epochs_done:03}.png"));
         let c = self.config;
         let preview = PreviewRequest {
-            sampler: &c.preview.sampler,
+            sampler: &c.sampler,
             guidance: c.guidance,
             n: c.preview.n,
-            seed: c.train.seed,
+            seed: c.train.trainer.seed,
             channels: c.model.image_channels,
             size: c.model.image_size,
             num_classes: c.model.num_classes,
@@ -66,8 +66,7 @@ impl<B: AutodiffBackend> FitObserver<B, UNet<B>> for Hooks<'_, B> {
         self.metrics = Some((Metrics::open(self.run_dir, step)?, Instant::now()));
         if let Some(q) = &self.config.preview.quality {
             let mut quality = Metrics::open_quality(self.run_dir, step)?;
-            let probe =
-                crate::eval::probe::<B::InnerBackend>(q, self.config.train.seed, self.cpu, &self.device)?;
+            let probe = crate::eval::probe::<B::InnerBackend>(q, self.config, self.cpu, &self.device)?;
             // Before any training: the floor in the plot from the start.
             if step == 0 {
                 let weights = sampling_model(trainer, self.config.sample_weights);

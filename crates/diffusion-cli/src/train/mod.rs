@@ -117,7 +117,7 @@ impl Task for TrainTask {
         } = self;
         let tc = &config.train;
         let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
-        let loader = BatchLoader::new(set, tc.batch_size, tc.seed, tc.workers);
+        let loader = BatchLoader::new(set, tc.batch_size, tc.trainer.seed, tc.workers);
         let total = loader.batches_per_epoch() as u64 * tc.epochs as u64;
         let fit = Fit::new(
             &run_dir,
@@ -201,7 +201,7 @@ fn build_trainers<B: AutodiffBackend>(
     let mut trainers = Vec::with_capacity(devices.len());
     let mut start = Start::Fresh;
     for device in devices {
-        let model: UNet<B> = config.model.init_seeded::<B>(device, tc.seed)?;
+        let model: UNet<B> = config.model.init_seeded::<B>(device, tc.trainer.seed)?;
         let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), device);
         if resume {
             start = fit
@@ -333,7 +333,7 @@ fn non_finite(loss: f64, step: u64, config: &RunConfig, run_dir: &Path) -> anyho
     };
     anyhow::anyhow!(
         "the loss became {loss} by step {step}; nothing of this state was saved and {kept}. Lower the learning rate (lr {} in {}) or add --warmup-steps, then train again (--resume continues from the last checkpoint)",
-        config.train.lr,
+        config.train.trainer.lr,
         run_dir.join(crate::config::CONFIG_FILE).display()
     )
 }

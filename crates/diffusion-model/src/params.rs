@@ -134,3 +134,42 @@ mod tests {
         assert_eq!(first_non_finite(&nan).as_deref(), Some("b.weight"));
     }
 }
+
+std::thread_local! {
+    /// Set while this thread runs a [`decode_guarded`] decoder.
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a decoder of file contents, turning a panic inside it into an
+/// error carrying the panic's message. burn 0.21's record decoding panics
+/// on some malformed files (found by fuzzing: `ParamId::deserialize` says
+/// "Invalid id." on a mutated .mpk) instead of returning an error; the
+/// panic hook stays quiet for this thread meanwhile, so the caller reports
+/// one error, not a crash report.
+///
+/// The hook is wrapped once, and the wrapper asks a thread-local flag:
+/// swapping the process-wide hook around each call instead raced between
+/// threads (fuzzing with two threads printed decoder panics, and could
+/// have left the silent hook installed for good).
+pub fn decode_guarded<T>(decode: impl FnOnce() -> T) -> Result<T, String> {
+    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !DECODING.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = DECODING.with(|d| d.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode));
+    DECODING.with(|d| d.set(was));
+    result.map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the decoder failed")
+            .to_string()
+    })
+}

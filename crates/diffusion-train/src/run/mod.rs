@@ -1,0 +1,171 @@
+//! A run directory: its configuration (`config.json`) and its checkpoints,
+//! opened for sampling, evaluating or resuming.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), diffusion_train::run::RunError> {
+//! use burn::backend::Flex;
+//! use diffusion_train::run::Run;
+//!
+//! let run = Run::open("data/pretrained/mnist".as_ref())?;
+//! let model = run.model::<Flex>(run.config.sample_weights, &Default::default())?;
+//! let schedule = run.noise_schedule()?;
+//! println!("{} steps trained, T = {}", run.state.step, schedule.num_steps());
+//! # let _ = model;
+//! # Ok(())
+//! # }
+//! ```
+
+mod config;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use diffusion_core::NoiseSchedule;
+use diffusion_model::UNet;
+
+pub use config::{
+    upgrade, ConfigError, Preset, PreviewConfig, QualityProbe, RunConfig, TrainConfig, Weights, CONFIG_FILE,
+    MAX_SAMPLES,
+};
+
+use crate::checkpoint::{self, CheckpointError, TrainState};
+
+/// What can go wrong opening a run; each message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// `config.json` cannot be read.
+    #[error("{}: cannot read the run's config; is {} a run directory made by `train`?", .path.display(), .dir.display())]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The run directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is not JSON of a run's configuration.
+    #[error("{}: not a valid run config (corrupt, or from another version)", .path.display())]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// What serde said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value of `config.json` is out of range.
+    #[error("{}: invalid value", .path.display())]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Which value, and why.
+        #[source]
+        source: ConfigError,
+    },
+    /// `config.json` cannot be written.
+    #[error("writing {}", .path.display())]
+    Write {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The checkpoint is missing, corrupt or does not fit the model.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The model cannot be built from the configuration.
+    #[error("{}: {message}", .path.display())]
+    Model {
+        /// The config file.
+        path: PathBuf,
+        /// What the model said.
+        message: String,
+    },
+}
+
+/// An opened run: its configuration and its newest checkpoint.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// Its `config.json`, read and validated.
+    pub config: RunConfig,
+    /// The newest checkpoint's folder.
+    pub checkpoint: PathBuf,
+    /// Where training stood at that checkpoint.
+    pub state: TrainState,
+}
+
+impl Run {
+    /// Reads `dir/config.json` and finds the newest checkpoint (its index
+    /// read and checked); weights are loaded by [`Run::model`].
+    pub fn open(dir: &Path) -> Result<Self, RunError> {
+        let config = RunConfig::load(dir)?;
+        let (checkpoint, state) = checkpoint::latest(dir)?;
+        Ok(Run {
+            dir: dir.to_path_buf(),
+            config,
+            checkpoint,
+            state,
+        })
+    }
+
+    /// The U-Net with the checkpoint's raw or EMA weights, checked
+    /// (checksum, shapes, finite values) as it loads.
+    pub fn model<B: Backend>(&self, weights: Weights, device: &B::Device) -> Result<UNet<B>, RunError> {
+        let blank = self.config.model.init::<B>(device).map_err(|e| RunError::Model {
+            path: self.dir.join(CONFIG_FILE),
+            message: e.to_string(),
+        })?;
+        let file = self.checkpoint.join(weights.file());
+        Ok(checkpoint::load_module(blank, &file, device)?)
+    }
+
+    /// The run's noise schedule.
+    pub fn noise_schedule(&self) -> Result<NoiseSchedule, RunError> {
+        self.config.noise_schedule().map_err(|source| RunError::Invalid {
+            path: self.dir.join(CONFIG_FILE),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn shipped() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pretrained/mnist")
+    }
+
+    /// The shipped run opens: its config, its last step (3 epochs of
+    /// 937 full batches of 64 = 2,811), its EMA weights (the only ones it
+    /// ships: asking for the raw ones names the missing file).
+    #[test]
+    fn the_shipped_run_opens_with_its_weights() {
+        let run = Run::open(&shipped()).unwrap();
+        assert_eq!(run.config.preset, Preset::Full);
+        assert_eq!((run.state.step, run.state.finished), (2_811, true));
+        let device = Default::default();
+        let ema = run.model::<Flex>(Weights::Ema, &device).unwrap();
+        assert_eq!(crate::params::first_non_finite(&ema), None);
+        assert_eq!(ema.num_steps(), 500);
+        assert_eq!(run.noise_schedule().unwrap().num_steps(), 500);
+        let raw = run.model::<Flex>(Weights::Model, &device).unwrap_err();
+        assert!(raw.to_string().contains("model.mpk"), "{raw}");
+    }
+
+    #[test]
+    fn a_folder_without_a_run_says_what_it_needs() {
+        let dir = std::env::temp_dir().join(format!("run-open-none-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = Run::open(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            e.to_string().ends_with("a run directory made by `train`?") && matches!(e, RunError::Read { .. }),
+            "{e}"
+        );
+    }
+}
