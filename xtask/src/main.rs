@@ -1,10 +1,12 @@
 //! `cargo xtask`: builds the `diffusion` CLI with the right backend feature
 //! and runs it, so that nobody types feature flags.
 //!
-//!     cargo xtask train  [--backend cuda|wgpu|cpu] [flags of `diffusion train`]
-//!     cargo xtask sample [--backend ..] --checkpoint RUN_DIR [flags of `diffusion sample`]
-//!     cargo xtask <any other diffusion subcommand> [--backend ..] [flags]
-//!     cargo xtask help
+//! ```text
+//! cargo xtask train  [--backend cuda|wgpu|cpu] [flags of `diffusion train`]
+//! cargo xtask sample [--backend ..] --checkpoint RUN_DIR [flags of `diffusion sample`]
+//! cargo xtask <any other diffusion subcommand> [--backend ..] [flags]
+//! cargo xtask help
+//! ```
 //!
 //! Without `--backend`, xtask picks what the machine has: cuda when an
 //! NVIDIA driver is present, else wgpu when a hardware Vulkan driver is

@@ -13,8 +13,8 @@ pub struct DownloadArgs {
     /// Which data set.
     #[arg(value_enum, default_value = "mnist")]
     pub dataset: DatasetArg,
-    /// Folder to put the four IDX files in (default: $DIFFUSION_DATA_DIR/<dataset>,
-    /// else ~/.cache/diffusion-rs/<dataset>, where `train --dataset` looks).
+    /// Folder to put the four IDX files in (default: $DIFFUSION_DATA_DIR/DATASET,
+    /// else ~/.cache/diffusion-rs/DATASET, where `train --dataset` looks).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }

@@ -73,7 +73,7 @@ pub struct Report {
     pub wall_time_s: f64,
     pub accuracy: f64,
     pub per_class_accuracy: Vec<f64>,
-    /// confusion[intended][predicted]
+    /// `confusion[intended][predicted]`: how many digits asked for as `intended` were judged `predicted`.
     pub confusion: Vec<Vec<usize>>,
     pub frechet: f64,
     pub frechet_floor_train_vs_test: f64,

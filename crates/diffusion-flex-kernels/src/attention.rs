@@ -1,4 +1,4 @@
-//! Attention on the CPU backend through [`flash`].
+//! Attention on the CPU backend through the flash kernel (`flash.rs`).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
@@ -30,7 +30,7 @@ pub fn generic<B: Backend>(q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) ->
     y.reshape([b, l, d])
 }
 
-/// Attention through [`flash`] on `Flex`: no score matrix is materialised.
+/// Attention through the flash kernel on `Flex`: no score matrix is materialised.
 pub fn inference(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> Tensor<Flex, 3> {
     let Some(dims) = flash_dims(&q, &k, &v) else {
         return generic(q, k, v);
@@ -40,7 +40,7 @@ pub fn inference(q: Tensor<Flex, 3>, k: Tensor<Flex, 3>, v: Tensor<Flex, 3>) -> 
     Tensor::from_primitive(TensorPrimitive::Float(o))
 }
 
-/// Attention through [`flash`] under autodiff: the forward pass keeps q, k,
+/// Attention through the flash kernel under autodiff: the forward pass keeps q, k,
 /// v, the output and one log-sum-exp per row; the backward pass recomputes
 /// the probabilities block by block.
 pub fn autodiff(

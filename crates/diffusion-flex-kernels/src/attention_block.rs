@@ -1,5 +1,5 @@
 //! The U-Net's whole attention block on the CPU backend, for inference,
-//! through [`flash::block_forward`] (feature `unet`).
+//! through `flash::block_forward` (feature `unet`).
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;

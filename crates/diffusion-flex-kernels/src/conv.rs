@@ -16,9 +16,9 @@ use rayon::prelude::*;
 use super::matmul::{matmul, View};
 use super::{dims4, dot, f32s, madd, sum, vectorised};
 
-/// A conv2d whose passes avoid Flex's slow paths. Forward: [`conv2d`]. The
+/// A conv2d whose passes avoid Flex's slow paths. Forward: `conv2d` (`conv.rs`). The
 /// input gradient of a stride-1 conv is itself a conv (flipped kernel,
-/// channels swapped per group), run by [`conv2d`] on all cores instead of
+/// channels swapped per group), run by `conv2d` on all cores instead of
 /// Flex's single-threaded direct transposed conv; the weight gradient is an
 /// im2col + gemm per image (ungrouped) or a direct loop per channel
 /// (depthwise) instead of one conv per group; the bias gradient is a
@@ -61,7 +61,7 @@ pub fn autodiff(conv: &Conv2d<Autodiff<Flex>>, x: Tensor<Autodiff<Flex>, 4>) -> 
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// The conv of a module on `Flex` without autodiff, through [`conv2d`].
+/// The conv of a module on `Flex` without autodiff, through `conv2d`.
 pub fn inference(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
     let Some(options) = conv_options(conv, &x) else {
         return conv.forward(x);

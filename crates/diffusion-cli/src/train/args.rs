@@ -22,7 +22,7 @@ pub struct TrainArgs {
     /// (seconds, for tests).
     #[arg(long, value_enum, default_value = "quick")]
     pub preset: Preset,
-    /// Run directory to create (default: runs/<preset>).
+    /// Run directory to create (default: runs/PRESET).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its last checkpoint (same step,

@@ -153,7 +153,7 @@ impl Task for TrainTask {
         let outcome = match &cluster {
             None => fit.run(&mut trainers[0], &loader, &devices[0], &mut hooks),
             Some(cluster) => {
-                let recipe = recipe(&config, &trainers[0]);
+                let recipe = config.recipe(total);
                 // A failed replica would leave the others waiting for it
                 // until the time limit: end the process now.
                 let fit = fit.clone().on_replica_error(|local, e| {
@@ -300,28 +300,6 @@ fn lost_replica(e: distributed::DistributedError, run_dir: &Path) -> anyhow::Err
         "{e}; {kept}. Start every node again with --resume {}",
         run_dir.display()
     )
-}
-
-/// What every replica must agree on before training besides the step and
-/// the weights: the recipe (not the per-machine settings).
-fn recipe<B: AutodiffBackend>(config: &RunConfig, trainer: &Trainer<B, UNet<B>>) -> Vec<u8> {
-    let mut trainer_config = serde_json::to_value(trainer.config()).unwrap_or_default();
-    if let Some(fields) = trainer_config.as_object_mut() {
-        // Threads per replica: a per-machine choice, not part of the recipe.
-        fields.remove("shards");
-    }
-    let recipe = serde_json::json!({
-        "model": config.model,
-        "schedule": config.schedule,
-        "epochs": config.train.epochs,
-        "batch": config.train.batch_size,
-        "trainer": trainer_config,
-        "dataset": config.train.dataset,
-        "limit": config.train.limit,
-        // Every node must count the same replicas (--devices × --nodes).
-        "world": config.train.world_size,
-    });
-    recipe.to_string().into_bytes()
 }
 
 /// The error for a NaN or infinite loss: what happened, what was kept,

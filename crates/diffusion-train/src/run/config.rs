@@ -311,6 +311,32 @@ impl RunConfig {
         }
     }
 
+    /// What every replica of a data-parallel run must agree on before
+    /// training, besides the step and the weights: the recipe (model,
+    /// schedule, data, epochs, batch, the trainer's settings, the world
+    /// size), without per-machine choices (threads, workers, folders).
+    /// Replicas compare it (feature `collective`) before the first step.
+    pub fn recipe(&self, total_steps: u64) -> Vec<u8> {
+        let mut trainer = serde_json::to_value(self.trainer_config(total_steps, false)).unwrap_or_default();
+        if let Some(fields) = trainer.as_object_mut() {
+            // Threads per replica: a per-machine choice, not part of the recipe.
+            fields.remove("shards");
+        }
+        serde_json::json!({
+            "model": self.model,
+            "schedule": self.schedule,
+            "epochs": self.train.epochs,
+            "batch": self.train.batch_size,
+            "trainer": trainer,
+            "dataset": self.train.dataset,
+            "limit": self.train.limit,
+            // Every node must count the same replicas (--devices × --nodes).
+            "world": self.train.world_size,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
     /// The noise schedule of the run (T = the model's `num_steps`).
     pub fn noise_schedule(&self) -> Result<NoiseSchedule, ConfigError> {
         NoiseSchedule::new(self.schedule, self.model.num_steps).map_err(|e| ConfigError(e.to_string()))
@@ -560,6 +586,35 @@ mod tests {
                 "preview": { "n": 20, "quality": { "per_class": 20 } }
             })
         );
+    }
+
+    /// Replicas agree on the recipe whatever their machine: threads,
+    /// workers and folders are left out; the learning rate, the batch and
+    /// the world size are in.
+    #[test]
+    fn the_recipe_holds_the_run_and_not_the_machine() {
+        let base = RunConfig::preset(Preset::Tiny);
+        let recipe = base.recipe(100);
+        let mut machine = base.clone();
+        machine.train.trainer.shards = 7;
+        machine.train.workers = 3;
+        machine.train.data_dir = Some(PathBuf::from("/elsewhere"));
+        assert_eq!(machine.recipe(100), recipe);
+        assert_eq!(
+            base.trainer_config(100, true).shards,
+            base.train.trainer.shards.max(1)
+        );
+
+        let mut lr = base.clone();
+        lr.train.trainer.lr *= 2.0;
+        let mut batch = base.clone();
+        batch.train.batch_size += 1;
+        let mut world = base.clone();
+        world.train.world_size += 1;
+        for other in [lr, batch, world] {
+            assert_ne!(other.recipe(100), recipe);
+        }
+        assert_ne!(base.recipe(101), recipe, "the total steps set the schedule");
     }
 
     #[test]
