@@ -416,7 +416,7 @@ fn fuzz_weights_files() {
         let kinds = fuzz(name, vec![seed], execs(300), |k, bytes| {
             let file = dir.join(format!("in{k}.{ext}"));
             std::fs::write(&file, bytes).unwrap();
-            crate::interop::load_reference_into(blank.clone(), &file)
+            diffusion_model::interop::load_reference_into(blank.clone(), &file)
                 .map(|_| ())
                 .map_err(|e| format!("{e:#}"))
         });

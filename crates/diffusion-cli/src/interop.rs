@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::backend::AutodiffBackend;
-pub use diffusion_model::interop::{load_reference, load_reference_into, save_reference};
+pub use diffusion_model::interop::{load_reference, save_reference};
 use diffusion_model::UNetConfig;
 use diffusion_train::Run;
 

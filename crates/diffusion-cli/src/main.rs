@@ -47,6 +47,10 @@ enum Command {
     /// Train a model and write a run directory (config, checkpoints,
     /// metrics, a sample grid per epoch).
     Train(train::TrainArgs),
+    /// Distil a run into a student that samples in fewer steps
+    /// (progressive distillation: one student step learns two guided
+    /// teacher steps); writes a run directory like `train`.
+    Distill(train::DistillArgs),
     /// Draw samples from a trained run: a PNG grid, optionally a GIF of the
     /// reverse process and a .npy of the samples.
     Sample(sample::SampleArgs),
@@ -122,7 +126,8 @@ fn main() {
     }));
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(args, None),
+        Command::Distill(args) => train::distill(args),
         Command::Sample(args) => sample::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Classifier(args) => judge::train(args),

@@ -44,6 +44,7 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod csv_log;
+pub mod distill;
 #[cfg(feature = "collective")]
 pub mod distributed;
 pub mod ema;
@@ -66,7 +67,7 @@ pub use fit::{
 pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
 pub use optim::{clip_global_norm, OptimizerKind, TrainerOptimizer};
-pub use run::{Run, RunConfig, RunError};
+pub use run::{build_trainer, Run, RunConfig, RunError};
 pub use trainer::{BatchPart, GradientSync, StepOutput, Trainer, TrainerConfig};
 
 /// The README's Rust examples, compiled and run as doctests.

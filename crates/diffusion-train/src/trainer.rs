@@ -12,6 +12,7 @@ use diffusion_core::{BatchDenoiser, ForwardProcess, NoiseSchedule, Objective};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError, TrainState};
+use crate::distill::{self, Teacher};
 use crate::ema::{Ema, EmaConfig};
 use crate::lr::LrSchedule;
 use crate::optim::{clip_global_norm, OptimizerKind, TrainerOptimizer};
@@ -144,6 +145,9 @@ pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
     device: B::Device,
     /// Σ loss of the steps since the last finiteness check (on the device).
     unchecked: Option<Tensor<B::InnerBackend, 1>>,
+    /// A teacher to distill (see [`crate::distill`]); `None` trains on the
+    /// objective.
+    teacher: Option<Box<dyn Teacher<B::InnerBackend>>>,
 }
 
 impl<B, M> Trainer<B, M>
@@ -191,7 +195,19 @@ where
             config,
             device: device.clone(),
             unchecked: None,
+            teacher: None,
         }
+    }
+
+    /// Trains the model as a student of `teacher` (progressive
+    /// distillation, [`crate::distill`]): each step draws ε and the
+    /// labels as usual, the teacher turns them into a lesson (inputs and
+    /// targets, without gradients), and the loss is the model's mean
+    /// squared error to the targets. The teacher is not part of a
+    /// checkpoint: attach the same one again before resuming.
+    pub fn with_teacher(mut self, teacher: impl Teacher<B::InnerBackend> + 'static) -> Self {
+        self.teacher = Some(Box::new(teacher));
+        self
     }
 
     /// One optimizer step on clean data `x0` ([B, C, H, W]) with optional
@@ -231,13 +247,18 @@ where
         });
         let n = batch.len();
         let fp = &self.fp;
+        let lesson = self
+            .teacher
+            .as_deref()
+            .map(|teacher| distill::lesson_on(teacher, &batch, part, self.model.prediction()));
         let (grads, loss) = sharded_gradients(&self.model, n, self.config.shards, |model: &M, range| {
-            let part = if range.len() == n {
-                batch.clone()
-            } else {
-                batch.narrow(range.start, range.len())
-            };
-            objective.loss(model, fp, part)
+            let whole = range.len() == n;
+            match &lesson {
+                Some(l) if whole => l.loss(model),
+                Some(l) => l.narrow(range.start, range.len()).loss(model),
+                None if whole => objective.loss(model, fp, batch.clone()),
+                None => objective.loss(model, fp, batch.narrow(range.start, range.len())),
+            }
         });
         let (grads, loss) = sync.average(&self.model, grads, loss)?;
         let lr = self.lr_at(self.state.step);

@@ -123,6 +123,31 @@ pub struct TrainArgs {
     pub collective_timeout: u64,
 }
 
+/// `diffusion distill` flags: the teacher, the student's steps, and the
+/// training flags of `train` (the preset's are not used: the student
+/// starts from the teacher's configuration).
+#[derive(Debug, clap::Args)]
+pub struct DistillArgs {
+    /// The run to distil (a finished `train` or `distill` run).
+    #[arg(
+        long,
+        value_name = "RUN_DIR",
+        required_unless_present = "resume",
+        conflicts_with = "resume"
+    )]
+    pub teacher: Option<PathBuf>,
+    /// The student's sampling steps; the teacher takes twice as many.
+    #[arg(
+        long,
+        value_name = "N",
+        required_unless_present = "resume",
+        conflicts_with = "resume"
+    )]
+    pub steps: Option<usize>,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
 /// The data-parallel layout asked for by the flags (`None`: one device).
 pub(super) fn cluster_from(args: &TrainArgs) -> Result<Option<Cluster>> {
     let devices = args.devices.unwrap_or(1);
@@ -207,15 +232,32 @@ impl From<PredictionArg> for Prediction {
     }
 }
 
-/// Builds the run's configuration from the preset and the flags.
-pub(super) fn configure(args: &TrainArgs, world: usize) -> Result<RunConfig> {
-    let mut c = RunConfig::preset(args.preset);
+/// A distillation's teacher and the student's steps.
+#[derive(Debug, Clone)]
+pub struct Student {
+    pub teacher: PathBuf,
+    pub steps: usize,
+}
+
+/// Builds the run's configuration from the preset (or, for a student,
+/// from its teacher's configuration) and the flags.
+pub(super) fn configure(args: &TrainArgs, world: usize, student: Option<&Student>) -> Result<RunConfig> {
+    let mut c = match student {
+        None => RunConfig::preset(args.preset),
+        Some(s) => {
+            let teacher = RunConfig::load(&s.teacher)?;
+            RunConfig::distilled(&s.teacher, &teacher, s.steps)
+                .map_err(|e| anyhow::anyhow!("--steps: {e}"))?
+        }
+    };
     c.train.world_size = world;
     let t = &mut c.train;
     if let Some(d) = args.dataset {
         t.dataset = d.into();
     }
-    t.data_dir = args.data_dir.clone();
+    if args.data_dir.is_some() || student.is_none() {
+        t.data_dir = args.data_dir.clone();
+    }
     macro_rules! set {
         ($field:expr, $flag:expr) => {
             if let Some(v) = $flag {

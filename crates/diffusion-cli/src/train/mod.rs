@@ -21,12 +21,24 @@ mod args;
 mod hooks;
 mod setup;
 
-use args::cluster_from;
-pub use args::TrainArgs;
+use args::{cluster_from, Student};
+pub use args::{DistillArgs, TrainArgs};
 use hooks::Hooks;
 use setup::{lock_run, open_run, start_node, stop_on_signals, training_set};
 
-pub fn run(args: TrainArgs) -> Result<i32> {
+/// `diffusion distill`: a `train` run whose configuration comes from the
+/// teacher (`RunConfig::distilled`) and whose trainer has the teacher
+/// attached; resumed like any run.
+pub fn distill(args: DistillArgs) -> Result<i32> {
+    let student = match (args.teacher, args.steps) {
+        (Some(teacher), Some(steps)) => Some(Student { teacher, steps }),
+        // --resume: the teacher is in the run's config.json.
+        _ => None,
+    };
+    run(args.train, student)
+}
+
+pub fn run(args: TrainArgs, student: Option<Student>) -> Result<i32> {
     if args.stop_after == Some(0) {
         bail!("--stop-after must be at least 1 (the step count to stop at)");
     }
@@ -42,7 +54,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     // Only node 0 writes into the run directory; the others read it when
     // resuming (it must be on every node: a shared folder, or a copy).
     let lead = cluster.as_ref().is_none_or(Cluster::is_lead_node);
-    let (config, run_dir, resume, save_config) = open_run(&args, world, lead)?;
+    let (config, run_dir, resume, save_config) = open_run(&args, world, lead, student.as_ref())?;
     let lock = lock_run(&run_dir, lead, resume)?;
     let set = training_set(&config)?;
     if lead && !resume {
@@ -50,9 +62,16 @@ pub fn run(args: TrainArgs) -> Result<i32> {
     }
     start_node(cluster.as_ref(), world)?;
     let interrupted = stop_on_signals();
+    let what = match &config.distill {
+        Some(d) => format!(
+            "distilling {} into {} steps",
+            d.teacher.display(),
+            config.sampler.steps
+        ),
+        None => format!("training {:?} preset", config.preset),
+    };
     eprintln!(
-        "training {:?} preset on {} {} images ({}), backend {}, into {}",
-        config.preset,
+        "{what} on {} {} images ({}), backend {}, into {}",
         set.len,
         config.train.dataset,
         if resume { "resuming" } else { "new run" },
@@ -193,16 +212,13 @@ fn build_trainers<B: AutodiffBackend>(
     resume: bool,
     run_dir: &Path,
 ) -> Result<Option<Vec<Trainer<B, UNet<B>>>>> {
-    let tc = &config.train;
-    let schedule = NoiseSchedule::new(config.schedule, config.model.num_steps)?;
     // Every replica starts from the same weights: the same seeded
     // initialisation, or the same checkpoint. Built here in turn (the
     // initialisation draws from the backend's generator).
     let mut trainers = Vec::with_capacity(devices.len());
     let mut start = Start::Fresh;
     for device in devices {
-        let model: UNet<B> = config.model.init_seeded::<B>(device, tc.trainer.seed)?;
-        let mut trainer = Trainer::new(model, &schedule, config.trainer_config(total, cpu), device);
+        let mut trainer = diffusion_train::build_trainer::<B>(config, device, total, cpu)?;
         if resume {
             start = fit
                 .open(&mut trainer)

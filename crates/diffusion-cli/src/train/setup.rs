@@ -14,7 +14,7 @@ use crate::checkpoint;
 use crate::config::RunConfig;
 use crate::data::{self};
 
-use super::args::{configure, TrainArgs};
+use super::args::{configure, Student, TrainArgs};
 
 /// The run's configuration and directory: a new one from the flags, or the
 /// one `--resume` names (with `--epochs` and the world size it may change).
@@ -23,15 +23,20 @@ pub(super) fn open_run(
     args: &TrainArgs,
     world: usize,
     lead: bool,
+    student: Option<&Student>,
 ) -> Result<(RunConfig, PathBuf, bool, bool)> {
     let (mut config, run_dir, resume) = match &args.resume {
         Some(dir) => (RunConfig::load(dir)?, dir.clone(), true),
         None => {
-            let config = configure(&args, world)?;
+            let config = configure(args, world, student)?;
+            let default = match student {
+                Some(s) => format!("distilled-{}", s.steps),
+                None => format!("{:?}", args.preset).to_lowercase(),
+            };
             let run_dir = args
                 .out
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("runs").join(format!("{:?}", args.preset).to_lowercase()));
+                .unwrap_or_else(|| PathBuf::from("runs").join(default));
             if lead && run_dir.join(crate::config::CONFIG_FILE).exists() {
                 let started = if checkpoint::latest(&run_dir).is_ok() {
                     "a run"

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use diffusion_core::{LossWeighting, NoiseSchedule, Objective, SamplerConfig, SamplerKind, Schedule};
+use diffusion_core::{
+    LossWeighting, NoiseSchedule, Objective, SamplerConfig, SamplerKind, Schedule, Spacing,
+};
 use diffusion_data::DatasetName;
 use diffusion_model::UNetConfig;
 use serde::{Deserialize, Serialize};
@@ -69,6 +71,20 @@ impl Weights {
             Weights::Model => crate::checkpoint::MODEL,
         }
     }
+}
+
+/// Where a distilled run learns from (progressive distillation, see
+/// [`crate::distill`]). The student's step count is its sampler's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillFrom {
+    /// The teacher's run directory, as it was given (a relative path is
+    /// read from the working directory, when training starts or resumes).
+    pub teacher: PathBuf,
+    /// Which of the teacher's weights teach.
+    pub weights: Weights,
+    /// The guidance of the teacher's steps, folded into the student (which
+    /// then samples with guidance 1: one network evaluation per step).
+    pub guidance: f64,
 }
 
 /// Training settings.
@@ -143,6 +159,9 @@ pub struct RunConfig {
     pub guidance: f64,
     /// The grid (and quality probe) after every epoch.
     pub preview: PreviewConfig,
+    /// Set for a distilled run: its teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillFrom>,
 }
 
 impl RunConfig {
@@ -154,6 +173,38 @@ impl RunConfig {
             Preset::Full => Self::full_preset(),
             Preset::Tiny => Self::tiny_preset(),
         }
+    }
+
+    /// A student of the run in `teacher_dir` (configured as `teacher`)
+    /// that samples in `steps` deterministic DDIM steps with the teacher's
+    /// guidance folded in (progressive distillation, [`crate::distill`];
+    /// the teacher takes 2 × `steps`). It starts from the teacher's
+    /// sampling weights, trains one epoch of the teacher's data at a
+    /// learning rate of 1e-4 (Salimans & Ho's) decayed by a cosine to 1e-5, keeps
+    /// no label dropout (the student is conditional only) and samples from
+    /// its EMA with guidance 1.
+    pub fn distilled(teacher_dir: &Path, teacher: &RunConfig, steps: usize) -> Result<Self, ConfigError> {
+        let mut c = teacher.clone();
+        c.distill = Some(DistillFrom {
+            teacher: teacher_dir.to_path_buf(),
+            weights: teacher.sample_weights,
+            guidance: teacher.guidance,
+        });
+        c.sampler = SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, steps).with_clip(teacher.sampler.clip);
+        c.guidance = 1.0;
+        c.sample_weights = Weights::Ema;
+        let t = &mut c.train;
+        t.epochs = 1;
+        t.checkpoint_every = 100;
+        t.trainer.lr = 1e-4;
+        t.trainer.lr_schedule = LrSchedule {
+            warmup_steps: 0,
+            cosine_decay: true,
+            min_factor: 0.1,
+        };
+        t.trainer.objective = Objective::default();
+        c.validate()?;
+        Ok(c)
     }
 
     /// What every preset starts from: SPEC.md's training run.
@@ -198,6 +249,7 @@ impl RunConfig {
                 // 91.7%, docs/quality.md).
                 quality: Some(QualityProbe { per_class: 20 }),
             },
+            distill: None,
         }
     }
 
@@ -246,6 +298,7 @@ impl RunConfig {
                 n: 20,
                 quality: Some(QualityProbe { per_class: 20 }),
             },
+            distill: None,
         }
     }
 
@@ -298,6 +351,7 @@ impl RunConfig {
             sample_weights: Weights::Ema,
             guidance: 1.0,
             preview: PreviewConfig { n: 10, quality: None },
+            distill: None,
         }
     }
 
@@ -340,6 +394,26 @@ impl RunConfig {
     /// The noise schedule of the run (T = the model's `num_steps`).
     pub fn noise_schedule(&self) -> Result<NoiseSchedule, ConfigError> {
         NoiseSchedule::new(self.schedule, self.model.num_steps).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// A distilled run samples as it was trained: deterministic DDIM on the
+    /// trailing grid, at most T/2 steps.
+    fn check_distilled(&self, d: &DistillFrom) -> Result<(), ConfigError> {
+        let s = &self.sampler;
+        if s.kind != (SamplerKind::Ddim { eta: 0.0 }) || s.spacing != Spacing::Trailing {
+            bail!("sampler: a distilled run samples with DDIM, eta 0, trailing spacing (as it was trained)");
+        }
+        if 2 * s.steps > self.model.num_steps {
+            bail!(
+                "sampler.steps (--steps): a distilled student takes at most T/2 = {} steps, got {}",
+                self.model.num_steps / 2,
+                s.steps
+            );
+        }
+        if !(d.guidance.is_finite() && d.guidance >= 0.0) {
+            bail!("distill.guidance must be a number >= 0, got {}", d.guidance);
+        }
+        Ok(())
     }
 
     /// Checks every value a run depends on, whether it came from flags or
@@ -393,6 +467,9 @@ impl RunConfig {
             {
                 bail!("the quality probe (--quality-per-class) judges class-conditional 28x28 MNIST digits only");
             }
+        }
+        if let Some(d) = &self.distill {
+            self.check_distilled(d)?;
         }
         if !(self.guidance.is_finite() && self.guidance >= 0.0) {
             bail!(

@@ -19,13 +19,16 @@ mod config;
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use diffusion_core::NoiseSchedule;
 use diffusion_model::UNet;
 
+use crate::distill::Progressive;
+use crate::Trainer;
+
 pub use config::{
-    upgrade, ConfigError, Preset, PreviewConfig, QualityProbe, RunConfig, TrainConfig, Weights, CONFIG_FILE,
-    MAX_SAMPLES,
+    upgrade, ConfigError, DistillFrom, Preset, PreviewConfig, QualityProbe, RunConfig, TrainConfig, Weights,
+    CONFIG_FILE, MAX_SAMPLES,
 };
 
 use crate::checkpoint::{self, CheckpointError, TrainState};
@@ -129,6 +132,62 @@ impl Run {
             source,
         })
     }
+}
+
+/// The trainer a run configuration describes, at step 0 on `device`
+/// (`total_steps` sets the learning-rate schedule; `cpu` allows the
+/// configured shards): the U-Net from its seeded initialisation, or for a
+/// distilled run a student made from its teacher's weights, with the
+/// teacher attached ([`Trainer::with_teacher`]). Resume it with
+/// [`crate::Fit::open`] or [`Trainer::resume`].
+pub fn build_trainer<B: AutodiffBackend>(
+    config: &RunConfig,
+    device: &B::Device,
+    total_steps: u64,
+    cpu: bool,
+) -> Result<Trainer<B, UNet<B>>, RunError> {
+    let invalid = |source| RunError::Invalid {
+        path: PathBuf::from(CONFIG_FILE),
+        source,
+    };
+    let schedule = config.noise_schedule().map_err(invalid)?;
+    let trainer_config = config.trainer_config(total_steps, cpu);
+    let Some(from) = &config.distill else {
+        let model = config
+            .model
+            .init_seeded::<B>(device, config.train.trainer.seed)
+            .map_err(|e| RunError::Model {
+                path: PathBuf::from(CONFIG_FILE),
+                message: e.to_string(),
+            })?;
+        return Ok(Trainer::new(model, &schedule, trainer_config, device));
+    };
+    let teacher = Run::open(&from.teacher)?;
+    let teacher_schedule = teacher.noise_schedule()?;
+    if teacher_schedule != schedule {
+        return Err(RunError::Model {
+            path: teacher.dir.join(CONFIG_FILE),
+            message: "the teacher's noise schedule (kind or T) differs from the student's".into(),
+        });
+    }
+    // The student starts from the teacher's weights, loaded into the
+    // student's own configuration (so its shapes are checked).
+    let blank = config.model.init::<B>(device).map_err(|e| RunError::Model {
+        path: PathBuf::from(CONFIG_FILE),
+        message: e.to_string(),
+    })?;
+    let file = teacher.checkpoint.join(from.weights.file());
+    let student = checkpoint::load_module(blank, &file, device)?;
+    let teacher_model = teacher.model::<B::InnerBackend>(from.weights, device)?;
+    let progressive = Progressive::new(
+        teacher_model,
+        &schedule,
+        config.sampler.steps,
+        from.guidance,
+        config.sampler.clip,
+    )
+    .map_err(|e| invalid(ConfigError(e.to_string())))?;
+    Ok(Trainer::new(student, &schedule, trainer_config, device).with_teacher(progressive))
 }
 
 #[cfg(test)]
