@@ -77,6 +77,8 @@ struct BenchResult {
     /// DPM-Solver++(2M), 20 steps, guidance 1.6 (conditional and
     /// unconditional branches in one doubled batch), batches of 250.
     sample_1000_dpm20_guided_s: Option<f64>,
+    /// The same 1,000 digits in 4 unguided DDIM steps: a distilled run.
+    sample_1000_distilled4_s: Option<f64>,
     peak_rss_mib: Option<f64>,
 }
 
@@ -163,18 +165,19 @@ fn time_sampling<B: Backend>(
 }
 
 /// Seconds to generate 1,000 digits the way `eval --per-class 100` does,
-/// with the fastest good sampler (DPM-Solver++ 20 steps, guidance 1.6).
+/// with `sampler` and `guidance`: the teacher's DPM-Solver++ 20 steps with
+/// guidance 1.6, or a distilled student's 4 DDIM steps without.
 fn time_eval_sampling<B: Backend>(
     model: &UNet<B>,
     schedule: &NoiseSchedule,
+    (sampler, guidance): (SamplerConfig, f64),
     cpu: bool,
     device: &B::Device,
 ) -> Result<f64> {
-    let sampler = SamplerConfig::new(SamplerKind::DpmSolverPp, 20);
     let labels: Vec<usize> = (0..10).flat_map(|c| std::iter::repeat_n(c, 100)).collect();
     let how = diffusion_eval::Generation {
         sampler,
-        guidance: 1.6,
+        guidance,
         batch: 250,
         seed: 0,
         threads: crate::backend::sampling_threads(cpu),
@@ -231,16 +234,17 @@ impl Task for BenchTask {
         B::seed(&device, 0);
         let model: UNet<B::InnerBackend> = config.init(&device)?;
         let ts = time_sampling(&model, &schedule, args.sample_repeats, &device)?;
-        let t1000 = if args.skip_1000 {
-            None
+        let (t1000, t1000_distilled) = if args.skip_1000 {
+            (None, None)
         } else {
+            let cpu = self.backend.is_cpu();
             eprintln!("timing 1,000 digits as eval makes them (DPM-Solver++ 20 steps, guidance 1.6) ...");
-            Some(time_eval_sampling(
-                &model,
-                &schedule,
-                self.backend.is_cpu(),
-                &device,
-            )?)
+            let teacher = (SamplerConfig::new(SamplerKind::DpmSolverPp, 20), 1.6);
+            let t = time_eval_sampling(&model, &schedule, teacher, cpu, &device)?;
+            eprintln!("timing 1,000 digits as a 4-step distilled run makes them (DDIM 4 steps, no guidance) ...");
+            let student = (SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 4), 1.0);
+            let d = time_eval_sampling(&model, &schedule, student, cpu, &device)?;
+            (Some(t), Some(d))
         };
         let result = BenchResult {
             backend: self.backend.name(),
@@ -259,6 +263,7 @@ impl Task for BenchTask {
             train_images_per_s_b32: 32.0 / t32,
             sample_81x35_s: ts,
             sample_1000_dpm20_guided_s: t1000,
+            sample_1000_distilled4_s: t1000_distilled,
             peak_rss_mib: peak_rss_mib(),
         };
         say!(
@@ -280,6 +285,9 @@ impl Task for BenchTask {
         say!("sample 81x35 {:>9.2} s", result.sample_81x35_s);
         if let Some(t) = result.sample_1000_dpm20_guided_s {
             say!("1000 digits  {t:>9.1} s (DPM-Solver++ 20 steps, guidance 1.6: an eval)");
+        }
+        if let Some(t) = result.sample_1000_distilled4_s {
+            say!("1000 digits  {t:>9.1} s (4 steps, guidance folded in: a distilled run)");
         }
         if let Some(m) = result.peak_rss_mib {
             say!("peak RSS     {m:>9.0} MiB (host)");
