@@ -241,7 +241,9 @@ impl Task for BenchTask {
             eprintln!("timing 1,000 digits as eval makes them (DPM-Solver++ 20 steps, guidance 1.6) ...");
             let teacher = (SamplerConfig::new(SamplerKind::DpmSolverPp, 20), 1.6);
             let t = time_eval_sampling(&model, &schedule, teacher, cpu, &device)?;
-            eprintln!("timing 1,000 digits as a 4-step distilled run makes them (DDIM 4 steps, no guidance) ...");
+            eprintln!(
+                "timing 1,000 digits as a 4-step distilled run makes them (DDIM 4 steps, no guidance) ..."
+            );
             let student = (SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 4), 1.0);
             let d = time_eval_sampling(&model, &schedule, student, cpu, &device)?;
             (Some(t), Some(d))

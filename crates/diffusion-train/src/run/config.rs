@@ -694,6 +694,37 @@ mod tests {
         assert_ne!(base.recipe(101), recipe, "the total steps set the schedule");
     }
 
+    /// A student copies its teacher's model and data, samples in its own
+    /// steps without guidance, and keeps the teacher's guidance for the
+    /// lessons; a hand-edited sampler it was not trained for is refused.
+    #[test]
+    fn a_distilled_config_samples_as_it_is_trained() {
+        let teacher = RunConfig::preset(Preset::Full);
+        let c = RunConfig::distilled(Path::new("runs/full"), &teacher, 4).unwrap();
+        assert_eq!(
+            serde_json::to_value(&c.model).unwrap(),
+            serde_json::to_value(&teacher.model).unwrap()
+        );
+        assert_eq!(c.train.dataset, teacher.train.dataset);
+        assert_eq!(c.sampler, SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, 4));
+        assert_eq!(c.guidance, 1.0);
+        let from = c.distill.clone().unwrap();
+        assert_eq!(
+            (from.teacher.as_path(), from.guidance),
+            (Path::new("runs/full"), teacher.guidance)
+        );
+        assert_eq!(c.train.trainer.objective.label_dropout, 0.0);
+        let back: RunConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back.distill, c.distill);
+
+        let mut dpm = c.clone();
+        dpm.sampler = SamplerConfig::new(SamplerKind::DpmSolverPp, 4);
+        assert!(dpm.validate().unwrap_err().0.contains("DDIM"));
+        assert!(RunConfig::distilled(Path::new("t"), &teacher, 251).is_err());
+        // An ordinary run's config.json has no `distill` key.
+        assert!(!serde_json::to_string(&teacher).unwrap().contains("distill"));
+    }
+
     #[test]
     fn config_round_trips_through_json() {
         for p in [Preset::Seed, Preset::Quick, Preset::Tiny, Preset::Full] {
