@@ -561,7 +561,7 @@ fn a_distilled_run_samples_alone_and_resumes_bit_for_bit() {
         "{text}"
     );
     let text = distill(&split, &["--stop-after", "5"]);
-    assert!(text.contains("stopped at step 5"), "{text}");
+    assert!(text.contains("stopped at step 5") && text.contains("xtask distill --resume"), "{text}");
     ok(bin()
         .args(["distill", "--backend", "cpu", "--resume"])
         .arg(&split));

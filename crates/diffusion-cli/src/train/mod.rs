@@ -189,6 +189,11 @@ impl Task for TrainTask {
             hooks.bar.as_ref(),
             hooks.started(),
             &run_dir,
+            if config.distill.is_some() {
+                "distill"
+            } else {
+                "train"
+            },
         );
         Ok(if interrupted.load(Ordering::SeqCst) {
             130
@@ -255,6 +260,7 @@ fn report(
     bar: Option<&indicatif::ProgressBar>,
     took: Duration,
     run_dir: &Path,
+    command: &str,
 ) {
     match (outcome.stop, cluster) {
         (_, Some(c)) if !c.is_lead_node() => eprintln!(
@@ -275,7 +281,7 @@ fn report(
             );
         }
         (Stop::Requested | Stop::StepLimit, _) => eprintln!(
-            "stopped at step {}; checkpoint saved. Continue with: cargo xtask train --resume {}",
+            "stopped at step {}; checkpoint saved. Continue with: cargo xtask {command} --resume {}",
             outcome.state.step,
             run_dir.display()
         ),
