@@ -457,32 +457,37 @@ fn reference_weights_import_and_sample() {
 }
 
 #[test]
-fn the_pretrained_model_draws_the_digits_asked_for() {
-    // data/pretrained/mnist: config.json and EMA weights, no training needed.
-    let pretrained = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pretrained/mnist");
-    let root = scratch("pretrained");
-    let npy = root.join("digits.npy");
-    // 20 digits, classes 0..9 twice, with the run's default sampler and guidance.
-    ok(bin()
-        .args(["sample", "--backend", "cpu", "--n", "20", "--checkpoint"])
-        .arg(&pretrained)
-        .arg("--out")
-        .arg(root.join("grid.png"))
-        .arg("--npy")
-        .arg(&npy));
-    let labels = root.join("labels.npy");
-    let classes: Vec<f32> = (0..20).map(|i| (i % 10) as f32).collect();
-    write_npy(&labels, &[20], &classes);
-    let out = run(bin()
-        .args(["eval", "--backend", "cpu", "--json", "--npy"])
-        .arg(&npy)
-        .arg("--labels")
-        .arg(&labels));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // Measured when the weights were committed: 20 of 20.
-    let acc = report["accuracy"].as_f64().unwrap();
-    assert!(acc >= 0.95, "the pretrained model's digits judged {acc}");
+fn the_pretrained_models_draw_the_digits_asked_for() {
+    // data/pretrained/mnist (DPM-Solver++ 20 steps, guidance 1.6) and its
+    // 4-step distilled student: config.json and EMA weights, no training.
+    for name in ["mnist", "mnist-4step"] {
+        let pretrained = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pretrained").join(name);
+        let root = scratch(&format!("pretrained-{name}"));
+        let npy = root.join("digits.npy");
+        // 20 digits, classes 0..9 twice, with the run's default sampler and guidance.
+        let text = ok(bin()
+            .args(["sample", "--backend", "cpu", "--n", "20", "--checkpoint"])
+            .arg(&pretrained)
+            .arg("--out")
+            .arg(root.join("grid.png"))
+            .arg("--npy")
+            .arg(&npy));
+        let steps = if name == "mnist" { "20 steps" } else { "4 steps" };
+        assert!(text.contains(steps), "{name}: {text}");
+        let labels = root.join("labels.npy");
+        let classes: Vec<f32> = (0..20).map(|i| (i % 10) as f32).collect();
+        write_npy(&labels, &[20], &classes);
+        let out = run(bin()
+            .args(["eval", "--backend", "cpu", "--json", "--npy"])
+            .arg(&npy)
+            .arg("--labels")
+            .arg(&labels));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Measured when the weights were committed: 20 of 20 for both.
+        let acc = report["accuracy"].as_f64().unwrap();
+        assert!(acc >= 0.95, "{name}: the pretrained model's digits judged {acc}");
+    }
 }
 
 #[test]
