@@ -459,8 +459,8 @@ fn reference_weights_import_and_sample() {
 #[test]
 fn the_pretrained_models_draw_the_digits_asked_for() {
     // data/pretrained/mnist (DPM-Solver++ 20 steps, guidance 1.6) and its
-    // 4-step distilled student: config.json and EMA weights, no training.
-    for name in ["mnist", "mnist-4step"] {
+    // 4- and 2-step distilled students: config.json and EMA weights.
+    for name in ["mnist", "mnist-4step", "mnist-2step"] {
         let pretrained = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pretrained").join(name);
         let root = scratch(&format!("pretrained-{name}"));
         let npy = root.join("digits.npy");
@@ -472,7 +472,11 @@ fn the_pretrained_models_draw_the_digits_asked_for() {
             .arg(root.join("grid.png"))
             .arg("--npy")
             .arg(&npy));
-        let steps = if name == "mnist" { "20 steps" } else { "4 steps" };
+        let steps = match name {
+            "mnist" => "20 steps",
+            "mnist-4step" => "4 steps",
+            _ => "2 steps",
+        };
         assert!(text.contains(steps), "{name}: {text}");
         let labels = root.join("labels.npy");
         let classes: Vec<f32> = (0..20).map(|i| (i % 10) as f32).collect();
