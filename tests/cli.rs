@@ -461,7 +461,9 @@ fn the_pretrained_models_draw_the_digits_asked_for() {
     // data/pretrained/mnist (DPM-Solver++ 20 steps, guidance 1.6) and its
     // 4- and 2-step distilled students: config.json and EMA weights.
     for name in ["mnist", "mnist-4step", "mnist-2step"] {
-        let pretrained = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/pretrained").join(name);
+        let pretrained = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../data/pretrained")
+            .join(name);
         let root = scratch(&format!("pretrained-{name}"));
         let npy = root.join("digits.npy");
         // 20 digits, classes 0..9 twice, with the run's default sampler and guidance.
@@ -570,7 +572,10 @@ fn a_distilled_run_samples_alone_and_resumes_bit_for_bit() {
         "{text}"
     );
     let text = distill(&split, &["--stop-after", "5"]);
-    assert!(text.contains("stopped at step 5") && text.contains("xtask distill --resume"), "{text}");
+    assert!(
+        text.contains("stopped at step 5") && text.contains("xtask distill --resume"),
+        "{text}"
+    );
     ok(bin()
         .args(["distill", "--backend", "cpu", "--resume"])
         .arg(&split));
