@@ -164,11 +164,6 @@ impl<D> Progressive<D> {
         &self.student
     }
 
-    /// The student's sampler: DDIM, η = 0, on its N trailing steps.
-    pub fn student_sampler(&self) -> SamplerConfig {
-        SamplerConfig::new(SamplerKind::Ddim { eta: 0.0 }, self.student.len() - 1).with_clip(self.clip)
-    }
-
     /// The teacher's two guided DDIM steps for student step `i`, from `z`.
     pub fn two_steps<B: Backend>(
         &self,
@@ -228,10 +223,9 @@ impl<B: Backend, D: Denoiser<B> + Send> Teacher<B> for Progressive<D> {
             let z = x0.mul_scalar(a_t.sqrt()) + eps.mul_scalar((1.0 - a_t).sqrt());
             let z_next = self.two_steps(i, z.clone(), classes.clone().map(|c| c.narrow(0, start, len)));
             let x_tilde = one_step_target(z.clone(), z_next, a_t, a_next);
-            let eps_tilde =
-                (z.clone() - x_tilde.clone().mul_scalar(a_t.sqrt())).div_scalar((1.0 - a_t).sqrt());
-            let alpha_bar = Tensor::<B, 4>::full([len, 1, 1, 1], a_t, &device);
-            targets.push(student.target(x_tilde, eps_tilde, alpha_bar));
+            // (x̃, ε̃) at z, in the student's parameterisation.
+            let estimate = Prediction::X0.to_estimate(z.clone(), x_tilde, a_t);
+            targets.push(student.from_estimate(&estimate, a_t));
             xs.push(z);
             ts.push(Tensor::<B, 1, Int>::full([len], t as i64, &device));
         }
@@ -289,9 +283,8 @@ mod tests {
     }
 
     /// A teacher that knows the data is one point x* (its exact ε
-    /// prediction): every lesson's target, in x0 terms, is x* itself, so
-    /// the v target is √ᾱ·ε̃ − √(1−ᾱ)·x* with ε̃ from z. Checks the
-    /// grouping too: sample j of a batch of 8 with N = 4 is at student
+    /// prediction): every lesson's target for an x0-predicting student is
+    /// x* itself. Checks the grouping too: sample j of a batch of 8 with N = 4 is at student
     /// step j div 2.
     #[test]
     fn a_teacher_that_knows_the_answer_teaches_it() {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use diffusion_core::NoiseSchedule;
-use diffusion_model::UNet;
+use diffusion_model::{UNet, UNetConfig};
 
 use crate::distill::Progressive;
 use crate::Trainer;
@@ -117,10 +117,19 @@ impl Run {
     /// The U-Net with the checkpoint's raw or EMA weights, checked
     /// (checksum, shapes, finite values) as it loads.
     pub fn model<B: Backend>(&self, weights: Weights, device: &B::Device) -> Result<UNet<B>, RunError> {
-        let blank = self.config.model.init::<B>(device).map_err(|e| RunError::Model {
-            path: self.dir.join(CONFIG_FILE),
-            message: e.to_string(),
-        })?;
+        self.weights_into(&self.config.model, &self.dir.join(CONFIG_FILE), weights, device)
+    }
+
+    /// The checkpoint's `weights` loaded into a U-Net built from `model`
+    /// (described by the file `config`, which errors name).
+    fn weights_into<B: Backend>(
+        &self,
+        model: &UNetConfig,
+        config: &Path,
+        weights: Weights,
+        device: &B::Device,
+    ) -> Result<UNet<B>, RunError> {
+        let blank = model.init::<B>(device).map_err(model_error(config))?;
         let file = self.checkpoint.join(weights.file());
         Ok(checkpoint::load_module(blank, &file, device)?)
     }
@@ -131,6 +140,14 @@ impl Run {
             path: self.dir.join(CONFIG_FILE),
             source,
         })
+    }
+}
+
+/// The error of a U-Net that cannot be built from the configuration in `path`.
+fn model_error(path: &Path) -> impl Fn(diffusion_model::ModelError) -> RunError + '_ {
+    move |e| RunError::Model {
+        path: path.to_path_buf(),
+        message: e.to_string(),
     }
 }
 
@@ -156,10 +173,7 @@ pub fn build_trainer<B: AutodiffBackend>(
         let model = config
             .model
             .init_seeded::<B>(device, config.train.trainer.seed)
-            .map_err(|e| RunError::Model {
-                path: PathBuf::from(CONFIG_FILE),
-                message: e.to_string(),
-            })?;
+            .map_err(model_error(Path::new(CONFIG_FILE)))?;
         return Ok(Trainer::new(model, &schedule, trainer_config, device));
     };
     let teacher = Run::open(&from.teacher)?;
@@ -172,12 +186,7 @@ pub fn build_trainer<B: AutodiffBackend>(
     }
     // The student starts from the teacher's weights, loaded into the
     // student's own configuration (so its shapes are checked).
-    let blank = config.model.init::<B>(device).map_err(|e| RunError::Model {
-        path: PathBuf::from(CONFIG_FILE),
-        message: e.to_string(),
-    })?;
-    let file = teacher.checkpoint.join(from.weights.file());
-    let student = checkpoint::load_module(blank, &file, device)?;
+    let student = teacher.weights_into(&config.model, Path::new(CONFIG_FILE), from.weights, device)?;
     let teacher_model = teacher.model::<B::InnerBackend>(from.weights, device)?;
     let progressive = Progressive::new(
         teacher_model,
