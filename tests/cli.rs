@@ -612,3 +612,52 @@ fn a_distilled_run_samples_alone_and_resumes_bit_for_bit() {
         "the resumed distillation differs"
     );
 }
+
+#[test]
+fn bench_reports_the_spread_of_its_repeats_and_the_cpu() {
+    let text = ok(bin().args([
+        "bench",
+        "--backend",
+        "cpu",
+        "--model",
+        "tiny",
+        "--warmup",
+        "0",
+        "--repeats",
+        "3",
+        "--sample-repeats",
+        "2",
+        "--skip-128",
+        "--skip-1000",
+    ]));
+    let json = text
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .expect("bench's JSON line");
+    let result: serde_json::Value = serde_json::from_str(json).unwrap();
+    for (row, n) in [("train_b32_s", 3), ("sample_81x35_s", 2)] {
+        let s = &result["detail"][row];
+        let f = |k: &str| s[k].as_f64().unwrap();
+        assert_eq!(s["n"], n, "{row}: {s}");
+        assert!(
+            0.0 < f("min") && f("min") <= f("median") && f("median") <= f("max"),
+            "{row}: {s}"
+        );
+        assert!((f("spread") - f("max") / f("min")).abs() < 1e-9, "{row}: {s}");
+    }
+    // The headline numbers are the medians of those repeats.
+    let b32 = result["detail"]["train_b32_s"]["median"].as_f64().unwrap();
+    assert!((result["train_images_per_s_b32"].as_f64().unwrap() - 32.0 / b32).abs() < 1e-6);
+    assert!(result["detail"]["train_b128_s"].is_null());
+    // Every number names the machine it was measured on.
+    if cfg!(target_os = "linux") {
+        assert!(
+            !result["cpu"]["model_name"].as_str().unwrap().is_empty(),
+            "{json}"
+        );
+    }
+    assert!(text.contains("spread"), "{text}");
+    // Zero repeats is refused by name.
+    let e = fails(bin().args(["bench", "--backend", "cpu", "--repeats-32", "0"]));
+    assert!(e.contains("--repeats-32"), "{e}");
+}
