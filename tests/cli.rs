@@ -458,7 +458,7 @@ fn reference_weights_import_and_sample() {
 
 #[test]
 fn the_pretrained_models_draw_the_digits_asked_for() {
-    // data/pretrained/mnist (DPM-Solver++ 20 steps, guidance 1.6) and its
+    // data/pretrained/mnist (DPM-Solver++ 20 steps, guidance 1.5) and its
     // 4- and 2-step distilled students: config.json and EMA weights.
     for name in ["mnist", "mnist-4step", "mnist-2step"] {
         let pretrained = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -18,7 +18,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
     /// Starting configuration: seed (the reference run), quick (5-10 min on
-    /// a 2-core CPU), full (the best digits in ~45 min on 2 cores), tiny
+    /// a 2-core CPU), full (the best digits in 40-70 min on 2 cores), tiny
     /// (seconds, for tests).
     #[arg(long, value_enum, default_value = "quick")]
     pub preset: Preset,
