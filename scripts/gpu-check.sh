@@ -135,7 +135,7 @@ if [ -n "${3:-}" ]; then
     # The wgpu test group on this machine's Vulkan driver; the tests run the
     # same binary as above.
     test_bin=$(cd "$(dirname "$3")" && pwd)/$(basename "$3")
-    DIFFUSION_BIN="$bin" limit 400 "$test_bin" --nocapture --test-threads 1 \
+    DIFFUSION_BIN="$bin" limit 400 "$test_bin" --include-ignored --nocapture --test-threads 1 \
         > "$out/wgpu-tests.txt" 2>&1
     echo "exit $?" >> "$out/wgpu-tests.txt"
 fi
