@@ -55,6 +55,29 @@ fn cpu_run() -> &'static Path {
     })
 }
 
+/// A run's model config and the weights file `file` (ema.mpk or
+/// model.mpk) of its latest checkpoint.
+fn latest_weights(run: &Path, file: &str) -> (diffusion_model::UNetConfig, PathBuf) {
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join(name)).unwrap()).unwrap()
+    };
+    let config = serde_json::from_value(read("config.json")["model"].clone()).unwrap();
+    let latest = read("checkpoints/latest.json");
+    let weights = run
+        .join("checkpoints")
+        .join(latest["dir"].as_str().unwrap())
+        .join(file);
+    (config, weights)
+}
+
+/// What the binary does at start (see its main.rs): without a display
+/// session, Mesa's device-select layer only prints errors.
+fn quiet_device_select() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("NODEVICE_SELECT", "1");
+    }
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
@@ -93,16 +116,7 @@ fn the_shipped_unet_gives_the_same_output_on_wgpu_and_cpu() {
         } else {
             PathBuf::from("data/pretrained/mnist")
         };
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
-        let config: UNetConfig = serde_json::from_value(config["model"].clone()).unwrap();
-        let latest: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap())
-                .unwrap();
-        let weights = run
-            .join("checkpoints")
-            .join(latest["dir"].as_str().unwrap())
-            .join("ema.mpk");
+        let (config, weights) = latest_weights(&run, "ema.mpk");
 
         // Four images at four noise levels and four classes.
         fn forward<B: Backend>(config: &UNetConfig, weights: &Path, device: &B::Device) -> Vec<f32> {
@@ -118,11 +132,7 @@ fn the_shipped_unet_gives_the_same_output_on_wgpu_and_cpu() {
                 .to_vec::<f32>()
                 .unwrap()
         }
-        // What the binary does at start (see its main.rs): without a display
-        // session, Mesa's device-select layer only prints errors.
-        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-            std::env::set_var("NODEVICE_SELECT", "1");
-        }
+        quiet_device_select();
         let cpu = forward::<burn::backend::Flex>(&config, &weights, &Default::default());
         let gpu = forward::<burn_wgpu::Wgpu>(&config, &weights, &Default::default());
         let scale = cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -280,19 +290,8 @@ fn one_training_step_gives_the_same_loss_and_gradients_on_wgpu_and_cpu() {
         }
 
         let run = cpu_run();
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
-        let config: UNetConfig = serde_json::from_value(config["model"].clone()).unwrap();
-        let latest: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/latest.json")).unwrap())
-                .unwrap();
-        let weights = run
-            .join("checkpoints")
-            .join(latest["dir"].as_str().unwrap())
-            .join("model.mpk");
-        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-            std::env::set_var("NODEVICE_SELECT", "1");
-        }
+        let (config, weights) = latest_weights(run, "model.mpk");
+        quiet_device_select();
         let (cpu_loss, cpu) = step::<Autodiff<Flex>>(&config, &weights, &Default::default());
         let (gpu_loss, gpu) = step::<Autodiff<burn_wgpu::Wgpu>>(&config, &weights, &Default::default());
         eprintln!("loss: wgpu {gpu_loss:.6}, cpu {cpu_loss:.6}");
