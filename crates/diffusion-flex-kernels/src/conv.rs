@@ -14,7 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dims4, dot, f32s, madd, sum, vectorised};
+use super::{dims4, dot, f32s, madd, par_new_chunks, sum, vectorised};
 
 /// A conv2d whose passes avoid Flex's slow paths. Forward: `conv2d` (`conv.rs`). The
 /// input gradient of a stride-1 conv is itself a conv (flipped kernel,
@@ -128,10 +128,11 @@ fn conv2d(
     let grid = ho * wp;
     let (xs, ws) = (f32s(&x), f32s(&weight));
     let bs = bias.as_ref().map(f32s);
-    let mut out = vec![0f32; b * cout * ho * wo];
-    out.par_chunks_mut(cout * ho * wo).enumerate().for_each_init(
+    let (out, _) = par_new_chunks(
+        b * cout * ho * wo,
+        cout * ho * wo,
         || (vec![0f32; cin * plane], vec![0f32; cout * grid]),
-        |(padded, acc), (bi, out)| {
+        |(padded, acc), bi, out| {
             let xb = &xs[bi * cin * h * w..][..cin * h * w];
             for ci in 0..cin {
                 for y in 0..h {
@@ -206,32 +207,28 @@ fn depthwise(
     let row = wo.div_ceil(lanes) * lanes + kw - 1;
     let (xs, ws) = (f32s(&x), f32s(&weight));
     let bs = bias.as_ref().map(f32s);
-    let mut out = vec![0f32; b * c * ho * wo];
-    if out.is_empty() {
-        return FlexTensor::from_data(TensorData::new(out, [b, c, ho, wo]));
-    }
-    out.par_chunks_mut(DW_PLANES_PER_TASK * ho * wo)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; hp * row],
-            |padded, (task, out)| {
-                for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
-                    let plane = task * DW_PLANES_PER_TASK + i;
-                    let ci = plane % c;
-                    let src = &xs[plane * h * w..][..h * w];
-                    for (y, src) in src.chunks_exact(w).enumerate() {
-                        padded[(y + ph) * row + pw..][..w].copy_from_slice(src);
-                    }
-                    let taps = &ws[ci * kh * kw..][..kh * kw];
-                    let bias = bs.map_or(0.0, |bs| bs[ci]);
-                    if lanes == DW_NARROW {
-                        depthwise_plane_narrow(padded, row, taps, kw, bias, out, wo);
-                    } else {
-                        depthwise_plane(padded, row, taps, kw, bias, out, wo);
-                    }
+    let (out, _) = par_new_chunks(
+        b * c * ho * wo,
+        DW_PLANES_PER_TASK * ho * wo,
+        || vec![0f32; hp * row],
+        |padded, task, out| {
+            for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+                let plane = task * DW_PLANES_PER_TASK + i;
+                let ci = plane % c;
+                let src = &xs[plane * h * w..][..h * w];
+                for (y, src) in src.chunks_exact(w).enumerate() {
+                    padded[(y + ph) * row + pw..][..w].copy_from_slice(src);
                 }
-            },
-        );
+                let taps = &ws[ci * kh * kw..][..kh * kw];
+                let bias = bs.map_or(0.0, |bs| bs[ci]);
+                if lanes == DW_NARROW {
+                    depthwise_plane_narrow(padded, row, taps, kw, bias, out, wo);
+                } else {
+                    depthwise_plane(padded, row, taps, kw, bias, out, wo);
+                }
+            }
+        },
+    );
     FlexTensor::from_data(TensorData::new(out, [b, c, ho, wo]))
 }
 
@@ -436,52 +433,48 @@ fn conv2d_im2col(
     let (taps, positions) = (cin * kh * kw, ho * wo);
     let per_task = (IM2COL_COLUMNS / positions.max(1)).max(1);
     let (xs, ws) = (f32s(x), f32s(weight));
-    let mut out = vec![0f32; b * cout * positions];
-    if out.is_empty() {
-        return FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]));
-    }
-    out.par_chunks_mut(per_task * cout * positions)
-        .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(cols, acc): &mut (Vec<f32>, Vec<f32>), (task, out)| {
-                let images = out.len() / (cout * positions);
-                let n = images * positions;
-                cols.resize(taps * n, 0.0);
-                acc.resize(cout * n, 0.0);
-                for g in 0..images {
-                    let bi = task * per_task + g;
-                    let xb = &xs[bi * cin * h * w..][..cin * h * w];
-                    im2col(
-                        xb,
-                        [cin, h, w],
-                        [kh, kw],
-                        [ho, wo],
-                        options,
-                        &mut cols[g * positions..],
-                        n,
-                    );
-                }
-                matmul(
-                    acc,
-                    cout,
+    let (out, _) = par_new_chunks(
+        b * cout * positions,
+        per_task * cout * positions,
+        || (Vec::new(), Vec::new()),
+        |(cols, acc): &mut (Vec<f32>, Vec<f32>), task, out| {
+            let images = out.len() / (cout * positions);
+            let n = images * positions;
+            cols.resize(taps * n, 0.0);
+            acc.resize(cout * n, 0.0);
+            for g in 0..images {
+                let bi = task * per_task + g;
+                let xb = &xs[bi * cin * h * w..][..cin * h * w];
+                im2col(
+                    xb,
+                    [cin, h, w],
+                    [kh, kw],
+                    [ho, wo],
+                    options,
+                    &mut cols[g * positions..],
                     n,
-                    taps,
-                    View::rows(ws, taps),
-                    View::rows(cols, n),
-                    1.0,
-                    false,
                 );
-                for (g, out) in out.chunks_exact_mut(cout * positions).enumerate() {
-                    for (co, out) in out.chunks_exact_mut(positions).enumerate() {
-                        let bias = bias.map_or(0.0, |bs| bs[co]);
-                        for (o, &a) in out.iter_mut().zip(&acc[co * n + g * positions..][..positions]) {
-                            *o = a + bias;
-                        }
+            }
+            matmul(
+                acc,
+                cout,
+                n,
+                taps,
+                View::rows(ws, taps),
+                View::rows(cols, n),
+                1.0,
+                false,
+            );
+            for (g, out) in out.chunks_exact_mut(cout * positions).enumerate() {
+                for (co, out) in out.chunks_exact_mut(positions).enumerate() {
+                    let bias = bias.map_or(0.0, |bs| bs[co]);
+                    for (o, &a) in out.iter_mut().zip(&acc[co * n + g * positions..][..positions]) {
+                        *o = a + bias;
                     }
                 }
-            },
-        );
+            }
+        },
+    );
     FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]))
 }
 

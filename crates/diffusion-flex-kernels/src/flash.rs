@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dot, exp, vectorised};
+use super::{dot, exp, par_new_chunks, vectorised};
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -141,36 +141,40 @@ pub struct BlockWeights<'a> {
 pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
     let Dims { batch, len, d } = dims;
     let per_seq = len * d;
-    let mut out = vec![0f32; batch * per_seq];
     if per_seq == 0 {
-        return out;
+        return vec![0f32; batch * per_seq];
     }
     // [q; k; v]ᵀ [3d, len] = Wqkvᵀ [3d, d] · gn [d, len] + bqkv, per image.
-    let mut qkv = vec![0f32; batch * 3 * per_seq];
-    qkv.par_chunks_mut(3 * per_seq).enumerate().for_each(|(b, dst)| {
-        let gn = View::rows(&gn[b * per_seq..][..per_seq], len);
-        matmul(
-            dst,
-            3 * d,
-            len,
-            d,
-            View::transposed(weights.w_qkv, 3 * d),
-            gn,
-            1.0,
-            false,
-        );
-        if let Some(bias) = weights.b_qkv {
-            for (row, &bias) in dst.chunks_exact_mut(len).zip(bias) {
-                row.iter_mut().for_each(|v| *v += bias);
+    let (qkv, _) = par_new_chunks(
+        batch * 3 * per_seq,
+        3 * per_seq,
+        || (),
+        |_, b, dst| {
+            let gn = View::rows(&gn[b * per_seq..][..per_seq], len);
+            matmul(
+                dst,
+                3 * d,
+                len,
+                d,
+                View::transposed(weights.w_qkv, 3 * d),
+                gn,
+                1.0,
+                false,
+            );
+            if let Some(bias) = weights.b_qkv {
+                for (row, &bias) in dst.chunks_exact_mut(len).zip(bias) {
+                    row.iter_mut().for_each(|v| *v += bias);
+                }
             }
-        }
-    });
+        },
+    );
     // One task per block of queries of one image: Wo·oᵀ [d, rows].
     let blocks = len.div_ceil(BLOCK);
-    let mut projected = vec![0f32; batch * blocks * d * BLOCK];
-    projected.par_chunks_mut(d * BLOCK).enumerate().for_each_init(
+    let (projected, _) = par_new_chunks(
+        batch * blocks * d * BLOCK,
+        d * BLOCK,
         || (Vec::new(), Vec::new()),
-        |(st, ot): &mut (Vec<f32>, Vec<f32>), (task, dst)| {
+        |(st, ot): &mut (Vec<f32>, Vec<f32>), task, dst| {
             let (b, start) = (task / blocks, (task % blocks) * BLOCK);
             let rows = BLOCK.min(len - start);
             let slab = &qkv[b * 3 * per_seq..][..3 * per_seq];
@@ -217,25 +221,30 @@ pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) 
         },
     );
     // out = x + bo + Wo·oᵀ, the blocks put back side by side.
-    out.par_chunks_mut(per_seq).enumerate().for_each(|(b, out)| {
-        let x = &x[b * per_seq..][..per_seq];
-        for blk in 0..blocks {
-            let start = blk * BLOCK;
-            let rows = BLOCK.min(len - start);
-            let src = &projected[(b * blocks + blk) * d * BLOCK..][..d * rows];
-            for j in 0..d {
-                let bias = weights.b_out.map_or(0.0, |b| b[j]);
-                let at = j * len + start;
-                for ((o, &x), &y) in out[at..at + rows]
-                    .iter_mut()
-                    .zip(&x[at..at + rows])
-                    .zip(&src[j * rows..][..rows])
-                {
-                    *o = x + (y + bias);
+    let (out, _) = par_new_chunks(
+        batch * per_seq,
+        per_seq,
+        || (),
+        |_, b, out| {
+            let x = &x[b * per_seq..][..per_seq];
+            for blk in 0..blocks {
+                let start = blk * BLOCK;
+                let rows = BLOCK.min(len - start);
+                let src = &projected[(b * blocks + blk) * d * BLOCK..][..d * rows];
+                for j in 0..d {
+                    let bias = weights.b_out.map_or(0.0, |b| b[j]);
+                    let at = j * len + start;
+                    for ((o, &x), &y) in out[at..at + rows]
+                        .iter_mut()
+                        .zip(&x[at..at + rows])
+                        .zip(&src[j * rows..][..rows])
+                    {
+                        *o = x + (y + bias);
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     out
 }
 

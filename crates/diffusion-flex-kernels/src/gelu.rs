@@ -12,7 +12,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{exp, f32s, vectorised};
+use super::{exp, f32s, par_new_chunks, vectorised};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -73,10 +73,13 @@ impl Backward<Flex, 1> for GeluBackward {
 }
 
 fn forward(x: &FlexTensor) -> FlexTensor {
-    let mut y = vec![0f32; f32s(x).len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(f32s(x).par_chunks(CHUNK))
-        .for_each(|(y, x)| gelu_forward(y, x));
+    let xs = f32s(x);
+    let (y, _) = par_new_chunks(
+        xs.len(),
+        CHUNK,
+        || (),
+        |_, i, y| gelu_forward(y, &xs[i * CHUNK..][..y.len()]),
+    );
     FlexTensor::from_data(TensorData::new(y, x.layout().shape().clone()))
 }
 

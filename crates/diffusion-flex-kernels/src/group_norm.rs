@@ -11,7 +11,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
-use super::{dot, sum, sum_sq_dev, vectorised};
+use super::{dot, par_new_chunks, sum, sum_sq_dev, vectorised};
 
 /// Group norm as one pass for the statistics and one for the output
 /// (burn's runs a dozen, the affine part as broadcasts through a strided
@@ -122,23 +122,22 @@ fn group_norm_forward(
     let n = per_group * hw;
     let xs = x.as_slice::<f32>().unwrap();
     let (gs, bs) = (gamma.as_slice::<f32>().unwrap(), beta.as_slice::<f32>().unwrap());
-    let mut y = vec![0f32; xs.len()];
-    let stats: Vec<(f32, f32)> = y
-        .par_chunks_mut(n.max(1))
-        .zip(xs.par_chunks(n.max(1)))
-        .enumerate()
-        .map(|(i, (y, x))| {
+    let (y, stats) = par_new_chunks(
+        xs.len(),
+        n,
+        || (),
+        |_, i, y| {
             let g0 = (i % groups) * per_group;
             group_norm_chunk(
                 y,
-                x,
+                &xs[i * n..][..y.len()],
                 &gs[g0..g0 + per_group],
                 &bs[g0..g0 + per_group],
                 hw,
                 epsilon,
             )
-        })
-        .collect();
+        },
+    );
     let y = FlexTensor::from_data(TensorData::new(y, shape));
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)
