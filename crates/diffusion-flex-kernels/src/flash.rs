@@ -139,13 +139,20 @@ pub struct BlockWeights<'a> {
 /// (the generic block transposes to [len, d], splits q, k and v into
 /// copies, and transposes back).
 pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
+    if dims.len * dims.d == 0 {
+        return Vec::new();
+    }
+    let qkv = project_qkv(gn, weights, dims);
+    let projected = attend_blocks(&qkv, weights, dims);
+    add_residual(x, &projected, weights, dims)
+}
+
+/// [q; k; v]ᵀ [3d, len] per image for [`block_forward`].
+fn project_qkv(gn: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
     let Dims { batch, len, d } = dims;
     let per_seq = len * d;
-    if per_seq == 0 {
-        return vec![0f32; batch * per_seq];
-    }
     // [q; k; v]ᵀ [3d, len] = Wqkvᵀ [3d, d] · gn [d, len] + bqkv, per image.
-    let (qkv, _) = par_new_chunks(
+    par_new_chunks(
         batch * 3 * per_seq,
         3 * per_seq,
         || (),
@@ -167,10 +174,18 @@ pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) 
                 }
             }
         },
-    );
+    )
+    .0
+}
+
+/// Wo·oᵀ [d, rows] for each block of queries of each image (a [`BLOCK`]-row
+/// slot per block) for [`block_forward`].
+fn attend_blocks(qkv: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
+    let Dims { batch, len, d } = dims;
+    let per_seq = len * d;
     // One task per block of queries of one image: Wo·oᵀ [d, rows].
     let blocks = len.div_ceil(BLOCK);
-    let (projected, _) = par_new_chunks(
+    par_new_chunks(
         batch * blocks * d * BLOCK,
         d * BLOCK,
         || (Vec::new(), Vec::new()),
@@ -219,9 +234,17 @@ pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) 
                 false,
             );
         },
-    );
+    )
+    .0
+}
+
+/// x + bo + the projected blocks, in the image layout, for [`block_forward`].
+fn add_residual(x: &[f32], projected: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
+    let Dims { batch, len, d } = dims;
+    let per_seq = len * d;
+    let blocks = len.div_ceil(BLOCK);
     // out = x + bo + Wo·oᵀ, the blocks put back side by side.
-    let (out, _) = par_new_chunks(
+    par_new_chunks(
         batch * per_seq,
         per_seq,
         || (),
@@ -244,8 +267,8 @@ pub fn block_forward(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) 
                 }
             }
         },
-    );
-    out
+    )
+    .0
 }
 
 /// Gradients (dq, dk, dv) of Σ dO ⊙ o with respect to q, k and v.
