@@ -78,7 +78,7 @@ pub fn inference(conv: &Conv2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
 
 /// The options of `conv` when these kernels apply to it (f32 input,
 /// symmetric padding); None otherwise.
-fn conv_options<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<ConvOptions<2>> {
+pub(crate) fn conv_options<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<ConvOptions<2>> {
     let padding = match conv.padding {
         PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => [top, left],
         PaddingConfig2d::Valid => [0, 0],
@@ -87,12 +87,9 @@ fn conv_options<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Option<ConvOp
     (x.dtype() == DType::F32).then(|| ConvOptions::new(conv.stride, padding, conv.dilation, conv.groups))
 }
 
-/// conv2d forward. Depthwise convs run [`depthwise`]; ungrouped convs with
-/// small outputs (at most [`IM2COL_POSITIONS`] per image) or a stride or
-/// dilation run [`conv2d_im2col`] over groups of images; other ungrouped
-/// convs run as kh·kw shifted matrix products per image on a zero-padded
-/// copy of the input (no im2col matrix, kh·kw times the input, is built);
-/// grouped ones go to Flex.
+/// conv2d forward. Depthwise convs run [`depthwise`], ungrouped ones
+/// [`Ungrouped::run`] in parallel over groups of images; grouped ones go
+/// to Flex.
 fn conv2d(
     x: FlexTensor,
     weight: FlexTensor,
@@ -102,72 +99,275 @@ fn conv2d(
     if is_depthwise(&x, &weight, &options) {
         return depthwise(x, weight, bias, options);
     }
-    if options.groups != 1 {
-        return Flex::conv2d(x, weight, bias, options);
-    }
     let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
-    let bias = bias.map(|b| b.to_contiguous());
-    let [b, cin, h, w] = dims4(&x);
-    let [cout, _, kh, kw] = dims4(&weight);
-    let [ph, pw] = options.padding;
-    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-    let reach = |k: usize, i: usize| options.dilation[i] * (k - 1) + 1;
-    if hp < reach(kh, 0) || wp < reach(kw, 1) {
+    let Some(conv) = Ungrouped::new(dims4(&x), dims4(&weight), &options) else {
         return Flex::conv2d(x, weight, bias, options);
-    }
-    if options.stride != [1, 1]
-        || options.dilation != [1, 1]
-        || (hp - kh + 1) * (wp - kw + 1) <= IM2COL_POSITIONS
-    {
-        return conv2d_im2col(&x, &weight, bias.as_ref().map(f32s), &options);
-    }
-    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
-    // Each padded plane has kw spare zeros at its end: the last tap of the
-    // last grid row reads up to kw − 1 elements past the plane.
-    let plane = hp * wp + kw;
-    let grid = ho * wp;
+    };
+    let bias = bias.map(|b| b.to_contiguous());
+    let b = dims4(&x)[0];
     let (xs, ws) = (f32s(&x), f32s(&weight));
     let bs = bias.as_ref().map(f32s);
+    let per_task = conv.images_per_task();
+    let (in_len, out_len) = (conv.in_len(), conv.out_len());
     let (out, _) = par_new_chunks(
-        b * cout * ho * wo,
-        cout * ho * wo,
-        || (vec![0f32; cin * plane], vec![0f32; cout * grid]),
-        |(padded, acc), bi, out| {
-            let xb = &xs[bi * cin * h * w..][..cin * h * w];
-            for ci in 0..cin {
-                for y in 0..h {
-                    let dst = (ci * plane) + (y + ph) * wp + pw;
-                    padded[dst..dst + w].copy_from_slice(&xb[(ci * h + y) * w..][..w]);
-                }
-            }
-            for i in 0..kh {
-                for j in 0..kw {
-                    // acc [out, grid] (+)= W[:, :, i, j] [out, in] · padded shifted by (i, j) [in, grid]
-                    let lhs = View {
-                        data: &ws[i * kw + j..],
-                        rs: cin * kh * kw,
-                        cs: kh * kw,
-                    };
-                    let rhs = View {
-                        data: &padded[i * wp + j..],
-                        rs: plane,
-                        cs: 1,
-                    };
-                    matmul(acc, cout, grid, cin, lhs, rhs, 1.0, i + j > 0);
-                }
-            }
-            for co in 0..cout {
-                let bias = bs.map_or(0.0, |bs| bs[co]);
-                for y in 0..ho {
-                    let src = &acc[co * grid + y * wp..][..wo];
-                    for (o, &a) in out[(co * ho + y) * wo..][..wo].iter_mut().zip(src) {
-                        *o = a + bias;
-                    }
-                }
-            }
+        b * out_len,
+        per_task * out_len,
+        ConvScratch::default,
+        |scratch, task, out| {
+            let images = out.len() / out_len;
+            let xs = &xs[task * per_task * in_len..][..images * in_len];
+            conv.run(xs, ws, bs, scratch, out);
         },
     );
-    FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]))
+    FlexTensor::from_data(TensorData::new(out, [b, conv.cout, conv.ho, conv.wo]))
+}
+
+/// An ungrouped conv2d (cin → cout channels, h×w → ho×wo) and the path
+/// [`conv2d`] takes for it: [`Ungrouped::im2col`] products over groups of
+/// images for small outputs (at most [`IM2COL_POSITIONS`] per image) and
+/// strided or dilated convs, kh·kw shifted matrix products per image on a
+/// zero-padded copy otherwise (no im2col matrix, kh·kw times the input,
+/// is built).
+#[derive(Debug, Clone)]
+pub(crate) struct Ungrouped {
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub ho: usize,
+    pub wo: usize,
+    options: ConvOptions<2>,
+    im2col: bool,
+}
+
+/// Buffers one task of [`Ungrouped::run`] reuses from call to call.
+#[derive(Default)]
+pub(crate) struct ConvScratch {
+    padded: Padded,
+    acc: Vec<f32>,
+    cols: Vec<f32>,
+}
+
+/// A zero-padded copy of planes: the interior is rewritten for every
+/// input, the borders stay zero as long as the geometry (`key`: the
+/// plane's size, its padding and the padded row or kernel width) does.
+#[derive(Default)]
+pub(crate) struct Padded {
+    buf: Vec<f32>,
+    key: [usize; 5],
+}
+
+impl Padded {
+    /// `len` floats with zero borders for planes of geometry `key`.
+    fn for_geometry(&mut self, key: [usize; 5], len: usize) -> &mut [f32] {
+        if self.key != key || self.buf.len() != len {
+            self.buf.clear();
+            self.buf.resize(len, 0.0);
+            self.key = key;
+        }
+        &mut self.buf
+    }
+}
+
+impl Ungrouped {
+    /// The conv of inputs [_, cin, h, w] with a weight [cout, cin, kh, kw]
+    /// under `options`; None for grouped convs and for kernels larger than
+    /// the padded input (left to Flex).
+    pub fn new(
+        [_, cin, h, w]: [usize; 4],
+        [cout, cin_w, kh, kw]: [usize; 4],
+        options: &ConvOptions<2>,
+    ) -> Option<Self> {
+        let [ph, pw] = options.padding;
+        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        let reach = |k: usize, i: usize| options.dilation[i] * (k - 1) + 1;
+        if options.groups != 1 || cin_w != cin || hp < reach(kh, 0) || wp < reach(kw, 1) {
+            return None;
+        }
+        let (ho, wo) = (
+            (hp - reach(kh, 0)) / options.stride[0] + 1,
+            (wp - reach(kw, 1)) / options.stride[1] + 1,
+        );
+        let im2col = options.stride != [1, 1] || options.dilation != [1, 1] || ho * wo <= IM2COL_POSITIONS;
+        Some(Ungrouped {
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            ho,
+            wo,
+            options: options.clone(),
+            im2col,
+        })
+    }
+
+    /// Floats of one input image.
+    pub fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+
+    /// Floats of one output image.
+    pub fn out_len(&self) -> usize {
+        self.cout * self.ho * self.wo
+    }
+
+    /// Images one task should take: enough columns for gemm's widest
+    /// tiles on the im2col path ([`IM2COL_COLUMNS`]), one otherwise.
+    pub fn images_per_task(&self) -> usize {
+        if self.im2col {
+            (IM2COL_COLUMNS / (self.ho * self.wo).max(1)).max(1)
+        } else {
+            1
+        }
+    }
+
+    /// out [images, cout, ho, wo] = conv(xs [images, cin, h, w]) + bias.
+    pub fn run(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        scratch: &mut ConvScratch,
+        out: &mut [f32],
+    ) {
+        if self.im2col {
+            self.run_im2col(xs, ws, bias, scratch, out);
+        } else {
+            for (xb, out) in xs
+                .chunks_exact(self.in_len())
+                .zip(out.chunks_exact_mut(self.out_len()))
+            {
+                self.run_shifted(xb, ws, bias, scratch, out);
+            }
+        }
+    }
+
+    /// One image as kh·kw shifted matrix products (stride 1, dilation 1).
+    fn run_shifted(
+        &self,
+        xb: &[f32],
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        scratch: &mut ConvScratch,
+        out: &mut [f32],
+    ) {
+        let Ungrouped {
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            ho,
+            wo,
+            ..
+        } = *self;
+        let [ph, pw] = self.options.padding;
+        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        // Each padded plane has kw spare zeros at its end: the last tap of
+        // the last grid row reads up to kw − 1 elements past the plane.
+        let plane = hp * wp + kw;
+        let grid = ho * wp;
+        let padded = scratch.padded.for_geometry([h, w, ph, pw, kw], cin * plane);
+        for ci in 0..cin {
+            for y in 0..h {
+                let dst = (ci * plane) + (y + ph) * wp + pw;
+                padded[dst..dst + w].copy_from_slice(&xb[(ci * h + y) * w..][..w]);
+            }
+        }
+        let acc = &mut scratch.acc;
+        acc.resize(cout * grid, 0.0);
+        for i in 0..kh {
+            for j in 0..kw {
+                // acc [out, grid] (+)= W[:, :, i, j] [out, in] · padded shifted by (i, j) [in, grid]
+                let lhs = View {
+                    data: &ws[i * kw + j..],
+                    rs: cin * kh * kw,
+                    cs: kh * kw,
+                };
+                let rhs = View {
+                    data: &padded[i * wp + j..],
+                    rs: plane,
+                    cs: 1,
+                };
+                matmul(&mut acc[..cout * grid], cout, grid, cin, lhs, rhs, 1.0, i + j > 0);
+            }
+        }
+        for co in 0..cout {
+            let bias = bias.map_or(0.0, |bs| bs[co]);
+            for y in 0..ho {
+                let src = &acc[co * grid + y * wp..][..wo];
+                for (o, &a) in out[(co * ho + y) * wo..][..wo].iter_mut().zip(src) {
+                    *o = a + bias;
+                }
+            }
+        }
+    }
+
+    /// Several images as one matrix product:
+    /// out [cout, images·positions] = W [cout, cin·kh·kw] · im2col(x).
+    /// For small outputs (7x7, 3x3) and strided convs: the shifted products
+    /// would give gemm only a few dozen columns per image, a third of them
+    /// padding.
+    fn run_im2col(
+        &self,
+        xs: &[f32],
+        ws: &[f32],
+        bias: Option<&[f32]>,
+        scratch: &mut ConvScratch,
+        out: &mut [f32],
+    ) {
+        let Ungrouped {
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            ho,
+            wo,
+            ..
+        } = *self;
+        let (taps, positions) = (cin * kh * kw, ho * wo);
+        let images = out.len() / self.out_len();
+        let n = images * positions;
+        let (cols, acc) = (&mut scratch.cols, &mut scratch.acc);
+        cols.resize(taps * n, 0.0);
+        acc.resize(cout * n, 0.0);
+        for (g, xb) in xs.chunks_exact(self.in_len()).enumerate() {
+            im2col(
+                xb,
+                [cin, h, w],
+                [kh, kw],
+                [ho, wo],
+                &self.options,
+                &mut cols[g * positions..],
+                n,
+            );
+        }
+        matmul(
+            &mut acc[..cout * n],
+            cout,
+            n,
+            taps,
+            View::rows(ws, taps),
+            View::rows(&cols[..taps * n], n),
+            1.0,
+            false,
+        );
+        for (g, out) in out.chunks_exact_mut(cout * positions).enumerate() {
+            for (co, out) in out.chunks_exact_mut(positions).enumerate() {
+                let bias = bias.map_or(0.0, |bs| bs[co]);
+                for (o, &a) in out.iter_mut().zip(&acc[co * n + g * positions..][..positions]) {
+                    *o = a + bias;
+                }
+            }
+        }
+    }
 }
 
 /// Output columns computed at once by [`depthwise_plane`]: one AVX-512
@@ -193,43 +393,88 @@ fn depthwise(
     options: ConvOptions<2>,
 ) -> FlexTensor {
     let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
-    let bias = bias.map(|b| b.to_contiguous());
     let [b, c, h, w] = dims4(&x);
     let [_, _, kh, kw] = dims4(&weight);
-    let [ph, pw] = options.padding;
-    let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-    if hp < kh || wp < kw {
+    let Some(dw) = Depthwise::new([h, w], [kh, kw], options.padding) else {
         return Flex::conv2d(x, weight, bias, options);
-    }
-    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
-    // A padded row holds every column the last chunk of lanes reads.
-    let lanes = if wo <= DW_NARROW { DW_NARROW } else { DW_LANES };
-    let row = wo.div_ceil(lanes) * lanes + kw - 1;
+    };
+    let bias = bias.map(|b| b.to_contiguous());
     let (xs, ws) = (f32s(&x), f32s(&weight));
     let bs = bias.as_ref().map(f32s);
+    let (ho, wo) = (dw.ho, dw.wo);
     let (out, _) = par_new_chunks(
         b * c * ho * wo,
         DW_PLANES_PER_TASK * ho * wo,
-        || vec![0f32; hp * row],
+        Padded::default,
         |padded, task, out| {
             for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
                 let plane = task * DW_PLANES_PER_TASK + i;
                 let ci = plane % c;
-                let src = &xs[plane * h * w..][..h * w];
-                for (y, src) in src.chunks_exact(w).enumerate() {
-                    padded[(y + ph) * row + pw..][..w].copy_from_slice(src);
-                }
                 let taps = &ws[ci * kh * kw..][..kh * kw];
                 let bias = bs.map_or(0.0, |bs| bs[ci]);
-                if lanes == DW_NARROW {
-                    depthwise_plane_narrow(padded, row, taps, kw, bias, out, wo);
-                } else {
-                    depthwise_plane(padded, row, taps, kw, bias, out, wo);
-                }
+                dw.plane(&xs[plane * h * w..][..h * w], taps, bias, padded, out);
             }
         },
     );
     FlexTensor::from_data(TensorData::new(out, [b, c, ho, wo]))
+}
+
+/// One plane of a depthwise conv (stride 1, dilation 1): h×w → ho×wo.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Depthwise {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    ph: usize,
+    pw: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl Depthwise {
+    /// None when the kernel is larger than the padded plane (left to Flex).
+    pub fn new([h, w]: [usize; 2], [kh, kw]: [usize; 2], [ph, pw]: [usize; 2]) -> Option<Self> {
+        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        (hp >= kh && wp >= kw).then(|| Depthwise {
+            h,
+            w,
+            kh,
+            kw,
+            ph,
+            pw,
+            ho: hp - kh + 1,
+            wo: wp - kw + 1,
+        })
+    }
+
+    /// `out` [ho, wo] = bias + the kh×kw filter `taps` over `src` [h, w]
+    /// (zero-padded through `padded`).
+    pub fn plane(&self, src: &[f32], taps: &[f32], bias: f32, padded: &mut Padded, out: &mut [f32]) {
+        let Depthwise {
+            h,
+            w,
+            kh,
+            kw,
+            ph,
+            pw,
+            wo,
+            ..
+        } = *self;
+        // A padded row holds every column the last chunk of lanes reads.
+        let lanes = if wo <= DW_NARROW { DW_NARROW } else { DW_LANES };
+        let row = wo.div_ceil(lanes) * lanes + kw - 1;
+        let buf = padded.for_geometry([h, w, ph, pw, row], (h + 2 * ph) * row);
+        for (y, src) in src.chunks_exact(w).enumerate() {
+            buf[(y + ph) * row + pw..][..w].copy_from_slice(src);
+        }
+        debug_assert_eq!(taps.len(), kh * kw);
+        if lanes == DW_NARROW {
+            depthwise_plane_narrow(buf, row, taps, kw, bias, out, wo);
+        } else {
+            depthwise_plane(buf, row, taps, kw, bias, out, wo);
+        }
+    }
 }
 
 vectorised! {
@@ -403,80 +648,14 @@ fn im2col(
     }
 }
 
-/// Outputs per image up to which [`conv2d`] uses [`conv2d_im2col`] (the
+/// Outputs per image up to which [`Ungrouped`] takes the im2col path (the
 /// U-Net's 7x7 and 3x3 levels; at 14x14 the shifted products measured
 /// faster).
 const IM2COL_POSITIONS: usize = 64;
 
-/// Output columns (images × positions) one task of [`conv2d_im2col`]
+/// Output columns (images × positions) one task of [`Ungrouped::run_im2col`]
 /// aims for: enough for gemm's widest tiles.
 const IM2COL_COLUMNS: usize = 256;
-
-/// An ungrouped conv as one matrix product per group of images:
-/// out [cout, images·positions] = W [cout, cin·kh·kw] · im2col(x).
-/// For small outputs (7x7, 3x3) and strided convs: the shifted products of
-/// [`conv2d`] would give gemm only a few dozen columns per image, a third
-/// of them padding.
-fn conv2d_im2col(
-    x: &FlexTensor,
-    weight: &FlexTensor,
-    bias: Option<&[f32]>,
-    options: &ConvOptions<2>,
-) -> FlexTensor {
-    let [b, cin, h, w] = dims4(x);
-    let [cout, _, kh, kw] = dims4(weight);
-    let out_size = |len: usize, k: usize, i: usize| {
-        (len + 2 * options.padding[i]).saturating_sub(options.dilation[i] * (k - 1) + 1) / options.stride[i]
-            + 1
-    };
-    let (ho, wo) = (out_size(h, kh, 0), out_size(w, kw, 1));
-    let (taps, positions) = (cin * kh * kw, ho * wo);
-    let per_task = (IM2COL_COLUMNS / positions.max(1)).max(1);
-    let (xs, ws) = (f32s(x), f32s(weight));
-    let (out, _) = par_new_chunks(
-        b * cout * positions,
-        per_task * cout * positions,
-        || (Vec::new(), Vec::new()),
-        |(cols, acc): &mut (Vec<f32>, Vec<f32>), task, out| {
-            let images = out.len() / (cout * positions);
-            let n = images * positions;
-            cols.resize(taps * n, 0.0);
-            acc.resize(cout * n, 0.0);
-            for g in 0..images {
-                let bi = task * per_task + g;
-                let xb = &xs[bi * cin * h * w..][..cin * h * w];
-                im2col(
-                    xb,
-                    [cin, h, w],
-                    [kh, kw],
-                    [ho, wo],
-                    options,
-                    &mut cols[g * positions..],
-                    n,
-                );
-            }
-            matmul(
-                acc,
-                cout,
-                n,
-                taps,
-                View::rows(ws, taps),
-                View::rows(cols, n),
-                1.0,
-                false,
-            );
-            for (g, out) in out.chunks_exact_mut(cout * positions).enumerate() {
-                for (co, out) in out.chunks_exact_mut(positions).enumerate() {
-                    let bias = bias.map_or(0.0, |bs| bs[co]);
-                    for (o, &a) in out.iter_mut().zip(&acc[co * n + g * positions..][..positions]) {
-                        *o = a + bias;
-                    }
-                }
-            }
-        },
-    );
-    FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo]))
-}
 
 /// Images per parallel task of [`weight_grad_gemm`].
 const IMAGES_PER_TASK: usize = 4;

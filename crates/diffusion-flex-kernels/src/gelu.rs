@@ -84,7 +84,8 @@ fn forward(x: &FlexTensor) -> FlexTensor {
 }
 
 vectorised! {
-    fn gelu_forward(y: &mut [f32], x: &[f32]) -> () {
+    /// y = GELU(x), elementwise.
+    pub(crate) fn gelu_forward(y: &mut [f32], x: &[f32]) -> () {
         for (y, &x) in y.iter_mut().zip(x) {
             *y = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
         }

@@ -62,7 +62,10 @@ pub fn inference(norm: &GroupNorm<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> 
 }
 
 /// γ and β of `norm` when these kernels apply (an affine norm, f32 input).
-fn affine_params<B: Backend>(norm: &GroupNorm<B>, x: &Tensor<B, 4>) -> Option<(Tensor<B, 1>, Tensor<B, 1>)> {
+pub(crate) fn affine_params<B: Backend>(
+    norm: &GroupNorm<B>,
+    x: &Tensor<B, 4>,
+) -> Option<(Tensor<B, 1>, Tensor<B, 1>)> {
     match (&norm.gamma, &norm.beta) {
         (Some(gamma), Some(beta)) if norm.affine && x.dtype() == DType::F32 => {
             Some((gamma.val(), beta.val()))
@@ -147,10 +150,7 @@ vectorised! {
     /// Normalises one (sample, group) of `hw`-sized channel planes;
     /// returns (mean, rstd).
     fn group_norm_chunk(y: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], hw: usize, epsilon: f64) -> (f32, f32) {
-        let n = x.len();
-        let mean = sum(x) / n as f32;
-        let var = sum_sq_dev(x, mean) / n as f32;
-        let rstd = 1.0 / (var as f64 + epsilon).sqrt() as f32;
+        let (mean, rstd) = stats(x, epsilon);
         for (ci, (y, x)) in y.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
             let scale = rstd * gamma[ci];
             let shift = beta[ci] - mean * scale;
@@ -160,6 +160,31 @@ vectorised! {
         }
         (mean, rstd)
     }
+}
+
+vectorised! {
+    /// [`group_norm_chunk`] in place, for a chunk the caller no longer
+    /// needs un-normalised (a fused block's intermediate).
+    pub(crate) fn group_norm_chunk_in_place(x: &mut [f32], gamma: &[f32], beta: &[f32], hw: usize, epsilon: f64) -> () {
+        let (mean, rstd) = stats(x, epsilon);
+        for (ci, x) in x.chunks_exact_mut(hw).enumerate() {
+            let scale = rstd * gamma[ci];
+            let shift = beta[ci] - mean * scale;
+            for x in x.iter_mut() {
+                *x = *x * scale + shift;
+            }
+        }
+    }
+}
+
+/// The mean and 1/√(var + ε) of one (sample, group), the variance as the
+/// mean squared deviation from the mean (two passes: no cancellation).
+#[inline(always)]
+fn stats(x: &[f32], epsilon: f64) -> (f32, f32) {
+    let n = x.len();
+    let mean = sum(x) / n as f32;
+    let var = sum_sq_dev(x, mean) / n as f32;
+    (mean, 1.0 / (var as f64 + epsilon).sqrt() as f32)
 }
 
 /// With x̂ = (x − mean)·rstd and the group means ⟨·⟩:

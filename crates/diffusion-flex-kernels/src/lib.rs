@@ -50,6 +50,8 @@ pub mod attention;
 #[cfg(feature = "unet")]
 pub mod attention_block;
 pub mod conv;
+#[cfg(feature = "unet")]
+pub mod convnext_block;
 mod flash;
 pub mod gelu;
 pub mod group_norm;
@@ -64,9 +66,9 @@ mod matmul;
 /// how many lanes run at once); the baseline tier rounds its
 /// multiply-adds twice. Every tier is deterministic.
 macro_rules! vectorised {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$doc])*
-        fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
             fn body<const FMA: bool>($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
@@ -180,6 +182,7 @@ pub fn install_for_unet() {
         group_norm: group_norm::inference,
         gelu: gelu::inference,
         attention_block: attention_block::inference,
+        convnext_block: convnext_block::inference,
     });
     install::<Autodiff<Flex>>(Kernels {
         attention: attention::autodiff,
@@ -187,6 +190,7 @@ pub fn install_for_unet() {
         group_norm: group_norm::autodiff,
         gelu: gelu::autodiff,
         attention_block: diffusion_model::kernels::generic_attention_block,
+        convnext_block: diffusion_model::kernels::generic_convnext_block,
     });
 }
 

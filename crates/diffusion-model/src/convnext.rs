@@ -87,8 +87,13 @@ impl<B: Backend> ConvNeXtBlock<B> {
         time: &Tensor<B, 2>,
         class: Option<&ClassCondition<B>>,
     ) -> Tensor<B, 4> {
-        let [b, c, _, _] = x.dims();
-        let mut h = kernels::conv2d(&self.depthwise, x.clone());
+        let cond = self.condition(time, class);
+        kernels::convnext_block(self, x, cond)
+    }
+
+    /// The per-channel term added after the depthwise conv:
+    /// Linear(SiLU(t_emb)) [+ Linear(SiLU(c_emb)), masked], [B, in].
+    pub fn condition(&self, time: &Tensor<B, 2>, class: Option<&ClassCondition<B>>) -> Tensor<B, 2> {
         let mut cond = self.time_proj.forward(time.clone()); // [B, in]
         if let (Some(proj), Some(class)) = (&self.class_proj, class) {
             let mut term = proj.forward(class.silu_embedding.clone());
@@ -97,7 +102,19 @@ impl<B: Backend> ConvNeXtBlock<B> {
             }
             cond = cond + term;
         }
-        h = h + cond.reshape([b, c, 1, 1]);
+        cond
+    }
+
+    /// The block after its [`condition`](Self::condition) term is known,
+    /// composed of burn operations and the installed conv2d, group norm
+    /// and GELU kernels (what a fused [`kernels::convnext_block`] must
+    /// compute).
+    ///
+    /// # Shapes
+    /// - `x`: [B, in, H, W]; `cond`: [B, in]; returns [B, out, H, W]
+    pub fn forward_generic(&self, x: Tensor<B, 4>, cond: Tensor<B, 2>) -> Tensor<B, 4> {
+        let [b, c, _, _] = x.dims();
+        let h = kernels::conv2d(&self.depthwise, x.clone()) + cond.reshape([b, c, 1, 1]);
         let h = kernels::conv2d(&self.conv1, kernels::group_norm(&self.norm1, h));
         let h = kernels::conv2d(&self.conv2, kernels::group_norm(&self.norm2, kernels::gelu(h)));
         let skip = match &self.shortcut {

@@ -33,6 +33,7 @@ use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::attention::AttentionBlock;
+use crate::convnext::ConvNeXtBlock;
 
 /// Single-head attention softmax(q·kᵀ/√d)·v.
 ///
@@ -65,6 +66,16 @@ pub type GeluFn<B> = fn(Tensor<B, 4>) -> Tensor<B, 4>;
 /// - `x`: [batch, d, h, w]; returns the same shape
 pub type AttentionBlockFn<B> = for<'a> fn(&'a AttentionBlock<B>, Tensor<B, 4>) -> Tensor<B, 4>;
 
+/// A whole ConvNeXt block applied to an input and its condition term,
+/// `block.forward_generic(x, cond)`: depthwise conv + cond, group norm,
+/// conv, GELU, group norm, conv, plus the shortcut. A kernel may fuse its
+/// steps (and keep one image's intermediates in cache); it must compute
+/// what [`ConvNeXtBlock::forward_generic`] computes.
+///
+/// # Shapes
+/// - `x`: [batch, in, h, w]; `cond`: [batch, in]; returns [batch, out, h, w]
+pub type ConvNeXtBlockFn<B> = for<'a> fn(&'a ConvNeXtBlock<B>, Tensor<B, 4>, Tensor<B, 2>) -> Tensor<B, 4>;
+
 /// The replaceable kernels of one backend type.
 pub struct Kernels<B: Backend> {
     /// Single-head attention, used by [`AttentionImpl::Fused`](crate::AttentionImpl::Fused).
@@ -77,6 +88,9 @@ pub struct Kernels<B: Backend> {
     pub gelu: GeluFn<B>,
     /// The attention block around [`Kernels::attention`].
     pub attention_block: AttentionBlockFn<B>,
+    /// The ConvNeXt block around [`Kernels::conv2d`], [`Kernels::group_norm`]
+    /// and [`Kernels::gelu`].
+    pub convnext_block: ConvNeXtBlockFn<B>,
 }
 
 impl<B: Backend> Clone for Kernels<B> {
@@ -94,6 +108,7 @@ impl<B: Backend> Default for Kernels<B> {
             group_norm: generic_group_norm::<B>,
             gelu: burn::tensor::activation::gelu::<4, B>,
             attention_block: generic_attention_block::<B>,
+            convnext_block: generic_convnext_block::<B>,
         }
     }
 }
@@ -158,6 +173,25 @@ pub fn attention_block<B: Backend>(block: &AttentionBlock<B>, x: Tensor<B, 4>) -
 /// [`attention`] kernel.
 pub fn generic_attention_block<B: Backend>(block: &AttentionBlock<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     block.forward_generic(x)
+}
+
+/// `block.forward_generic(x, cond)` through the installed kernel for `B`.
+pub fn convnext_block<B: Backend>(
+    block: &ConvNeXtBlock<B>,
+    x: Tensor<B, 4>,
+    cond: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    (get::<B>().convnext_block)(block, x, cond)
+}
+
+/// The ConvNeXt block composed of burn operations and the installed
+/// conv2d, group norm and GELU kernels.
+pub fn generic_convnext_block<B: Backend>(
+    block: &ConvNeXtBlock<B>,
+    x: Tensor<B, 4>,
+    cond: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    block.forward_generic(x, cond)
 }
 
 /// burn's attention op (a fused kernel where the backend has one).
