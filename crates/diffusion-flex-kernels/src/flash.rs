@@ -353,11 +353,29 @@ vectorised! {
         let rows = maxes.len();
         let mut c0 = 0;
         while c0 + COLS <= rows {
-            let mut m = [f32::NEG_INFINITY; COLS];
-            for row in st.chunks_exact(rows) {
+            // Four running maxima over interleaved rows: independent
+            // chains instead of one max per row waiting on the last (the
+            // max is exact, so the order does not change the result).
+            let mut m4 = [[f32::NEG_INFINITY; COLS]; 4];
+            let quads = st.chunks_exact(4 * rows);
+            for row in quads.remainder().chunks_exact(rows) {
                 let x: &[f32; COLS] = row[c0..c0 + COLS].try_into().unwrap();
                 for l in 0..COLS {
-                    m[l] = if x[l] > m[l] { x[l] } else { m[l] };
+                    m4[0][l] = if x[l] > m4[0][l] { x[l] } else { m4[0][l] };
+                }
+            }
+            for quad in quads {
+                for (k, m) in m4.iter_mut().enumerate() {
+                    let x: &[f32; COLS] = quad[k * rows + c0..][..COLS].try_into().unwrap();
+                    for l in 0..COLS {
+                        m[l] = if x[l] > m[l] { x[l] } else { m[l] };
+                    }
+                }
+            }
+            let mut m = m4[0];
+            for other in &m4[1..] {
+                for l in 0..COLS {
+                    m[l] = if other[l] > m[l] { other[l] } else { m[l] };
                 }
             }
             for v in m.iter_mut() {
