@@ -50,6 +50,7 @@ pub mod attention;
 #[cfg(feature = "unet")]
 pub mod attention_block;
 pub mod conv;
+pub mod conv_transpose;
 #[cfg(feature = "unet")]
 pub mod convnext_block;
 mod flash;
@@ -183,6 +184,7 @@ pub fn install_for_unet() {
         gelu: gelu::inference,
         attention_block: attention_block::inference,
         convnext_block: convnext_block::inference,
+        conv_transpose2d: conv_transpose::inference,
     });
     install::<Autodiff<Flex>>(Kernels {
         attention: attention::autodiff,
@@ -191,6 +193,7 @@ pub fn install_for_unet() {
         gelu: gelu::autodiff,
         attention_block: diffusion_model::kernels::generic_attention_block,
         convnext_block: diffusion_model::kernels::generic_convnext_block,
+        conv_transpose2d: diffusion_model::kernels::generic_conv_transpose2d,
     });
 }
 

@@ -26,7 +26,7 @@
 use std::any::Any;
 use std::sync::RwLock;
 
-use burn::nn::conv::Conv2d;
+use burn::nn::conv::{Conv2d, ConvTranspose2d};
 use burn::nn::GroupNorm;
 use burn::prelude::*;
 use burn::tensor::module::attention as burn_attention;
@@ -47,6 +47,12 @@ pub type AttentionFn<B> = fn(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) -> Tensor
 /// # Shapes
 /// - `x`: [batch, in, h, w]; returns [batch, out, h', w']
 pub type Conv2dFn<B> = for<'a> fn(&'a Conv2d<B>, Tensor<B, 4>) -> Tensor<B, 4>;
+
+/// A transposed 2-D convolution module applied to an input, `conv.forward(x)`.
+///
+/// # Shapes
+/// - `x`: [batch, in, h, w]; returns [batch, out, h', w']
+pub type ConvTranspose2dFn<B> = for<'a> fn(&'a ConvTranspose2d<B>, Tensor<B, 4>) -> Tensor<B, 4>;
 
 /// A group norm module applied to an input, `norm.forward(x)`.
 ///
@@ -91,6 +97,8 @@ pub struct Kernels<B: Backend> {
     /// The ConvNeXt block around [`Kernels::conv2d`], [`Kernels::group_norm`]
     /// and [`Kernels::gelu`].
     pub convnext_block: ConvNeXtBlockFn<B>,
+    /// Transposed 2-D convolution of a `ConvTranspose2d` module (the U-Net's up convs).
+    pub conv_transpose2d: ConvTranspose2dFn<B>,
 }
 
 impl<B: Backend> Clone for Kernels<B> {
@@ -109,6 +117,7 @@ impl<B: Backend> Default for Kernels<B> {
             gelu: burn::tensor::activation::gelu::<4, B>,
             attention_block: generic_attention_block::<B>,
             convnext_block: generic_convnext_block::<B>,
+            conv_transpose2d: generic_conv_transpose2d::<B>,
         }
     }
 }
@@ -146,6 +155,16 @@ pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
 
 /// burn's conv2d.
 pub fn generic_conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv.forward(x)
+}
+
+/// `conv.forward(x)` of a transposed conv through the installed kernel for `B`.
+pub fn conv_transpose2d<B: Backend>(conv: &ConvTranspose2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    (get::<B>().conv_transpose2d)(conv, x)
+}
+
+/// burn's conv_transpose2d.
+pub fn generic_conv_transpose2d<B: Backend>(conv: &ConvTranspose2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     conv.forward(x)
 }
 

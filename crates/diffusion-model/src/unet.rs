@@ -11,6 +11,7 @@ use crate::attention::AttentionImpl;
 use crate::block::{Block, BlockConfig};
 use crate::class_embedding::{ClassEmbedding, ClassEmbeddingConfig};
 use crate::convnext::{ConvNeXtBlock, ConvNeXtConfig};
+use crate::kernels;
 use crate::time_embedding;
 use crate::ModelError;
 
@@ -307,11 +308,11 @@ impl<B: Backend> UNet<B> {
         let mut skips = Vec::with_capacity(self.downsamples.len());
         for (down, block) in self.downsamples.iter().zip(&self.down_blocks) {
             skips.push(x.clone());
-            x = block.forward(down.forward(x), &time, class);
+            x = block.forward(kernels::conv2d(down, x), &time, class);
         }
         for (up, block) in self.upsamples.iter().zip(&self.up_blocks) {
             let skip = skips.pop().expect("one skip per level");
-            x = Tensor::cat(vec![up.forward(x), skip], 1); // [B, 2·skip, H, W]
+            x = Tensor::cat(vec![kernels::conv_transpose2d(up, x), skip], 1); // [B, 2·skip, H, W]
             x = block.forward(x, &time, class);
         }
         self.head.forward(x, &time, class)
