@@ -14,7 +14,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dims4, dot, f32s, madd, par_new_chunks, sum, vectorised};
+use super::{dims4, dot, f32s, grown, madd, par_new_chunks, sum, vectorised, with_scratch};
 
 /// A conv2d whose passes avoid Flex's slow paths. Forward: `conv2d` (`conv.rs`). The
 /// input gradient of a stride-1 conv is itself a conv (flipped kernel,
@@ -112,11 +112,11 @@ fn conv2d(
     let (out, _) = par_new_chunks(
         b * out_len,
         per_task * out_len,
-        ConvScratch::default,
-        |scratch, task, out| {
+        || (),
+        |_, task, out| {
             let images = out.len() / out_len;
             let xs = &xs[task * per_task * in_len..][..images * in_len];
-            conv.run(xs, ws, bs, scratch, out);
+            with_scratch(|scratch: &mut ConvScratch| conv.run(xs, ws, bs, scratch, out));
         },
     );
     FlexTensor::from_data(TensorData::new(out, [b, conv.cout, conv.ho, conv.wo]))
@@ -279,8 +279,7 @@ impl Ungrouped {
                 padded[dst..dst + w].copy_from_slice(&xb[(ci * h + y) * w..][..w]);
             }
         }
-        let acc = &mut scratch.acc;
-        acc.resize(cout * grid, 0.0);
+        let acc = grown(&mut scratch.acc, cout * grid);
         for i in 0..kh {
             for j in 0..kw {
                 // acc [out, grid] (+)= W[:, :, i, j] [out, in] · padded shifted by (i, j) [in, grid]
@@ -294,7 +293,7 @@ impl Ungrouped {
                     rs: plane,
                     cs: 1,
                 };
-                matmul(&mut acc[..cout * grid], cout, grid, cin, lhs, rhs, 1.0, i + j > 0);
+                matmul(acc, cout, grid, cin, lhs, rhs, 1.0, i + j > 0);
             }
         }
         for co in 0..cout {
@@ -335,9 +334,8 @@ impl Ungrouped {
         let (taps, positions) = (cin * kh * kw, ho * wo);
         let images = out.len() / self.out_len();
         let n = images * positions;
-        let (cols, acc) = (&mut scratch.cols, &mut scratch.acc);
-        cols.resize(taps * n, 0.0);
-        acc.resize(cout * n, 0.0);
+        let cols = grown(&mut scratch.cols, taps * n);
+        let acc = grown(&mut scratch.acc, cout * n);
         for (g, xb) in xs.chunks_exact(self.in_len()).enumerate() {
             im2col(
                 xb,
@@ -350,12 +348,12 @@ impl Ungrouped {
             );
         }
         matmul(
-            &mut acc[..cout * n],
+            acc,
             cout,
             n,
             taps,
             View::rows(ws, taps),
-            View::rows(&cols[..taps * n], n),
+            View::rows(cols, n),
             1.0,
             false,
         );
@@ -405,15 +403,17 @@ fn depthwise(
     let (out, _) = par_new_chunks(
         b * c * ho * wo,
         DW_PLANES_PER_TASK * ho * wo,
-        Padded::default,
-        |padded, task, out| {
-            for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
-                let plane = task * DW_PLANES_PER_TASK + i;
-                let ci = plane % c;
-                let taps = &ws[ci * kh * kw..][..kh * kw];
-                let bias = bs.map_or(0.0, |bs| bs[ci]);
-                dw.plane(&xs[plane * h * w..][..h * w], taps, bias, padded, out);
-            }
+        || (),
+        |_, task, out| {
+            with_scratch(|padded: &mut Padded| {
+                for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+                    let plane = task * DW_PLANES_PER_TASK + i;
+                    let ci = plane % c;
+                    let taps = &ws[ci * kh * kw..][..kh * kw];
+                    let bias = bs.map_or(0.0, |bs| bs[ci]);
+                    dw.plane(&xs[plane * h * w..][..h * w], taps, bias, padded, out);
+                }
+            })
         },
     );
     FlexTensor::from_data(TensorData::new(out, [b, c, ho, wo]))

@@ -13,7 +13,7 @@ use burn::nn::conv::ConvTranspose2d;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
 use super::matmul::{matmul, View};
-use super::{dims4, f32s, par_new_chunks};
+use super::{dims4, f32s, grown, par_new_chunks, with_scratch};
 use burn::backend::flex::FlexTensor;
 
 /// `conv.forward(x)` on `Flex` without autodiff. Grouped or dilated convs
@@ -45,31 +45,33 @@ pub fn inference(conv: &ConvTranspose2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Fle
     let (out, _) = par_new_chunks(
         b * cout * ho * wo,
         cout * ho * wo,
-        Vec::new,
-        |cols: &mut Vec<f32>, bi, out| {
-            cols.resize(taps * hw, 0.0);
-            // cols [(co, i, j), (y, x)] = Σ_ci W[ci, co, i, j] · x[ci, y, x]
-            let xb = View::rows(&xs[bi * cin * hw..][..cin * hw], hw);
-            matmul(cols, taps, hw, cin, View::transposed(ws, taps), xb, 1.0, false);
-            for (co, plane) in out.chunks_exact_mut(ho * wo).enumerate() {
-                plane.fill(bs.map_or(0.0, |bs| bs[co]));
-                for i in 0..kh {
-                    for j in 0..kw {
-                        let col = &cols[((co * kh + i) * kw + j) * hw..][..hw];
-                        for y in 0..h {
-                            let Some(oy) = (y * s[0] + i).checked_sub(p[0]).filter(|&oy| oy < ho) else {
-                                continue;
-                            };
-                            let row = &mut plane[oy * wo..][..wo];
-                            for (x, &v) in col[y * w..][..w].iter().enumerate() {
-                                if let Some(ox) = (x * s[1] + j).checked_sub(p[1]).filter(|&ox| ox < wo) {
-                                    row[ox] += v;
+        || (),
+        |_, bi, out| {
+            with_scratch(|cols: &mut Vec<f32>| {
+                let cols = grown(cols, taps * hw);
+                // cols [(co, i, j), (y, x)] = Σ_ci W[ci, co, i, j] · x[ci, y, x]
+                let xb = View::rows(&xs[bi * cin * hw..][..cin * hw], hw);
+                matmul(cols, taps, hw, cin, View::transposed(ws, taps), xb, 1.0, false);
+                for (co, plane) in out.chunks_exact_mut(ho * wo).enumerate() {
+                    plane.fill(bs.map_or(0.0, |bs| bs[co]));
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let col = &cols[((co * kh + i) * kw + j) * hw..][..hw];
+                            for y in 0..h {
+                                let Some(oy) = (y * s[0] + i).checked_sub(p[0]).filter(|&oy| oy < ho) else {
+                                    continue;
+                                };
+                                let row = &mut plane[oy * wo..][..wo];
+                                for (x, &v) in col[y * w..][..w].iter().enumerate() {
+                                    if let Some(ox) = (x * s[1] + j).checked_sub(p[1]).filter(|&ox| ox < wo) {
+                                        row[ox] += v;
+                                    }
                                 }
                             }
                         }
                     }
                 }
-            }
+            })
         },
     );
     Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(

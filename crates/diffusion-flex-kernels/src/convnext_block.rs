@@ -24,7 +24,7 @@ use super::conv::{conv_options, ConvScratch, Depthwise, Padded, Ungrouped};
 use super::gelu::gelu_forward;
 use super::group_norm::{affine_params, group_norm_chunk_in_place};
 use super::matmul::{matmul, View};
-use super::{dims4, f32s, par_new_chunks};
+use super::{dims4, f32s, grown, par_new_chunks, with_scratch};
 
 /// `block.forward_generic(x, cond)` on `Flex` without autodiff, fused.
 /// Blocks these kernels do not cover (non-f32 input, a grouped or
@@ -212,6 +212,20 @@ impl Plan {
     /// The block's output [b, cout, h, w] for `x` [b, cin, h, w] and
     /// `cond` [b, cin], one task per group of images.
     fn run(&self, x: &[f32], cond: &[f32], b: usize) -> Vec<f32> {
+        let out_len = self.cout * self.hw;
+        let per_task = self.conv1.images_per_task().max(self.conv2.images_per_task());
+        par_new_chunks(
+            b * out_len,
+            per_task * out_len,
+            || (),
+            |_, task, out| with_scratch(|s: &mut Scratch| self.run_images(x, cond, task * per_task, s, out)),
+        )
+        .0
+    }
+
+    /// The block's output `out` [images, cout, h, w] for the images from
+    /// `first` on.
+    fn run_images(&self, x: &[f32], cond: &[f32], first: usize, s: &mut Scratch, out: &mut [f32]) {
         let Plan {
             cin,
             hidden,
@@ -219,68 +233,64 @@ impl Plan {
             hw,
             ..
         } = *self;
-        let per_task = self.conv1.images_per_task().max(self.conv2.images_per_task());
         let (in_len, out_len) = (cin * hw, cout * hw);
-        par_new_chunks(
-            b * out_len,
-            per_task * out_len,
-            Scratch::default,
-            |s, task, out| {
-                let images = out.len() / out_len;
-                let first = task * per_task;
-                let x = &x[first * in_len..][..images * in_len];
-                // h1 = GN1(depthwise(x) + bias + cond), image by image.
-                s.h1.resize(images * in_len, 0.0);
-                let (taps, dw_bias) = (self.dw.weight(), self.dw.bias());
-                let k = taps.len() / cin;
-                for (g, (xb, h1)) in x
-                    .chunks_exact(in_len)
-                    .zip(s.h1.chunks_exact_mut(in_len))
-                    .enumerate()
-                {
-                    for (c, (src, dst)) in xb.chunks_exact(hw).zip(h1.chunks_exact_mut(hw)).enumerate() {
-                        let bias = dw_bias.map_or(0.0, |bs| bs[c]) + cond[(first + g) * cin + c];
-                        self.depthwise
-                            .plane(src, &taps[c * k..][..k], bias, &mut s.dw_padded, dst);
+        let images = out.len() / out_len;
+        let x = &x[first * in_len..][..images * in_len];
+        let Scratch {
+            dw_padded,
+            h1,
+            pre,
+            h2,
+            conv1,
+            conv2,
+        } = s;
+        // h1 = GN1(depthwise(x) + bias + cond), image by image.
+        let h1 = grown(h1, images * in_len);
+        let (taps, dw_bias) = (self.dw.weight(), self.dw.bias());
+        let k = taps.len() / cin;
+        for (g, (xb, h1)) in x
+            .chunks_exact(in_len)
+            .zip(h1.chunks_exact_mut(in_len))
+            .enumerate()
+        {
+            for (c, (src, dst)) in xb.chunks_exact(hw).zip(h1.chunks_exact_mut(hw)).enumerate() {
+                let bias = dw_bias.map_or(0.0, |bs| bs[c]) + cond[(first + g) * cin + c];
+                self.depthwise
+                    .plane(src, &taps[c * k..][..k], bias, dw_padded, dst);
+            }
+            self.norm1.apply(h1, hw);
+        }
+        // h2 = GN2(GELU(conv1(h1))).
+        let pre = grown(pre, images * hidden * hw);
+        let h2 = grown(h2, images * hidden * hw);
+        self.conv1.run(h1, self.c1.weight(), self.c1.bias(), conv1, pre);
+        gelu_forward(h2, pre);
+        for h2 in h2.chunks_exact_mut(hidden * hw) {
+            self.norm2.apply(h2, hw);
+        }
+        // out = conv2(h2) + shortcut(x).
+        self.conv2.run(h2, self.c2.weight(), self.c2.bias(), conv2, out);
+        for (xb, out) in x.chunks_exact(in_len).zip(out.chunks_exact_mut(out_len)) {
+            match &self.shortcut {
+                None => {
+                    for (o, &v) in out.iter_mut().zip(xb) {
+                        *o += v;
                     }
-                    self.norm1.apply(h1, hw);
                 }
-                // h2 = GN2(GELU(conv1(h1))).
-                s.pre.resize(images * hidden * hw, 0.0);
-                s.h2.resize(images * hidden * hw, 0.0);
-                self.conv1
-                    .run(&s.h1, self.c1.weight(), self.c1.bias(), &mut s.conv1, &mut s.pre);
-                gelu_forward(&mut s.h2, &s.pre);
-                for h2 in s.h2.chunks_exact_mut(hidden * hw) {
-                    self.norm2.apply(h2, hw);
-                }
-                // out = conv2(h2) + shortcut(x).
-                self.conv2
-                    .run(&s.h2, self.c2.weight(), self.c2.bias(), &mut s.conv2, out);
-                for (xb, out) in x.chunks_exact(in_len).zip(out.chunks_exact_mut(out_len)) {
-                    match &self.shortcut {
-                        None => {
-                            for (o, &v) in out.iter_mut().zip(xb) {
-                                *o += v;
-                            }
-                        }
-                        Some(p) => {
-                            // out [cout, hw] += W [cout, cin] · x [cin, hw] + bias
-                            let ws = View::rows(p.weight(), cin);
-                            matmul(out, cout, hw, cin, ws, View::rows(xb, hw), 1.0, true);
-                            if let Some(bias) = p.bias() {
-                                for (out, &bias) in out.chunks_exact_mut(hw).zip(bias) {
-                                    for o in out.iter_mut() {
-                                        *o += bias;
-                                    }
-                                }
+                Some(p) => {
+                    // out [cout, hw] += W [cout, cin] · x [cin, hw] + bias
+                    let ws = View::rows(p.weight(), cin);
+                    matmul(out, cout, hw, cin, ws, View::rows(xb, hw), 1.0, true);
+                    if let Some(bias) = p.bias() {
+                        for (out, &bias) in out.chunks_exact_mut(hw).zip(bias) {
+                            for o in out.iter_mut() {
+                                *o += bias;
                             }
                         }
                     }
                 }
-            },
-        )
-        .0
+            }
+        }
     }
 }
 

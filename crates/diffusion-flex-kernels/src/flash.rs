@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dot, exp, par_new_chunks, vectorised};
+use super::{dot, exp, grown, par_new_chunks, vectorised, with_scratch};
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -64,9 +64,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
             o.par_chunks_mut(BLOCK * d)
                 .zip(lse.par_chunks_mut(BLOCK))
                 .enumerate()
-                .for_each_init(
-                    || (Vec::new(), Vec::new()),
-                    |(st, ot): &mut (Vec<f32>, Vec<f32>), (block, (o, lse))| {
+                .for_each(|(block, (o, lse))| {
+                    with_scratch(|scratch: &mut Scratch| {
                         let (start, rows) = (block * BLOCK, lse.len());
                         let block = Block {
                             k: View::rows(k, d),
@@ -76,7 +75,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                             rows,
                             d,
                         };
-                        let (maxes, sums) = block.attend(dims.scale(), st, ot);
+                        let (ot, maxes, sums) = block.attend(dims.scale(), scratch);
                         for i in 0..rows {
                             let inv = 1.0 / sums[i];
                             for (j, out) in o[i * d..][..d].iter_mut().enumerate() {
@@ -84,8 +83,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                             }
                             lse[i] = maxes[i] + sums[i].ln();
                         }
-                    },
-                );
+                    })
+                });
         });
     (o, lse)
 }
@@ -106,17 +105,29 @@ impl Block<'_> {
     /// Leaves the unnormalised outputs oᵀ [d, rows] in `ot` and returns
     /// each query's max score and sum of exps (the first `rows` entries):
     /// sᵀ [len, rows] = scale · k · qᵀ, the column softmax of sᵀ (in `st`),
-    /// oᵀ = vᵀ · pᵀ.
-    fn attend(&self, scale: f32, st: &mut Vec<f32>, ot: &mut Vec<f32>) -> ([f32; BLOCK], [f32; BLOCK]) {
+    /// oᵀ = vᵀ · pᵀ; returns oᵀ (in `scratch`) with them.
+    fn attend<'s>(
+        &self,
+        scale: f32,
+        scratch: &'s mut Scratch,
+    ) -> (&'s mut [f32], [f32; BLOCK], [f32; BLOCK]) {
         let Block { len, rows, d, .. } = *self;
-        st.resize(len * rows, 0.0);
-        ot.resize(d * rows, 0.0);
+        let st = grown(&mut scratch.st, len * rows);
+        let ot = grown(&mut scratch.ot, d * rows);
         matmul(st, len, rows, d, self.k, self.q_t, scale, false);
         let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
         softmax_columns(st, &mut maxes[..rows], &mut sums[..rows]);
         matmul(ot, d, rows, len, self.v_t, View::rows(st, rows), 1.0, false);
-        (maxes, sums)
+        (ot, maxes, sums)
     }
+}
+
+/// One task's buffers for [`Block::attend`]: the score block sᵀ and the
+/// unnormalised outputs oᵀ.
+#[derive(Default)]
+struct Scratch {
+    st: Vec<f32>,
+    ot: Vec<f32>,
 }
 
 /// The weights of one attention block, as slices: `w_qkv` [d, 3d] and
@@ -188,51 +199,53 @@ fn attend_blocks(qkv: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
     par_new_chunks(
         batch * blocks * d * BLOCK,
         d * BLOCK,
-        || (Vec::new(), Vec::new()),
-        |(st, ot): &mut (Vec<f32>, Vec<f32>), task, dst| {
-            let (b, start) = (task / blocks, (task % blocks) * BLOCK);
-            let rows = BLOCK.min(len - start);
-            let slab = &qkv[b * 3 * per_seq..][..3 * per_seq];
-            let (q_t, k_t, v_t) = (
-                &slab[..per_seq],
-                &slab[per_seq..2 * per_seq],
-                &slab[2 * per_seq..],
-            );
-            let block = Block {
-                k: View {
-                    data: k_t,
-                    rs: 1,
-                    cs: len,
-                },
-                q_t: View {
-                    data: &q_t[start..],
-                    rs: len,
-                    cs: 1,
-                },
-                v_t: View::rows(v_t, len),
-                len,
-                rows,
-                d,
-            };
-            let (_, sums) = block.attend(dims.scale(), st, ot);
-            // Normalised per column.
-            for row in ot.chunks_exact_mut(rows) {
-                for (v, s) in row.iter_mut().zip(sums.iter()) {
-                    *v /= *s;
+        || (),
+        |_, task, dst| {
+            with_scratch(|scratch: &mut Scratch| {
+                let (b, start) = (task / blocks, (task % blocks) * BLOCK);
+                let rows = BLOCK.min(len - start);
+                let slab = &qkv[b * 3 * per_seq..][..3 * per_seq];
+                let (q_t, k_t, v_t) = (
+                    &slab[..per_seq],
+                    &slab[per_seq..2 * per_seq],
+                    &slab[2 * per_seq..],
+                );
+                let block = Block {
+                    k: View {
+                        data: k_t,
+                        rs: 1,
+                        cs: len,
+                    },
+                    q_t: View {
+                        data: &q_t[start..],
+                        rs: len,
+                        cs: 1,
+                    },
+                    v_t: View::rows(v_t, len),
+                    len,
+                    rows,
+                    d,
+                };
+                let (ot, _, sums) = block.attend(dims.scale(), scratch);
+                // Normalised per column.
+                for row in ot.chunks_exact_mut(rows) {
+                    for (v, s) in row.iter_mut().zip(sums.iter()) {
+                        *v /= *s;
+                    }
                 }
-            }
-            // Wo·oᵀ: Woᵀ [d, d] · oᵀ [d, rows]
-            let w_out_t = View::transposed(weights.w_out, d);
-            matmul(
-                &mut dst[..d * rows],
-                d,
-                rows,
-                d,
-                w_out_t,
-                View::rows(ot, rows),
-                1.0,
-                false,
-            );
+                // Wo·oᵀ: Woᵀ [d, d] · oᵀ [d, rows]
+                let w_out_t = View::transposed(weights.w_out, d);
+                matmul(
+                    &mut dst[..d * rows],
+                    d,
+                    rows,
+                    d,
+                    w_out_t,
+                    View::rows(ot, rows),
+                    1.0,
+                    false,
+                );
+            })
         },
     )
     .0

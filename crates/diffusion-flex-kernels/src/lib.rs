@@ -134,6 +134,40 @@ pub fn simd_level() -> SimdLevel {
 
 pub(crate) use vectorised;
 
+/// Runs `f` on this thread's instance of the scratch type `T`, created on
+/// first use and kept for the life of the thread (rayon's workers live as
+/// long as the pool). Kernels keep their work buffers here instead of in
+/// per-split rayon state (`map_init`), which rayon creates afresh for each
+/// split of each call, so every split allocated and zero-filled its
+/// buffers again (up to a few MB for an im2col matrix). The most recently
+/// returned instance is taken first; a nested call for the same type,
+/// which the kernels do not make, gets a fresh instance rather than a
+/// borrow error.
+pub(crate) fn with_scratch<T: Default + 'static, R>(f: impl FnOnce(&mut T) -> R) -> R {
+    use std::any::Any;
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+    }
+    let taken = POOL.with_borrow_mut(|pool| {
+        let at = pool.iter().rposition(|b| b.is::<T>())?;
+        pool.swap_remove(at).downcast::<T>().ok()
+    });
+    let mut scratch = taken.unwrap_or_default();
+    let result = f(&mut scratch);
+    POOL.with_borrow_mut(|pool| pool.push(scratch));
+    result
+}
+
+/// The first `len` elements of `buf`, growing it (with zeros) when it is
+/// shorter; never shrinks it, so a reused buffer is filled only once.
+pub(crate) fn grown(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
 /// A new vector of `len` floats built in parallel, `chunk` at a time:
 /// `fill(state, i, out)` gets the i-th chunk, zeroed, with a per-task
 /// `state` from `init` (rayon's `map_init`), and its results come back in
@@ -330,6 +364,30 @@ mod tests {
         assert_eq!(exp::<true>(0.0), 1.0);
         assert!(exp::<false>(-1000.0) < 2e-38 && exp::<false>(-1000.0) >= 0.0);
         assert!(exp::<true>(-1000.0) < 2e-38 && exp::<true>(-1000.0) >= 0.0);
+    }
+
+    #[test]
+    fn scratch_is_kept_per_thread_and_grown_never_shrinks() {
+        #[derive(Default)]
+        struct Buf(Vec<f32>);
+        // A buffer grown in one call is there, with its contents, in the next.
+        with_scratch(|b: &mut Buf| grown(&mut b.0, 5).copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0]));
+        let (len, head) = with_scratch(|b: &mut Buf| {
+            let head = grown(&mut b.0, 2).to_vec();
+            // A nested call for the same type gets a fresh instance.
+            let nested = with_scratch(|inner: &mut Buf| inner.0.len());
+            assert_eq!(nested, 0);
+            (b.0.len(), head)
+        });
+        assert_eq!((len, head), (5, vec![1.0, 2.0]));
+        // Growing keeps the old values and zero-fills the new ones.
+        let grown_values = with_scratch(|b: &mut Buf| grown(&mut b.0, 7).to_vec());
+        assert_eq!(grown_values, [1.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]);
+        // Another thread has its own.
+        let other = std::thread::spawn(|| with_scratch(|b: &mut Buf| b.0.len()))
+            .join()
+            .unwrap();
+        assert_eq!(other, 0);
     }
 
     #[test]
