@@ -679,6 +679,11 @@ fn im2col(
     stride: usize,
 ) {
     let positions = ho * wo;
+    if wo < IM2COL_GATHER_WIDTH {
+        return with_scratch(|table: &mut Im2colTable| {
+            table.fill(xb, [cin, h, w], [kh, kw], [ho, wo], options, cols, stride)
+        });
+    }
     for ci in 0..cin {
         let plane = &xb[ci * h * w..][..h * w];
         for i in 0..kh {
@@ -715,6 +720,79 @@ fn im2col(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Output widths below which [`im2col`] gathers through an index table:
+/// narrower rows make its copies and zero margins too short to pay for
+/// their calls (at 7x7, 128 channels, the copies cost as much as the
+/// matrix product).
+const IM2COL_GATHER_WIDTH: usize = 16;
+
+/// [`im2col`] as a gather: for the geometry last used, the index into the
+/// input plane of the value under each tap at each output position (h·w,
+/// a zero appended to the plane, in the padding), and the plane copy with
+/// that zero.
+#[derive(Default)]
+struct Im2colTable {
+    key: Vec<usize>,
+    idx: Vec<u32>,
+    plane: Vec<f32>,
+}
+
+impl Im2colTable {
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &mut self,
+        xb: &[f32],
+        [cin, h, w]: [usize; 3],
+        [kh, kw]: [usize; 2],
+        [ho, wo]: [usize; 2],
+        options: &ConvOptions<2>,
+        cols: &mut [f32],
+        stride: usize,
+    ) {
+        let (hw, positions) = (h * w, ho * wo);
+        let (s, p, d) = (options.stride, options.padding, options.dilation);
+        let key = [h, w, kh, kw, ho, wo, s[0], s[1], p[0], p[1], d[0], d[1]];
+        if self.key != key {
+            self.idx.clear();
+            for i in 0..kh {
+                for j in 0..kw {
+                    for oy in 0..ho {
+                        for ox in 0..wo {
+                            let iy = (oy * s[0] + i * d[0]).checked_sub(p[0]).filter(|&y| y < h);
+                            let ix = (ox * s[1] + j * d[1]).checked_sub(p[1]).filter(|&x| x < w);
+                            let at = match (iy, ix) {
+                                (Some(y), Some(x)) => y * w + x,
+                                _ => hw,
+                            };
+                            self.idx
+                                .push(u32::try_from(at).expect("plane below 2^32 elements"));
+                        }
+                    }
+                }
+            }
+            self.key = key.to_vec();
+        }
+        self.plane.resize(hw + 1, 0.0);
+        for ci in 0..cin {
+            self.plane[..hw].copy_from_slice(&xb[ci * hw..][..hw]);
+            self.plane[hw] = 0.0;
+            for tap in 0..kh * kw {
+                let row = &mut cols[(ci * kh * kw + tap) * stride..][..positions];
+                gather(row, &self.plane, &self.idx[tap * positions..][..positions]);
+            }
+        }
+    }
+}
+
+vectorised! {
+    /// out[k] = src[idx[k]].
+    fn gather(out: &mut [f32], src: &[f32], idx: &[u32]) -> () {
+        for (o, &i) in out.iter_mut().zip(idx) {
+            *o = src[i as usize];
         }
     }
 }
