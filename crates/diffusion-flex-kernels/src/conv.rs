@@ -782,9 +782,48 @@ impl Im2colTable {
             self.plane[hw] = 0.0;
             for tap in 0..kh * kw {
                 let row = &mut cols[(ci * kh * kw + tap) * stride..][..positions];
-                gather(row, &self.plane, &self.idx[tap * positions..][..positions]);
+                let idx = &self.idx[tap * positions..][..positions];
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd_level() == crate::SimdLevel::Avx512 {
+                    // SAFETY: the CPU has AVX-512F; every index is at most
+                    // h·w (built above) and the plane has h·w + 1 values.
+                    unsafe { gather_avx512(row, &self.plane, idx) };
+                    continue;
+                }
+                gather(row, &self.plane, idx);
             }
         }
+    }
+}
+
+/// out[k] = src[idx[k]], 16 at a time with AVX-512's gather (the
+/// portable loop compiles to one bounds-checked scalar load per value).
+///
+/// # Safety
+/// The CPU must have AVX-512F, and every `idx[k]` must be below
+/// `src.len()` and 2^31.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather_avx512(out: &mut [f32], src: &[f32], idx: &[u32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(out.len(), idx.len());
+    let n = out.len();
+    let (dst, ix, base) = (out.as_mut_ptr(), idx.as_ptr(), src.as_ptr());
+    let mut k = 0;
+    while k < n {
+        let mask = if n - k >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << (n - k)) - 1) as u16
+        };
+        // SAFETY: lanes k..k + 16 that the mask keeps lie inside `idx` and
+        // `out`; every gathered index lies inside `src` (the caller's promise).
+        unsafe {
+            let offsets = _mm512_maskz_loadu_epi32(mask, ix.add(k) as *const i32);
+            let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, offsets, base as _);
+            _mm512_mask_storeu_ps(dst.add(k), mask, v);
+        }
+        k += 16;
     }
 }
 
