@@ -122,6 +122,17 @@ impl Block<'_> {
     }
 }
 
+/// One task's buffers for [`backward`]: a block's probabilities and their
+/// gradient [rows, len], and the transposed gradients.
+#[derive(Default)]
+struct BackwardScratch {
+    p: Vec<f32>,
+    dp: Vec<f32>,
+    dq_t: Vec<f32>,
+    dk_t: Vec<f32>,
+    dv_t: Vec<f32>,
+}
+
 /// One task's buffers for [`Block::attend`]: the score block sᵀ and the
 /// unnormalised outputs oᵀ.
 #[derive(Default)]
@@ -312,42 +323,57 @@ pub fn backward(
             let (q, k, v) = (&q[seq.clone()], &k[seq.clone()], &v[seq.clone()]);
             let (o, d_o) = (&o[seq.clone()], &d_o[seq]);
             let lse = &lse[b * len..][..len];
-            let mut p = vec![0f32; BLOCK.min(len) * len];
-            let mut dp = vec![0f32; BLOCK.min(len) * len];
-            let mut start = 0;
-            while start < len {
-                let rows = BLOCK.min(len - start);
-                let (p, dp) = (&mut p[..rows * len], &mut dp[..rows * len]);
-                let q_blk = View::rows(&q[start * d..], d);
-                let do_blk = View::rows(&d_o[start * d..], d);
-                // P = exp(q·kᵀ·scale − lse), recomputed.
-                matmul(p, rows, len, d, q_blk, View::transposed(k, d), scale, false);
-                for (i, row) in p.chunks_exact_mut(len).enumerate() {
-                    exp_shifted(row, lse[start + i]);
+            with_scratch(|scratch: &mut BackwardScratch| {
+                let rows_max = BLOCK.min(len);
+                let p = grown(&mut scratch.p, rows_max * len);
+                let dp = grown(&mut scratch.dp, rows_max * len);
+                // dkᵀ and dvᵀ [d, len]: products with the d outputs as
+                // gemm's narrow dimension and len as its wide one (the
+                // other way round, d = 8 or 16 rows leave most of its
+                // 64-row tiles empty).
+                let dk_t = grown(&mut scratch.dk_t, d * len);
+                let dv_t = grown(&mut scratch.dv_t, d * len);
+                let dq_t = grown(&mut scratch.dq_t, d * rows_max);
+                let mut start = 0;
+                while start < len {
+                    let rows = BLOCK.min(len - start);
+                    let (p, dp, dq_t) = (&mut p[..rows * len], &mut dp[..rows * len], &mut dq_t[..d * rows]);
+                    let q_blk = View::rows(&q[start * d..], d);
+                    let do_blk = View::rows(&d_o[start * d..], d);
+                    // P = exp(q·kᵀ·scale − lse), recomputed.
+                    matmul(p, rows, len, d, q_blk, View::transposed(k, d), scale, false);
+                    for (i, row) in p.chunks_exact_mut(len).enumerate() {
+                        exp_shifted(row, lse[start + i]);
+                    }
+                    // dvᵀ += dOᵀ·P
+                    let do_t = View::transposed(&d_o[start * d..], d);
+                    matmul(dv_t, d, len, rows, do_t, View::rows(p, len), 1.0, start > 0);
+                    // dP = dO·vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ o)), in dp.
+                    matmul(dp, rows, len, d, do_blk, View::transposed(v, d), 1.0, false);
+                    for i in 0..rows {
+                        let r = start + i;
+                        let delta = dot(&d_o[r * d..][..d], &o[r * d..][..d]);
+                        softmax_grad_row(&mut dp[i * len..][..len], &p[i * len..][..len], delta);
+                    }
+                    // dqᵀ = scale·kᵀ·dSᵀ; dkᵀ += scale·qᵀ·dS
+                    let (k_t, ds_t) = (View::transposed(k, d), View::transposed(dp, len));
+                    matmul(dq_t, d, rows, len, k_t, ds_t, scale, false);
+                    for (j, row) in dq_t.chunks_exact(rows).enumerate() {
+                        for (i, &g) in row.iter().enumerate() {
+                            dq[(start + i) * d + j] = g;
+                        }
+                    }
+                    let q_t = View::transposed(&q[start * d..], d);
+                    matmul(dk_t, d, len, rows, q_t, View::rows(dp, len), scale, start > 0);
+                    start += rows;
                 }
-                // dv += Pᵀ·dO
-                matmul(dv, len, d, rows, View::transposed(p, len), do_blk, 1.0, true);
-                // dP = dO·vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ o)), in dp.
-                matmul(dp, rows, len, d, do_blk, View::transposed(v, d), 1.0, false);
-                for i in 0..rows {
-                    let r = start + i;
-                    let delta = dot(&d_o[r * d..][..d], &o[r * d..][..d]);
-                    softmax_grad_row(&mut dp[i * len..][..len], &p[i * len..][..len], delta);
+                for (j, (dk_row, dv_row)) in dk_t.chunks_exact(len).zip(dv_t.chunks_exact(len)).enumerate() {
+                    for (l, (&gk, &gv)) in dk_row.iter().zip(dv_row).enumerate() {
+                        dk[l * d + j] = gk;
+                        dv[l * d + j] = gv;
+                    }
                 }
-                // dq = scale·dS·k; dk += scale·dSᵀ·q
-                matmul(
-                    &mut dq[start * d..],
-                    rows,
-                    d,
-                    len,
-                    View::rows(dp, len),
-                    View::rows(k, d),
-                    scale,
-                    false,
-                );
-                matmul(dk, len, d, rows, View::transposed(dp, len), q_blk, scale, true);
-                start += rows;
-            }
+            })
         });
     (dq, dk, dv)
 }
