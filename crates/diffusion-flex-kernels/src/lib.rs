@@ -1,5 +1,6 @@
 //! Faster kernels for burn's Flex CPU backend: attention, conv2d, group
 //! norm and GELU for `Flex` (inference) and `Autodiff<Flex>` (training),
+//! whole U-Net blocks and conv_transpose2d for `Flex`,
 //! each computing the same function as burn's own operation.
 //!
 //! This is the one library crate of the workspace that names a backend; it
@@ -25,10 +26,15 @@
 //!   forward on transposed score blocks (a column softmax, wide gemm tiles);
 //! - `attention_block` (feature `unet`): the U-Net's whole attention block
 //!   for inference in the image layout, without transposed token copies;
+//! - `convnext_block` (feature `unet`): the U-Net's whole ConvNeXt block for
+//!   inference, one group of images at a time through every step, so its
+//!   intermediates stay in the core's cache;
 //! - [`conv`]: conv2d as shifted matrix products (large outputs), one
 //!   im2col product per group of images (small or strided outputs) or a
 //!   direct depthwise kernel; input gradient as a conv, weight gradient by
 //!   im2col + gemm or direct loops;
+//! - [`conv_transpose`]: conv_transpose2d for inference as a matrix product
+//!   and a col2im per image;
 //! - [`group_norm`]: one pass for statistics, one for the output, one fused
 //!   backward pass;
 //! - [`gelu`]: one pass each way with a vectorised erf.
