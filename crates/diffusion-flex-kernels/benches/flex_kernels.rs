@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use diffusion_model::kernels::{self, Kernels};
-use diffusion_model::UNetConfig;
+use diffusion_model::{ConvNeXtConfig, UNetConfig};
 
 type AB = Autodiff<Flex>;
 
@@ -92,5 +92,29 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, forward, forward_backward, attention);
+fn convnext_block(c: &mut Criterion) {
+    // The ConvNeXt blocks of the 28x28 level (1 → 16 in the stem, 32 → 8 up
+    // the U-Net) and of the 7x7 level (128 → 64), batch 81: the installed
+    // kernel (fused) against the same block composed of the separate
+    // kernels (conv2d, group norm, GELU), inference.
+    let device = Default::default();
+    diffusion_flex_kernels::install_for_unet();
+    for (cin, cout, size) in [(1, 16, 28), (32, 8, 28), (128, 64, 7)] {
+        let block = ConvNeXtConfig::new(cin, cout, 128).init::<Flex>(&device);
+        let x = Tensor::<Flex, 4>::random([81, cin, size, size], Distribution::Normal(0.0, 1.0), &device);
+        let cond = Tensor::<Flex, 2>::random([81, cin], Distribution::Normal(0.0, 1.0), &device);
+        let mut group = c.benchmark_group(format!("convnext_block_{cin}to{cout}_{size}x{size}_b81"));
+        group.sample_size(10);
+        group.throughput(Throughput::Elements(81));
+        group.bench_function("separate_kernels", |b| {
+            b.iter(|| block.forward_generic(x.clone(), cond.clone()).into_data())
+        });
+        group.bench_function("fused", |b| {
+            b.iter(|| kernels::convnext_block(&block, x.clone(), cond.clone()).into_data())
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, forward, forward_backward, attention, convnext_block);
 criterion_main!(benches);
