@@ -90,7 +90,7 @@ pub(crate) fn conv_options<B: Backend>(conv: &Conv2d<B>, x: &Tensor<B, 4>) -> Op
 /// conv2d forward. Depthwise convs run [`depthwise`], ungrouped ones
 /// [`Ungrouped::run`] in parallel over groups of images; grouped ones go
 /// to Flex.
-fn conv2d(
+pub(crate) fn conv2d(
     x: FlexTensor,
     weight: FlexTensor,
     bias: Option<FlexTensor>,
@@ -636,7 +636,7 @@ fn is_depthwise(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -
 }
 
 /// Σ over batch, height and width, per channel: [B, C, H, W] → [C].
-fn channel_sums(grad: &FlexTensor) -> FlexTensor {
+pub(crate) fn channel_sums(grad: &FlexTensor) -> FlexTensor {
     let [b, c, h, w] = dims4(grad);
     let g = grad.as_slice::<f32>().expect("contiguous f32 gradient");
     let sums: Vec<f32> = (0..c)
@@ -851,7 +851,7 @@ const IMAGES_PER_TASK: usize = 4;
 /// ∂L/∂w of an ungrouped conv as one matrix product per image:
 /// ∂w [out, in·kh·kw] += grad_b [out, ho·wo] · im2col(x_b)ᵀ [ho·wo, in·kh·kw],
 /// in parallel over fixed groups of images.
-fn weight_grad_gemm(
+pub(crate) fn weight_grad_gemm(
     x: &FlexTensor,
     grad: &FlexTensor,
     weight: &FlexTensor,

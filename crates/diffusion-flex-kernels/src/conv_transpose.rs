@@ -1,5 +1,5 @@
-//! conv_transpose2d on the CPU backend for inference: one matrix product
-//! and a scatter-add per image.
+//! conv_transpose2d on the CPU backend: forward as one matrix product and
+//! a scatter-add per image, backward through this crate's conv kernels.
 //!
 //! Flex runs a transposed conv as a direct loop over every (input, tap,
 //! output channel); the U-Net's three up convs took 2-4% of the CPU time
@@ -8,39 +8,165 @@
 //! kh·kw·cout values are added into the output at (y·s + i − p,
 //! x·s + j − p) (col2im).
 
-use burn::backend::Flex;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::{Autodiff, Flex};
 use burn::nn::conv::ConvTranspose2d;
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 
+use super::conv::{channel_sums, conv2d, weight_grad_gemm};
 use super::matmul::{matmul, View};
 use super::{dims4, f32s, grown, par_new_chunks, with_scratch};
-use burn::backend::flex::FlexTensor;
+
+/// The options of `conv` when these kernels apply to it (an ungrouped,
+/// undilated transposed conv on f32 input); None otherwise.
+fn options<B: burn::tensor::backend::Backend>(
+    conv: &ConvTranspose2d<B>,
+    x: &Tensor<B, 4>,
+) -> Option<Options> {
+    let plain = x.dtype() == DType::F32 && conv.groups == 1 && conv.dilation == [1, 1];
+    // Output padding below the stride, as burn requires: then the conv of
+    // the output gradient with the same stride has the input's size.
+    let valid = (0..2).all(|i| conv.padding_out[i] < conv.stride[i].max(conv.dilation[i]));
+    (plain && valid).then_some(Options {
+        stride: conv.stride,
+        padding: conv.padding,
+        padding_out: conv.padding_out,
+    })
+}
+
+/// Stride, padding and output padding of a transposed conv.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    stride: [usize; 2],
+    padding: [usize; 2],
+    padding_out: [usize; 2],
+}
+
+impl Options {
+    /// The output size of an h×w input under a kh×kw kernel, when positive.
+    fn out_size(&self, [h, w]: [usize; 2], [kh, kw]: [usize; 2]) -> Option<[usize; 2]> {
+        let size = |len: usize, i: usize, k: usize| {
+            ((len.max(1) - 1) * self.stride[i] + k + self.padding_out[i])
+                .checked_sub(2 * self.padding[i])
+                .filter(|&n| n > 0 && len > 0)
+        };
+        Some([size(h, 0, kh)?, size(w, 1, kw)?])
+    }
+
+    /// The conv whose adjoint this transposed conv is (same stride and padding).
+    fn adjoint(&self) -> ConvOptions<2> {
+        ConvOptions::new(self.stride, self.padding, [1, 1], 1)
+    }
+}
 
 /// `conv.forward(x)` on `Flex` without autodiff. Grouped or dilated convs
 /// and non-f32 inputs take burn's path.
 pub fn inference(conv: &ConvTranspose2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Flex, 4> {
-    if x.dtype() != DType::F32 || conv.groups != 1 || conv.dilation != [1, 1] {
+    let Some(opts) = options(conv, &x) else {
         return conv.forward(x);
-    }
+    };
     let x = x.into_primitive().tensor().to_contiguous();
     let weight = conv.weight.val().into_primitive().tensor().to_contiguous();
     let bias = conv
         .bias
         .as_ref()
         .map(|b| b.val().into_primitive().tensor().to_contiguous());
-    let [b, cin, h, w] = dims4(&x);
-    let [cin_w, cout, kh, kw] = dims4(&weight);
-    let (s, p, op) = (conv.stride, conv.padding, conv.padding_out);
-    // Output size (h − 1)·s − 2p + k + output padding, when positive.
-    let size = |len: usize, i: usize, k: usize| ((len.max(1) - 1) * s[i] + k + op[i]).checked_sub(2 * p[i]);
-    let (Some(ho), Some(wo)) = (size(h, 0, kh), size(w, 1, kw)) else {
-        return conv.forward(Tensor::from_primitive(TensorPrimitive::Float(x)));
-    };
-    if cin_w != cin || h == 0 || w == 0 || ho == 0 || wo == 0 {
-        return conv.forward(Tensor::from_primitive(TensorPrimitive::Float(x)));
+    match forward(&x, &weight, bias.as_ref(), opts) {
+        Some(out) => Tensor::from_primitive(TensorPrimitive::Float(out)),
+        None => conv.forward(Tensor::from_primitive(TensorPrimitive::Float(x))),
     }
-    let (xs, ws) = (f32s(&x), f32s(&weight));
-    let bs = bias.as_ref().map(f32s);
+}
+
+/// `conv.forward(x)` on `Autodiff<Flex>`: the forward pass above; backward,
+/// the input gradient is the conv of the output gradient with the same
+/// weight, stride and padding (the transposed conv's adjoint), the weight
+/// gradient that conv's weight gradient with input and output swapped
+/// (im2col + gemm), the bias gradient a per-channel sum. Flex computes the
+/// first with one direct conv on a single core.
+pub fn autodiff(
+    conv: &ConvTranspose2d<Autodiff<Flex>>,
+    x: Tensor<Autodiff<Flex>, 4>,
+) -> Tensor<Autodiff<Flex>, 4> {
+    let (Some(opts), Some(bias)) = (options(conv, &x), &conv.bias) else {
+        return conv.forward(x);
+    };
+    let [h, w] = [x.dims()[2], x.dims()[3]];
+    let [kh, kw] = conv.kernel_size;
+    if opts.out_size([h, w], [kh, kw]).is_none() {
+        return conv.forward(x);
+    }
+    let [x, weight, bias] = [
+        x.into_primitive().tensor(),
+        conv.weight.val().into_primitive().tensor(),
+        bias.val().into_primitive().tensor(),
+    ];
+    let run = |x: &FlexTensor, weight: &FlexTensor, bias: FlexTensor| {
+        let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
+        forward(&x, &weight, Some(&bias), opts).expect("output size checked above")
+    };
+    let out = match ConvTransposeBackward
+        .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone(), bias.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let out = run(&x.primitive, &weight.primitive, bias.primitive);
+            prep.finish((x.primitive, weight.primitive, opts), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(run(&x.primitive, &weight.primitive, bias.primitive)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+#[derive(Debug)]
+struct ConvTransposeBackward;
+
+impl Backward<Flex, 3> for ConvTransposeBackward {
+    /// x, weight and the options.
+    type State = (FlexTensor, FlexTensor, Options);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w, node_b] = ops.parents;
+        let (x, weight, opts) = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
+        if let Some(node) = node_b {
+            grads.register::<Flex>(node.id, channel_sums(&grad));
+        }
+        if let Some(node) = node_w {
+            // ⟨convᵀ(x, W), g⟩ = ⟨x, conv(g, W)⟩: ∂W is the weight gradient
+            // of conv(g, W) for the output gradient x.
+            let g = weight_grad_gemm(&grad, &x.to_contiguous(), &weight, &opts.adjoint());
+            grads.register::<Flex>(node.id, g);
+        }
+        if let Some(node) = node_x {
+            let dx = conv2d(grad, weight.to_contiguous(), None, opts.adjoint());
+            grads.register::<Flex>(node.id, dx);
+        }
+    }
+}
+
+/// The transposed conv of contiguous `x` [b, cin, h, w] with `weight`
+/// [cin, cout, kh, kw]; None when the output would be empty.
+fn forward(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    opts: Options,
+) -> Option<FlexTensor> {
+    let [b, cin, h, w] = dims4(x);
+    let [cin_w, cout, kh, kw] = dims4(weight);
+    let [ho, wo] = opts.out_size([h, w], [kh, kw])?;
+    if cin_w != cin {
+        return None;
+    }
+    let (s, p) = (opts.stride, opts.padding);
+    let (xs, ws) = (f32s(x), f32s(weight));
+    let bs = bias.map(f32s);
     let (hw, taps) = (h * w, cout * kh * kw);
     let (out, _) = par_new_chunks(
         b * cout * ho * wo,
@@ -74,10 +200,7 @@ pub fn inference(conv: &ConvTranspose2d<Flex>, x: Tensor<Flex, 4>) -> Tensor<Fle
             })
         },
     );
-    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(
-        out,
-        [b, cout, ho, wo],
-    ))))
+    Some(FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo])))
 }
 
 #[cfg(test)]
@@ -86,6 +209,69 @@ mod tests {
     use crate::test_util::{max_rel_diff, values};
     use burn::nn::conv::ConvTranspose2dConfig;
     use burn::tensor::Distribution;
+
+    #[test]
+    fn conv_transpose_gradients_match_burn() {
+        use burn::module::Param;
+        type Ad = Autodiff<Flex>;
+        let device = Default::default();
+        // The U-Net's three up convs and one with unequal strides.
+        let cases = [
+            ([16, 8], [3, 3], [3, 3], [1, 1], [0, 0], [3, 3]),
+            ([8, 4], [3, 3], [2, 2], [1, 1], [1, 1], [7, 7]),
+            ([6, 5], [3, 3], [2, 2], [1, 1], [1, 1], [14, 14]),
+            ([4, 6], [2, 4], [2, 3], [1, 2], [1, 0], [5, 3]),
+        ];
+        for (channels, kernel, stride, padding, padding_out, [h, w]) in cases {
+            let conv = ConvTranspose2dConfig::new(channels, kernel)
+                .with_stride(stride)
+                .with_padding(padding)
+                .with_padding_out(padding_out)
+                .init::<Ad>(&device);
+            // Parameters are initialised lazily, on first use: once here, so
+            // that both runs' copies hold the same values.
+            let _ = (conv.weight.val(), conv.bias.as_ref().map(|b| b.val()));
+            let x =
+                Tensor::<Flex, 4>::random([3, channels[0], h, w], Distribution::Normal(0.0, 1.0), &device);
+            // Output, ∂x, ∂w, ∂bias under a loss weighting every output differently.
+            let run = |ours: bool| -> [Vec<f32>; 4] {
+                let conv = ConvTranspose2d {
+                    weight: Param::from_tensor(conv.weight.val().detach().require_grad()),
+                    bias: conv
+                        .bias
+                        .clone()
+                        .map(|b| Param::from_tensor(b.val().detach().require_grad())),
+                    ..conv.clone()
+                };
+                let x = Tensor::<Ad, 4>::from_inner(x.clone()).require_grad();
+                let y = if ours {
+                    autodiff(&conv, x.clone())
+                } else {
+                    conv.forward(x.clone())
+                };
+                let n = y.dims().iter().product::<usize>();
+                let weights: Vec<f32> = (0..n).map(|i| 0.1 * (1 + i % 10) as f32).collect();
+                let weights = Tensor::<Ad, 1>::from_floats(weights.as_slice(), &device).reshape(y.dims());
+                let out = values(y.clone().inner());
+                let grads = (y * weights).sum().backward();
+                [
+                    out,
+                    values(x.grad(&grads).unwrap()),
+                    values(conv.weight.val().grad(&grads).unwrap()),
+                    values(conv.bias.as_ref().unwrap().val().grad(&grads).unwrap()),
+                ]
+            };
+            let (ours, burn) = (run(true), run(false));
+            for (what, (a, b)) in ["output", "dx", "dw", "dbias"].iter().zip(ours.iter().zip(&burn)) {
+                assert_eq!(a.len(), b.len(), "{what}, {channels:?} stride {stride:?}");
+                let diff = max_rel_diff(a, b);
+                assert!(
+                    diff < 1e-5,
+                    "{what}, {channels:?} stride {stride:?}: differs by {diff:e}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn conv_transpose_matches_burn() {

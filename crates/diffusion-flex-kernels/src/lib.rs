@@ -1,6 +1,6 @@
 //! Faster kernels for burn's Flex CPU backend: attention, conv2d, group
 //! norm and GELU for `Flex` (inference) and `Autodiff<Flex>` (training),
-//! whole U-Net blocks and conv_transpose2d for `Flex`,
+//! conv_transpose2d for both, whole U-Net blocks for `Flex`,
 //! each computing the same function as burn's own operation.
 //!
 //! This is the one library crate of the workspace that names a backend; it
@@ -33,8 +33,9 @@
 //!   im2col product per group of images (small or strided outputs) or a
 //!   direct depthwise kernel; input gradient as a conv, weight gradient by
 //!   im2col + gemm or direct loops;
-//! - [`conv_transpose`]: conv_transpose2d for inference as a matrix product
-//!   and a col2im per image;
+//! - [`conv_transpose`]: conv_transpose2d as a matrix product and a col2im
+//!   per image; its input gradient as a conv, its weight gradient by
+//!   im2col + gemm;
 //! - [`group_norm`]: one pass for statistics, one for the output, one fused
 //!   backward pass;
 //! - [`gelu`]: one pass each way with a vectorised erf.
@@ -233,7 +234,7 @@ pub fn install_for_unet() {
         gelu: gelu::autodiff,
         attention_block: diffusion_model::kernels::generic_attention_block,
         convnext_block: diffusion_model::kernels::generic_convnext_block,
-        conv_transpose2d: diffusion_model::kernels::generic_conv_transpose2d,
+        conv_transpose2d: conv_transpose::autodiff,
     });
 }
 
