@@ -109,16 +109,11 @@ pub(crate) fn conv2d(
     let bs = bias.as_ref().map(f32s);
     let per_task = conv.images_per_task();
     let (in_len, out_len) = (conv.in_len(), conv.out_len());
-    let (out, _) = par_new_chunks(
-        b * out_len,
-        per_task * out_len,
-        || (),
-        |_, task, out| {
-            let images = out.len() / out_len;
-            let xs = &xs[task * per_task * in_len..][..images * in_len];
-            with_scratch(|scratch: &mut ConvScratch| conv.run(xs, ws, bs, scratch, out));
-        },
-    );
+    let (out, _) = par_new_chunks(b * out_len, per_task * out_len, |task, out| {
+        let images = out.len() / out_len;
+        let xs = &xs[task * per_task * in_len..][..images * in_len];
+        with_scratch(|scratch: &mut ConvScratch| conv.run(xs, ws, bs, scratch, out));
+    });
     FlexTensor::from_data(TensorData::new(out, [b, conv.cout, conv.ho, conv.wo]))
 }
 
@@ -400,22 +395,17 @@ fn depthwise(
     let (xs, ws) = (f32s(&x), f32s(&weight));
     let bs = bias.as_ref().map(f32s);
     let (ho, wo) = (dw.ho, dw.wo);
-    let (out, _) = par_new_chunks(
-        b * c * ho * wo,
-        DW_PLANES_PER_TASK * ho * wo,
-        || (),
-        |_, task, out| {
-            with_scratch(|padded: &mut Padded| {
-                for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
-                    let plane = task * DW_PLANES_PER_TASK + i;
-                    let ci = plane % c;
-                    let taps = &ws[ci * kh * kw..][..kh * kw];
-                    let bias = bs.map_or(0.0, |bs| bs[ci]);
-                    dw.plane(&xs[plane * h * w..][..h * w], taps, bias, padded, out);
-                }
-            })
-        },
-    );
+    let (out, _) = par_new_chunks(b * c * ho * wo, DW_PLANES_PER_TASK * ho * wo, |task, out| {
+        with_scratch(|padded: &mut Padded| {
+            for (i, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+                let plane = task * DW_PLANES_PER_TASK + i;
+                let ci = plane % c;
+                let taps = &ws[ci * kh * kw..][..kh * kw];
+                let bias = bs.map_or(0.0, |bs| bs[ci]);
+                dw.plane(&xs[plane * h * w..][..h * w], taps, bias, padded, out);
+            }
+        })
+    });
     FlexTensor::from_data(TensorData::new(out, [b, c, ho, wo]))
 }
 
@@ -736,7 +726,7 @@ const IM2COL_GATHER_WIDTH: usize = 16;
 /// that zero.
 #[derive(Default)]
 struct Im2colTable {
-    key: Vec<usize>,
+    key: [usize; 12],
     idx: Vec<u32>,
     plane: Vec<f32>,
 }
@@ -774,7 +764,7 @@ impl Im2colTable {
                     }
                 }
             }
-            self.key = key.to_vec();
+            self.key = key;
         }
         self.plane.resize(hw + 1, 0.0);
         for ci in 0..cin {

@@ -31,7 +31,7 @@ fn options<B: burn::tensor::backend::Backend>(
     let plain = x.dtype() == DType::F32 && conv.groups == 1 && conv.dilation == [1, 1];
     // Output padding below the stride, as burn requires: then the conv of
     // the output gradient with the same stride has the input's size.
-    let valid = (0..2).all(|i| conv.padding_out[i] < conv.stride[i].max(conv.dilation[i]));
+    let valid = (0..2).all(|i| conv.padding_out[i] < conv.stride[i]);
     (plain && valid).then_some(Options {
         stride: conv.stride,
         padding: conv.padding,
@@ -51,9 +51,9 @@ impl Options {
     /// The output size of an h×w input under a kh×kw kernel, when positive.
     fn out_size(&self, [h, w]: [usize; 2], [kh, kw]: [usize; 2]) -> Option<[usize; 2]> {
         let size = |len: usize, i: usize, k: usize| {
-            ((len.max(1) - 1) * self.stride[i] + k + self.padding_out[i])
+            (len.checked_sub(1)? * self.stride[i] + k + self.padding_out[i])
                 .checked_sub(2 * self.padding[i])
-                .filter(|&n| n > 0 && len > 0)
+                .filter(|&n| n > 0)
         };
         Some([size(h, 0, kh)?, size(w, 1, kw)?])
     }
@@ -95,9 +95,10 @@ pub fn autodiff(
     let (Some(opts), Some(bias)) = (options(conv, &x), &conv.bias) else {
         return conv.forward(x);
     };
-    let [h, w] = [x.dims()[2], x.dims()[3]];
-    let [kh, kw] = conv.kernel_size;
-    if opts.out_size([h, w], [kh, kw]).is_none() {
+    // What `forward` below needs (else burn's path, and burn's error).
+    let [_, cin, h, w] = x.dims();
+    let [cin_w, _, kh, kw] = conv.weight.dims();
+    if cin_w != cin || opts.out_size([h, w], [kh, kw]).is_none() {
         return conv.forward(x);
     }
     let [x, weight, bias] = [
@@ -107,7 +108,7 @@ pub fn autodiff(
     ];
     let run = |x: &FlexTensor, weight: &FlexTensor, bias: FlexTensor| {
         let (x, weight, bias) = (x.to_contiguous(), weight.to_contiguous(), bias.to_contiguous());
-        forward(&x, &weight, Some(&bias), opts).expect("output size checked above")
+        forward(&x, &weight, Some(&bias), opts).expect("shapes checked above")
     };
     let out = match ConvTransposeBackward
         .prepare::<NoCheckpointing>([x.node.clone(), weight.node.clone(), bias.node.clone()])
@@ -168,38 +169,33 @@ fn forward(
     let (xs, ws) = (f32s(x), f32s(weight));
     let bs = bias.map(f32s);
     let (hw, taps) = (h * w, cout * kh * kw);
-    let (out, _) = par_new_chunks(
-        b * cout * ho * wo,
-        cout * ho * wo,
-        || (),
-        |_, bi, out| {
-            with_scratch(|cols: &mut Vec<f32>| {
-                let cols = grown(cols, taps * hw);
-                // cols [(co, i, j), (y, x)] = Σ_ci W[ci, co, i, j] · x[ci, y, x]
-                let xb = View::rows(&xs[bi * cin * hw..][..cin * hw], hw);
-                matmul(cols, taps, hw, cin, View::transposed(ws, taps), xb, 1.0, false);
-                for (co, plane) in out.chunks_exact_mut(ho * wo).enumerate() {
-                    plane.fill(bs.map_or(0.0, |bs| bs[co]));
-                    for i in 0..kh {
-                        for j in 0..kw {
-                            let col = &cols[((co * kh + i) * kw + j) * hw..][..hw];
-                            for y in 0..h {
-                                let Some(oy) = (y * s[0] + i).checked_sub(p[0]).filter(|&oy| oy < ho) else {
-                                    continue;
-                                };
-                                let row = &mut plane[oy * wo..][..wo];
-                                for (x, &v) in col[y * w..][..w].iter().enumerate() {
-                                    if let Some(ox) = (x * s[1] + j).checked_sub(p[1]).filter(|&ox| ox < wo) {
-                                        row[ox] += v;
-                                    }
+    let (out, _) = par_new_chunks(b * cout * ho * wo, cout * ho * wo, |bi, out| {
+        with_scratch(|cols: &mut Vec<f32>| {
+            let cols = grown(cols, taps * hw);
+            // cols [(co, i, j), (y, x)] = Σ_ci W[ci, co, i, j] · x[ci, y, x]
+            let xb = View::rows(&xs[bi * cin * hw..][..cin * hw], hw);
+            matmul(cols, taps, hw, cin, View::transposed(ws, taps), xb, 1.0, false);
+            for (co, plane) in out.chunks_exact_mut(ho * wo).enumerate() {
+                plane.fill(bs.map_or(0.0, |bs| bs[co]));
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let col = &cols[((co * kh + i) * kw + j) * hw..][..hw];
+                        for y in 0..h {
+                            let Some(oy) = (y * s[0] + i).checked_sub(p[0]).filter(|&oy| oy < ho) else {
+                                continue;
+                            };
+                            let row = &mut plane[oy * wo..][..wo];
+                            for (x, &v) in col[y * w..][..w].iter().enumerate() {
+                                if let Some(ox) = (x * s[1] + j).checked_sub(p[1]).filter(|&ox| ox < wo) {
+                                    row[ox] += v;
                                 }
                             }
                         }
                     }
                 }
-            })
-        },
-    );
+            }
+        })
+    });
     Some(FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo])))
 }
 

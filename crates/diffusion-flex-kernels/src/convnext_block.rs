@@ -166,13 +166,13 @@ impl Plan {
         }
         let conv1 = Ungrouped::new(
             [b, cin, h, w],
-            dims4(&param(block.conv1.weight.val())),
+            block.conv1.weight.dims(),
             &conv_options(&block.conv1, x)?,
         )?;
         let hidden = conv1.cout;
         let conv2 = Ungrouped::new(
             [b, hidden, h, w],
-            dims4(&param(block.conv2.weight.val())),
+            block.conv2.weight.dims(),
             &conv_options(&block.conv2, x)?,
         )?;
         if [conv1.ho, conv1.wo, conv2.ho, conv2.wo] != [h, w, h, w] {
@@ -214,12 +214,9 @@ impl Plan {
     fn run(&self, x: &[f32], cond: &[f32], b: usize) -> Vec<f32> {
         let out_len = self.cout * self.hw;
         let per_task = self.conv1.images_per_task().max(self.conv2.images_per_task());
-        par_new_chunks(
-            b * out_len,
-            per_task * out_len,
-            || (),
-            |_, task, out| with_scratch(|s: &mut Scratch| self.run_images(x, cond, task * per_task, s, out)),
-        )
+        par_new_chunks(b * out_len, per_task * out_len, |task, out| {
+            with_scratch(|s: &mut Scratch| self.run_images(x, cond, task * per_task, s, out))
+        })
         .0
     }
 

@@ -174,29 +174,24 @@ fn project_qkv(gn: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
     let Dims { batch, len, d } = dims;
     let per_seq = len * d;
     // [q; k; v]ᵀ [3d, len] = Wqkvᵀ [3d, d] · gn [d, len] + bqkv, per image.
-    par_new_chunks(
-        batch * 3 * per_seq,
-        3 * per_seq,
-        || (),
-        |_, b, dst| {
-            let gn = View::rows(&gn[b * per_seq..][..per_seq], len);
-            matmul(
-                dst,
-                3 * d,
-                len,
-                d,
-                View::transposed(weights.w_qkv, 3 * d),
-                gn,
-                1.0,
-                false,
-            );
-            if let Some(bias) = weights.b_qkv {
-                for (row, &bias) in dst.chunks_exact_mut(len).zip(bias) {
-                    row.iter_mut().for_each(|v| *v += bias);
-                }
+    par_new_chunks(batch * 3 * per_seq, 3 * per_seq, |b, dst| {
+        let gn = View::rows(&gn[b * per_seq..][..per_seq], len);
+        matmul(
+            dst,
+            3 * d,
+            len,
+            d,
+            View::transposed(weights.w_qkv, 3 * d),
+            gn,
+            1.0,
+            false,
+        );
+        if let Some(bias) = weights.b_qkv {
+            for (row, &bias) in dst.chunks_exact_mut(len).zip(bias) {
+                row.iter_mut().for_each(|v| *v += bias);
             }
-        },
-    )
+        }
+    })
     .0
 }
 
@@ -207,58 +202,53 @@ fn attend_blocks(qkv: &[f32], weights: &BlockWeights, dims: Dims) -> Vec<f32> {
     let per_seq = len * d;
     // One task per block of queries of one image: Wo·oᵀ [d, rows].
     let blocks = len.div_ceil(BLOCK);
-    par_new_chunks(
-        batch * blocks * d * BLOCK,
-        d * BLOCK,
-        || (),
-        |_, task, dst| {
-            with_scratch(|scratch: &mut Scratch| {
-                let (b, start) = (task / blocks, (task % blocks) * BLOCK);
-                let rows = BLOCK.min(len - start);
-                let slab = &qkv[b * 3 * per_seq..][..3 * per_seq];
-                let (q_t, k_t, v_t) = (
-                    &slab[..per_seq],
-                    &slab[per_seq..2 * per_seq],
-                    &slab[2 * per_seq..],
-                );
-                let block = Block {
-                    k: View {
-                        data: k_t,
-                        rs: 1,
-                        cs: len,
-                    },
-                    q_t: View {
-                        data: &q_t[start..],
-                        rs: len,
-                        cs: 1,
-                    },
-                    v_t: View::rows(v_t, len),
-                    len,
-                    rows,
-                    d,
-                };
-                let (ot, _, sums) = block.attend(dims.scale(), scratch);
-                // Normalised per column.
-                for row in ot.chunks_exact_mut(rows) {
-                    for (v, s) in row.iter_mut().zip(sums.iter()) {
-                        *v /= *s;
-                    }
+    par_new_chunks(batch * blocks * d * BLOCK, d * BLOCK, |task, dst| {
+        with_scratch(|scratch: &mut Scratch| {
+            let (b, start) = (task / blocks, (task % blocks) * BLOCK);
+            let rows = BLOCK.min(len - start);
+            let slab = &qkv[b * 3 * per_seq..][..3 * per_seq];
+            let (q_t, k_t, v_t) = (
+                &slab[..per_seq],
+                &slab[per_seq..2 * per_seq],
+                &slab[2 * per_seq..],
+            );
+            let block = Block {
+                k: View {
+                    data: k_t,
+                    rs: 1,
+                    cs: len,
+                },
+                q_t: View {
+                    data: &q_t[start..],
+                    rs: len,
+                    cs: 1,
+                },
+                v_t: View::rows(v_t, len),
+                len,
+                rows,
+                d,
+            };
+            let (ot, _, sums) = block.attend(dims.scale(), scratch);
+            // Normalised per column.
+            for row in ot.chunks_exact_mut(rows) {
+                for (v, s) in row.iter_mut().zip(sums.iter()) {
+                    *v /= *s;
                 }
-                // Wo·oᵀ: Woᵀ [d, d] · oᵀ [d, rows]
-                let w_out_t = View::transposed(weights.w_out, d);
-                matmul(
-                    &mut dst[..d * rows],
-                    d,
-                    rows,
-                    d,
-                    w_out_t,
-                    View::rows(ot, rows),
-                    1.0,
-                    false,
-                );
-            })
-        },
-    )
+            }
+            // Wo·oᵀ: Woᵀ [d, d] · oᵀ [d, rows]
+            let w_out_t = View::transposed(weights.w_out, d);
+            matmul(
+                &mut dst[..d * rows],
+                d,
+                rows,
+                d,
+                w_out_t,
+                View::rows(ot, rows),
+                1.0,
+                false,
+            );
+        })
+    })
     .0
 }
 
@@ -268,30 +258,25 @@ fn add_residual(x: &[f32], projected: &[f32], weights: &BlockWeights, dims: Dims
     let per_seq = len * d;
     let blocks = len.div_ceil(BLOCK);
     // out = x + bo + Wo·oᵀ, the blocks put back side by side.
-    par_new_chunks(
-        batch * per_seq,
-        per_seq,
-        || (),
-        |_, b, out| {
-            let x = &x[b * per_seq..][..per_seq];
-            for blk in 0..blocks {
-                let start = blk * BLOCK;
-                let rows = BLOCK.min(len - start);
-                let src = &projected[(b * blocks + blk) * d * BLOCK..][..d * rows];
-                for j in 0..d {
-                    let bias = weights.b_out.map_or(0.0, |b| b[j]);
-                    let at = j * len + start;
-                    for ((o, &x), &y) in out[at..at + rows]
-                        .iter_mut()
-                        .zip(&x[at..at + rows])
-                        .zip(&src[j * rows..][..rows])
-                    {
-                        *o = x + (y + bias);
-                    }
+    par_new_chunks(batch * per_seq, per_seq, |b, out| {
+        let x = &x[b * per_seq..][..per_seq];
+        for blk in 0..blocks {
+            let start = blk * BLOCK;
+            let rows = BLOCK.min(len - start);
+            let src = &projected[(b * blocks + blk) * d * BLOCK..][..d * rows];
+            for j in 0..d {
+                let bias = weights.b_out.map_or(0.0, |b| b[j]);
+                let at = j * len + start;
+                for ((o, &x), &y) in out[at..at + rows]
+                    .iter_mut()
+                    .zip(&x[at..at + rows])
+                    .zip(&src[j * rows..][..rows])
+                {
+                    *o = x + (y + bias);
                 }
             }
-        },
-    )
+        }
+    })
     .0
 }
 

@@ -74,12 +74,9 @@ impl Backward<Flex, 1> for GeluBackward {
 
 fn forward(x: &FlexTensor) -> FlexTensor {
     let xs = f32s(x);
-    let (y, _) = par_new_chunks(
-        xs.len(),
-        CHUNK,
-        || (),
-        |_, i, y| gelu_forward(y, &xs[i * CHUNK..][..y.len()]),
-    );
+    let (y, _) = par_new_chunks(xs.len(), CHUNK, |i, y| {
+        gelu_forward(y, &xs[i * CHUNK..][..y.len()])
+    });
     FlexTensor::from_data(TensorData::new(y, x.layout().shape().clone()))
 }
 

@@ -125,22 +125,17 @@ fn group_norm_forward(
     let n = per_group * hw;
     let xs = x.as_slice::<f32>().unwrap();
     let (gs, bs) = (gamma.as_slice::<f32>().unwrap(), beta.as_slice::<f32>().unwrap());
-    let (y, stats) = par_new_chunks(
-        xs.len(),
-        n,
-        || (),
-        |_, i, y| {
-            let g0 = (i % groups) * per_group;
-            group_norm_chunk(
-                y,
-                &xs[i * n..][..y.len()],
-                &gs[g0..g0 + per_group],
-                &bs[g0..g0 + per_group],
-                hw,
-                epsilon,
-            )
-        },
-    );
+    let (y, stats) = par_new_chunks(xs.len(), n, |i, y| {
+        let g0 = (i % groups) * per_group;
+        group_norm_chunk(
+            y,
+            &xs[i * n..][..y.len()],
+            &gs[g0..g0 + per_group],
+            &bs[g0..g0 + per_group],
+            hw,
+            epsilon,
+        )
+    });
     let y = FlexTensor::from_data(TensorData::new(y, shape));
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)

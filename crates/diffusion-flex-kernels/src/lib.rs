@@ -176,20 +176,19 @@ pub(crate) fn grown(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 }
 
 /// A new vector of `len` floats built in parallel, `chunk` at a time:
-/// `fill(state, i, out)` gets the i-th chunk, zeroed, with a per-task
-/// `state` from `init` (rayon's `map_init`), and its results come back in
-/// chunk order beside the vector.
+/// `fill(i, out)` gets the i-th chunk, zeroed, and its results come back
+/// in chunk order beside the vector. (Work buffers a task needs come from
+/// [`with_scratch`].)
 ///
 /// Each chunk is zeroed inside its own task, right before `fill` writes
 /// it, so the zeros land in that core's cache and the cores share the
 /// work. `vec![0.0; len]` instead zeroes everything on the calling thread
 /// first (one `memset` over cold memory while the other cores wait): 7% of
 /// the CPU time of sampling on a 2-core Intel Xeon.
-pub(crate) fn par_new_chunks<S, R, I, F>(len: usize, chunk: usize, init: I, fill: F) -> (Vec<f32>, Vec<R>)
+pub(crate) fn par_new_chunks<R, F>(len: usize, chunk: usize, fill: F) -> (Vec<f32>, Vec<R>)
 where
     R: Send,
-    I: Fn() -> S + Sync + Send,
-    F: Fn(&mut S, usize, &mut [f32]) -> R + Sync + Send,
+    F: Fn(usize, &mut [f32]) -> R + Sync + Send,
 {
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
@@ -197,12 +196,12 @@ where
     let results: Vec<R> = out.spare_capacity_mut()[..len]
         .par_chunks_mut(chunk.max(1))
         .enumerate()
-        .map_init(init, |state, (i, part)| {
+        .map(|(i, part)| {
             part.fill(MaybeUninit::new(0.0));
             // SAFETY: every element of `part` was written just above, and
             // MaybeUninit<f32> has the size and alignment of f32.
             let part = unsafe { &mut *(part as *mut [MaybeUninit<f32>] as *mut [f32]) };
-            fill(state, i, part)
+            fill(i, part)
         })
         .collect();
     // SAFETY: the chunks cover 0..len and `collect` ran every one of them,
@@ -407,21 +406,16 @@ mod tests {
         // 10 elements in chunks of 4: 4 + 4 + 2. Each task checks its chunk
         // is zeroed, then writes 100·chunk + offset; the results are the
         // chunk lengths in chunk order.
-        let (v, lens) = par_new_chunks(
-            10,
-            4,
-            || (),
-            |_, i, part| {
-                assert!(part.iter().all(|&x| x == 0.0));
-                for (j, x) in part.iter_mut().enumerate() {
-                    *x = (100 * i + j) as f32;
-                }
-                (i, part.len())
-            },
-        );
+        let (v, lens) = par_new_chunks(10, 4, |i, part| {
+            assert!(part.iter().all(|&x| x == 0.0));
+            for (j, x) in part.iter_mut().enumerate() {
+                *x = (100 * i + j) as f32;
+            }
+            (i, part.len())
+        });
         assert_eq!(v, [0.0, 1.0, 2.0, 3.0, 100.0, 101.0, 102.0, 103.0, 200.0, 201.0]);
         assert_eq!(lens, [(0, 4), (1, 4), (2, 2)]);
-        let (empty, none) = par_new_chunks(0, 0, || (), |_, _, _| ());
+        let (empty, none) = par_new_chunks(0, 0, |_, _| ());
         assert!(empty.is_empty() && none.is_empty());
     }
 }
