@@ -79,15 +79,19 @@ struct Summary {
     max: f64,
     n: usize,
     spread: f64,
+    /// Every repeat in the order it ran (an outlier's position tells a
+    /// warm-up effect from machine noise).
+    times: Vec<f64>,
 }
 
 impl Summary {
     /// `None` for no timings. The median of an even count is the mean of
     /// the middle two, as Python's `statistics.median`.
-    fn of(mut times: Vec<f64>) -> Option<Summary> {
-        if times.is_empty() {
+    fn of(in_order: Vec<f64>) -> Option<Summary> {
+        if in_order.is_empty() {
             return None;
         }
+        let mut times = in_order.clone();
         times.sort_by(|a, b| a.total_cmp(b));
         let n = times.len();
         let median = if n % 2 == 1 {
@@ -102,6 +106,7 @@ impl Summary {
             max,
             n,
             spread: max / min,
+            times: in_order,
         })
     }
 }
@@ -479,6 +484,11 @@ mod tests {
         let odd = Summary::of(vec![0.4, 0.1, 0.3]).unwrap();
         assert_eq!((odd.median, odd.min, odd.max, odd.n), (0.3, 0.1, 0.4, 3));
         assert!((odd.spread - 4.0).abs() < 1e-12);
+        assert_eq!(
+            odd.times,
+            vec![0.4, 0.1, 0.3],
+            "the repeats in the order they ran"
+        );
         let even = Summary::of(vec![0.4, 0.1, 0.3, 0.2]).unwrap();
         assert!((even.median - 0.25).abs() < 1e-12);
         assert_eq!(Summary::of(vec![2.0]).unwrap().spread, 1.0);

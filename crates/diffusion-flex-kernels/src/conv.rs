@@ -13,6 +13,7 @@ use burn::tensor::ops::{ConvOptions, ModuleOps};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
+use super::conv_transpose;
 use super::matmul::{matmul, View};
 use super::{dims4, dot, f32s, grown, madd, par_new_chunks, sum, vectorised, with_scratch};
 
@@ -636,23 +637,70 @@ pub(crate) fn channel_sums(grad: &FlexTensor) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(sums, [c]))
 }
 
-/// ∂L/∂x of a conv: for stride 1 and dilation 1 it is the conv of the output
-/// gradient with the spatially flipped kernel whose in/out channels are
-/// swapped within each group, padded by k − 1 − p.
+/// ∂L/∂x of a conv. For stride 1 and dilation 1 it is the conv of the
+/// output gradient with the spatially flipped kernel whose in/out channels
+/// are swapped within each group, padded by k − 1 − p; for larger strides
+/// of an ungrouped conv it is the transposed conv of the output gradient
+/// with the same weight (its adjoint), with the output padding that gives
+/// back the input's size. Both run on all cores; Flex's direct transposed
+/// conv (what burn's default backward calls) runs on one.
 fn input_grad(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, options: ConvOptions<2>) -> FlexTensor {
-    if options.stride != [1, 1] || options.dilation != [1, 1] {
+    let [_, _, h, w] = dims4(&x);
+    let [_, _, kh, kw] = dims4(&weight);
+    if options.dilation != [1, 1] {
         return Flex::conv2d_x_backward(x, weight, grad, options);
     }
-    let [c_out, per_group_in, kh, kw] = dims4(&weight);
-    let g = options.groups;
-    let w = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(weight))
-        .reshape([g, c_out / g, per_group_in, kh * kw])
-        .swap_dims(1, 2) // [g, in/g, out/g, k·k]
-        .reshape([g * per_group_in, c_out / g, kh, kw])
-        .flip([2, 3]);
+    if options.stride != [1, 1] {
+        let [_, _, ho, wo] = dims4(&grad);
+        // h + 2p − k = (ho − 1)·s + r with 0 ≤ r < s: r is the output padding.
+        let rest = |len: usize, i: usize, k: usize, out: usize| {
+            (len + 2 * options.padding[i])
+                .checked_sub(k + out.checked_sub(1)? * options.stride[i])
+                .filter(|&r| r < options.stride[i])
+        };
+        if let (1, Some(r0), Some(r1)) = (options.groups, rest(h, 0, kh, ho), rest(w, 1, kw, wo)) {
+            let adjoint = conv_transpose::Options {
+                stride: options.stride,
+                padding: options.padding,
+                padding_out: [r0, r1],
+            };
+            let weight = weight.to_contiguous();
+            if let Some(dx) = conv_transpose::forward(&grad.to_contiguous(), &weight, None, adjoint) {
+                return dx;
+            }
+        }
+        return Flex::conv2d_x_backward(x, weight, grad, options);
+    }
+    let w = flipped_swapped(&weight.to_contiguous(), options.groups);
     let padding = [kh - 1 - options.padding[0], kw - 1 - options.padding[1]];
-    let w = w.into_primitive().tensor().to_contiguous();
-    conv2d(grad, w, None, ConvOptions::new([1, 1], padding, [1, 1], g))
+    conv2d(
+        grad,
+        w,
+        None,
+        ConvOptions::new([1, 1], padding, [1, 1], options.groups),
+    )
+}
+
+/// The weight of a conv's input gradient: `weight` [out, in/g, kh, kw]
+/// flipped in both spatial dims, with in and out swapped within each of
+/// the `groups` groups: [in, out/g, kh, kw].
+fn flipped_swapped(weight: &FlexTensor, groups: usize) -> FlexTensor {
+    let [c_out, per_group_in, kh, kw] = dims4(weight);
+    let per_group_out = c_out / groups;
+    let (ws, k) = (f32s(weight), kh * kw);
+    let mut out = vec![0f32; ws.len()];
+    for (row, dst) in out.chunks_exact_mut(per_group_out * k).enumerate() {
+        // Row (g, ci) of the result: filters co of group g, tap order reversed.
+        let (g, ci) = (row / per_group_in, row % per_group_in);
+        for (co, dst) in dst.chunks_exact_mut(k).enumerate() {
+            let src = &ws[((g * per_group_out + co) * per_group_in + ci) * k..][..k];
+            dst.iter_mut().zip(src.iter().rev()).for_each(|(d, &s)| *d = s);
+        }
+    }
+    FlexTensor::from_data(TensorData::new(
+        out,
+        [groups * per_group_in, per_group_out, kh, kw],
+    ))
 }
 
 /// The im2col matrix of one image `xb` [cin, h, w]: row (ci, i, j) holds,
@@ -838,6 +886,10 @@ const IM2COL_COLUMNS: usize = 256;
 /// Images per parallel task of [`weight_grad_gemm`].
 const IMAGES_PER_TASK: usize = 4;
 
+/// Weight-gradient entries per task when [`weight_grad_gemm`] sums its
+/// partials.
+const SUM_SLICE: usize = 16 * 1024;
+
 /// ∂L/∂w of an ungrouped conv as one matrix product per image:
 /// ∂w [out, in·kh·kw] += grad_b [out, ho·wo] · im2col(x_b)ᵀ [ho·wo, in·kh·kw],
 /// in parallel over fixed groups of images.
@@ -869,10 +921,13 @@ pub(crate) fn weight_grad_gemm(
             acc
         })
         .collect();
-    let mut total = vec![0f32; cout * taps];
-    for p in &partials {
-        total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
-    }
+    // The partials summed per slice of the weight, in chunk order.
+    let (total, _) = par_new_chunks(cout * taps, SUM_SLICE, |slice, total| {
+        for p in &partials {
+            let p = &p[slice * SUM_SLICE..][..total.len()];
+            total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+        }
+    });
     FlexTensor::from_data(TensorData::new(total, [cout, cin, kh, kw]))
 }
 
@@ -1097,6 +1152,39 @@ mod tests {
                     .with_stride([2, 2])
                     .with_padding(pad(1, 1)),
                 [2, 3, 8, 8],
+            ),
+            (
+                // The U-Net's first down conv (output padding 1 in ∂x).
+                "16→32 stride 2 pad 1, 28x28",
+                Conv2dConfig::new([16, 32], [3, 3])
+                    .with_stride([2, 2])
+                    .with_padding(pad(1, 1)),
+                [2, 16, 28, 28],
+            ),
+            (
+                // Its last: a weight of 73,728 entries, summed in several
+                // slices over 3 chunks of images.
+                "64→128 stride 3 pad 1, 7x7, 9 images",
+                Conv2dConfig::new([64, 128], [3, 3])
+                    .with_stride([3, 3])
+                    .with_padding(pad(1, 1)),
+                [9, 64, 7, 7],
+            ),
+            (
+                // Output padding 1 down, 0 across.
+                "stride 2x3 pad 1, 10x10",
+                Conv2dConfig::new([3, 4], [3, 3])
+                    .with_stride([2, 3])
+                    .with_padding(pad(1, 1)),
+                [2, 3, 10, 10],
+            ),
+            (
+                "groups 2 stride 2",
+                Conv2dConfig::new([4, 6], [3, 3])
+                    .with_groups(2)
+                    .with_stride([2, 2])
+                    .with_padding(pad(1, 1)),
+                [2, 4, 7, 7],
             ),
         ];
         for (name, config, shape) in cases {

@@ -41,10 +41,10 @@ fn options<B: burn::tensor::backend::Backend>(
 
 /// Stride, padding and output padding of a transposed conv.
 #[derive(Debug, Clone, Copy)]
-struct Options {
-    stride: [usize; 2],
-    padding: [usize; 2],
-    padding_out: [usize; 2],
+pub(crate) struct Options {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub padding_out: [usize; 2],
 }
 
 impl Options {
@@ -153,7 +153,7 @@ impl Backward<Flex, 3> for ConvTransposeBackward {
 
 /// The transposed conv of contiguous `x` [b, cin, h, w] with `weight`
 /// [cin, cout, kh, kw]; None when the output would be empty.
-fn forward(
+pub(crate) fn forward(
     x: &FlexTensor,
     weight: &FlexTensor,
     bias: Option<&FlexTensor>,
