@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::conv_transpose;
 use super::matmul::{matmul, View};
-use super::{dims4, dot, f32s, grown, madd, par_new_chunks, sum, vectorised, with_scratch};
+use super::{dims4, dot, f32s, grown, madd, par_new_chunks, sum, sum_in_order, vectorised, with_scratch};
 
 /// A conv2d whose passes avoid Flex's slow paths. Forward: `conv2d` (`conv.rs`). The
 /// input gradient of a stride-1 conv is itself a conv (flipped kernel,
@@ -886,10 +886,6 @@ const IM2COL_COLUMNS: usize = 256;
 /// Images per parallel task of [`weight_grad_gemm`].
 const IMAGES_PER_TASK: usize = 4;
 
-/// Weight-gradient entries per task when [`weight_grad_gemm`] sums its
-/// partials.
-const SUM_SLICE: usize = 16 * 1024;
-
 /// ∂L/∂w of an ungrouped conv as one matrix product per image:
 /// ∂w [out, in·kh·kw] += grad_b [out, ho·wo] · im2col(x_b)ᵀ [ho·wo, in·kh·kw],
 /// in parallel over fixed groups of images.
@@ -921,13 +917,7 @@ pub(crate) fn weight_grad_gemm(
             acc
         })
         .collect();
-    // The partials summed per slice of the weight, in chunk order.
-    let (total, _) = par_new_chunks(cout * taps, SUM_SLICE, |slice, total| {
-        for p in &partials {
-            let p = &p[slice * SUM_SLICE..][..total.len()];
-            total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
-        }
-    });
+    let total = sum_in_order(&partials);
     FlexTensor::from_data(TensorData::new(total, [cout, cin, kh, kw]))
 }
 

@@ -211,6 +211,24 @@ where
     (out, results)
 }
 
+/// Entries per task when [`sum_in_order`] adds up partials.
+const SUM_SLICE: usize = 16 * 1024;
+
+/// The element-wise sum of equally long `parts` (per-task partial sums of
+/// a gradient), added in their order in parallel slices: the bits do not
+/// depend on how rayon scheduled the tasks that made them (bit-for-bit
+/// resumable training).
+pub(crate) fn sum_in_order(parts: &[Vec<f32>]) -> Vec<f32> {
+    let n = parts.first().map_or(0, Vec::len);
+    par_new_chunks(n, SUM_SLICE, |slice, total| {
+        for p in parts {
+            let p = &p[slice * SUM_SLICE..][..total.len()];
+            total.iter_mut().zip(p).for_each(|(t, p)| *t += p);
+        }
+    })
+    .0
+}
+
 /// Installs these kernels into the diffusion U-Net's table of replaceable
 /// kernels for `Flex` and `Autodiff<Flex>` (idempotent).
 #[cfg(feature = "unet")]
@@ -231,7 +249,7 @@ pub fn install_for_unet() {
         conv2d: conv::autodiff,
         group_norm: group_norm::autodiff,
         gelu: gelu::autodiff,
-        attention_block: diffusion_model::kernels::generic_attention_block,
+        attention_block: attention_block::autodiff,
         convnext_block: diffusion_model::kernels::generic_convnext_block,
         conv_transpose2d: conv_transpose::autodiff,
     });
