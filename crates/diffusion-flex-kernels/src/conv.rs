@@ -13,6 +13,7 @@ use burn::tensor::ops::{ConvOptions, ModuleOps};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 
+use super::conv_direct::Narrow;
 use super::conv_transpose;
 use super::matmul::{matmul, View};
 use super::{dims4, dot, f32s, grown, madd, par_new_chunks, sum, sum_in_order, vectorised, with_scratch};
@@ -283,6 +284,10 @@ impl Ungrouped {
                 let dst = (ci * plane) + (y + ph) * wp + pw;
                 padded[dst..dst + w].copy_from_slice(&xb[(ci * h + y) * w..][..w]);
             }
+        }
+        if let Some(narrow) = Narrow::new(ws, [cout, cin, kh, kw]) {
+            narrow.run(padded, [cin, plane, wp], [kh, kw], bias, out, [ho, wo]);
+            return;
         }
         let acc = grown(&mut scratch.acc, cout * grid);
         for i in 0..kh {
@@ -1076,6 +1081,20 @@ mod tests {
                 "3x3 pad 1, 28x28",
                 Conv2dConfig::new([6, 4], [3, 3]).with_padding(pad(1, 1)),
                 [3, 6, 28, 28],
+            ),
+            (
+                // Few output channels at 28x28: the direct kernel on
+                // AVX-512 (8 channels, pairs of rows, a 12-column tail).
+                "3x3 pad 1, 28x28, 24→8",
+                Conv2dConfig::new([24, 8], [3, 3]).with_padding(pad(1, 1)),
+                [2, 24, 28, 28],
+            ),
+            (
+                // The direct kernel with 4 channels (3 used), rows in
+                // groups of 4 with one left over, a 3x5 kernel.
+                "3x5 pad 1,2, 13x21, 5→3",
+                Conv2dConfig::new([5, 3], [3, 5]).with_padding(pad(1, 2)),
+                [2, 5, 13, 21],
             ),
             (
                 // A widening conv at 28x28: im2col with row copies.

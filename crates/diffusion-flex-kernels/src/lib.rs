@@ -57,6 +57,7 @@ pub mod attention;
 #[cfg(feature = "unet")]
 pub mod attention_block;
 pub mod conv;
+mod conv_direct;
 pub mod conv_transpose;
 #[cfg(feature = "unet")]
 pub mod convnext_block;
