@@ -274,10 +274,15 @@ impl Ungrouped {
         } = *self;
         let [ph, pw] = self.options.padding;
         let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-        // Each padded plane has kw spare zeros at its end: the last tap of
-        // the last grid row reads up to kw − 1 elements past the plane.
-        let plane = hp * wp + kw;
-        let grid = ho * wp;
+        // The products run over a grid of ho rows of wp columns (the last
+        // kw − 1 of each row are discarded), rounded up to whole vectors:
+        // gemm then reads the shifted planes in place instead of copying
+        // them into its panels (it packs a column-major operand whose row
+        // count is no multiple of the vector width). Each padded plane has
+        // zeros past its end for the last tap of that grid: kw − 1 plus the
+        // rounding.
+        let grid = (ho * wp).next_multiple_of(GRID_MULTIPLE);
+        let plane = grid + (kh - 1) * wp + kw;
         let padded = scratch.padded.for_geometry([h, w, ph, pw, kw], cin * plane);
         for ci in 0..cin {
             for y in 0..h {
@@ -887,6 +892,10 @@ vectorised! {
         }
     }
 }
+
+/// What [`Ungrouped::run_shifted`] rounds its grid up to: 16 floats, the
+/// AVX-512 vector gemm's kernels are built from.
+const GRID_MULTIPLE: usize = 16;
 
 /// Outputs per image up to which [`Ungrouped`] takes the im2col path for
 /// every conv (the U-Net's 7x7 and 3x3 levels; at 14x14 the shifted
