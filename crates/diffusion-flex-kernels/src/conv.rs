@@ -273,7 +273,7 @@ impl Ungrouped {
             ..
         } = *self;
         let [ph, pw] = self.options.padding;
-        let (hp, wp) = (h + 2 * ph, w + 2 * pw);
+        let wp = w + 2 * pw;
         // The products run over a grid of ho rows of wp columns (the last
         // kw − 1 of each row are discarded), rounded up to whole vectors:
         // gemm then reads the shifted planes in place instead of copying
@@ -349,29 +349,35 @@ impl Ungrouped {
         let (taps, positions) = (cin * kh * kw, ho * wo);
         let images = out.len() / self.out_len();
         let n = images * positions;
-        let cols = grown(&mut scratch.cols, taps * n);
+        // The product in slices of input channels, each slice's im2col rows
+        // sized to stay in cache between being written and read (the whole
+        // matrix, 9·cin rows, is megabytes at 7x7 and 3x3: written and
+        // read back through memory it cost a fifth of the conv).
+        let chunk = (IM2COL_SLICE / (kh * kw * n).max(1)).clamp(1, cin.max(1));
+        let cols = grown(&mut scratch.cols, chunk * kh * kw * n);
         let acc = grown(&mut scratch.acc, cout * n);
-        for (g, xb) in xs.chunks_exact(self.in_len()).enumerate() {
-            im2col(
-                xb,
-                [cin, h, w],
-                [kh, kw],
-                [ho, wo],
-                &self.options,
-                &mut cols[g * positions..],
-                n,
-            );
+        let hw = h * w;
+        for c0 in (0..cin).step_by(chunk) {
+            let cc = chunk.min(cin - c0);
+            for (g, xb) in xs.chunks_exact(self.in_len()).enumerate() {
+                im2col(
+                    &xb[c0 * hw..(c0 + cc) * hw],
+                    [cc, h, w],
+                    [kh, kw],
+                    [ho, wo],
+                    &self.options,
+                    &mut cols[g * positions..],
+                    n,
+                );
+            }
+            // acc (+)= W[:, c0 .. c0 + cc, :, :] [cout, cc·kh·kw] · cols
+            let lhs = View {
+                data: &ws[c0 * kh * kw..],
+                rs: taps,
+                cs: 1,
+            };
+            matmul(acc, cout, n, cc * kh * kw, lhs, View::rows(cols, n), 1.0, c0 > 0);
         }
-        matmul(
-            acc,
-            cout,
-            n,
-            taps,
-            View::rows(ws, taps),
-            View::rows(cols, n),
-            1.0,
-            false,
-        );
         for (g, out) in out.chunks_exact_mut(cout * positions).enumerate() {
             for (co, out) in out.chunks_exact_mut(positions).enumerate() {
                 let bias = bias.map_or(0.0, |bs| bs[co]);
@@ -813,6 +819,36 @@ impl Im2colTable {
         let (hw, positions) = (h * w, ho * wo);
         let (s, p, d) = (options.stride, options.padding, options.dilation);
         let key = [h, w, kh, kw, ho, wo, s[0], s[1], p[0], p[1], d[0], d[1]];
+        #[cfg(target_arch = "x86_64")]
+        if s == [1, 1] && d == [1, 1] && wo <= 16 && crate::simd_level() == crate::SimdLevel::Avx512 {
+            // Unstrided: each output row under tap (i, j) is wo consecutive
+            // values of a zero-padded copy of the plane, moved with one
+            // masked load and store (a gather fetches them one by one).
+            let (hp, wp) = (h + 2 * p[0], w + 2 * p[1]);
+            if self.key != key || self.plane.len() != hp * wp {
+                // Zero borders, kept while the geometry holds (the interior
+                // is rewritten for every channel).
+                self.plane.clear();
+                self.plane.resize(hp * wp, 0.0);
+                self.idx.clear();
+                self.key = key;
+            }
+            for ci in 0..cin {
+                for y in 0..h {
+                    let at = (y + p[0]) * wp + p[1];
+                    self.plane[at..at + w].copy_from_slice(&xb[ci * hw + y * w..][..w]);
+                }
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let row = &mut cols[(ci * kh * kw + i * kw + j) * stride..][..positions];
+                        // SAFETY: the CPU has AVX-512F; rows i .. i + ho − 1 of the
+                        // padded plane hold columns j .. j + wo − 1 (j + wo ≤ wp).
+                        unsafe { copy_rows_avx512(row, &self.plane, i * wp + j, wp, [ho, wo]) };
+                    }
+                }
+            }
+            return;
+        }
         if self.key != key {
             self.idx.clear();
             for i in 0..kh {
@@ -849,6 +885,28 @@ impl Im2colTable {
                 }
                 gather(row, &self.plane, idx);
             }
+        }
+    }
+}
+
+/// out [ho, wo] = the ho rows of `wo` ≤ 16 values at `src[start + y·row..]`,
+/// one masked load and store per row.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_rows_avx512(out: &mut [f32], src: &[f32], start: usize, row: usize, [ho, wo]: [usize; 2]) {
+    use std::arch::x86_64::*;
+    assert!(wo <= 16 && out.len() == ho * wo);
+    assert!(ho == 0 || start + (ho - 1) * row + wo <= src.len());
+    let mask = ((1u32 << wo) - 1) as __mmask16;
+    let (dst, base) = (out.as_mut_ptr(), src.as_ptr());
+    for y in 0..ho {
+        // SAFETY: the asserts above bound row y's wo values in both slices.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, base.add(start + y * row));
+            _mm512_mask_storeu_ps(dst.add(y * wo), mask, v);
         }
     }
 }
@@ -905,6 +963,9 @@ const IM2COL_POSITIONS: usize = 64;
 /// Output columns (images × positions) one task of [`Ungrouped::run_im2col`]
 /// aims for: enough for gemm's widest tiles.
 const IM2COL_COLUMNS: usize = 256;
+
+/// Floats of im2col rows [`Ungrouped::run_im2col`] builds at once.
+const IM2COL_SLICE: usize = 32 * 1024;
 
 /// Images per parallel task of [`weight_grad_gemm`].
 const IMAGES_PER_TASK: usize = 4;
@@ -1104,6 +1165,13 @@ mod tests {
                 "3x5 pad 1,2, 13x21, 5→3",
                 Conv2dConfig::new([5, 3], [3, 5]).with_padding(pad(1, 2)),
                 [2, 5, 13, 21],
+            ),
+            (
+                // The U-Net's 192→64 at 7x7: im2col in 14 slices of input
+                // channels, the last one partial.
+                "3x3 pad 1, 7x7, 192→64",
+                Conv2dConfig::new([192, 64], [3, 3]).with_padding(pad(1, 1)),
+                [5, 192, 7, 7],
             ),
             (
                 // A widening conv at 28x28: im2col with row copies.
