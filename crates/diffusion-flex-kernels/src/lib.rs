@@ -1,7 +1,8 @@
 //! Faster kernels for burn's Flex CPU backend: attention, conv2d, group
 //! norm and GELU for `Flex` (inference) and `Autodiff<Flex>` (training),
-//! conv_transpose2d for both, whole U-Net blocks for `Flex`,
-//! each computing the same function as burn's own operation.
+//! conv_transpose2d and the U-Net's attention block for both, its ConvNeXt
+//! block for `Flex`, each computing the same function as burn's own
+//! operation.
 //!
 //! This is the one library crate of the workspace that names a backend; it
 //! depends on burn, `gemm` and `rayon` only, so any burn program on Flex can
@@ -25,14 +26,19 @@
 //! - [`attention`]: FlashAttention forward and backward (`flash`), the
 //!   forward on transposed score blocks (a column softmax, wide gemm tiles);
 //! - `attention_block` (feature `unet`): the U-Net's whole attention block
-//!   for inference in the image layout, without transposed token copies;
+//!   in the image layout, without transposed token copies: for inference,
+//!   and under autodiff as one operation after its group norm (burn's
+//!   version runs its linear layers and the q/k/v slices' backward on the
+//!   calling thread alone);
 //! - `convnext_block` (feature `unet`): the U-Net's whole ConvNeXt block for
 //!   inference, one group of images at a time through every step, so its
 //!   intermediates stay in the core's cache;
-//! - [`conv`]: conv2d as shifted matrix products (large outputs), one
-//!   im2col product per group of images (small or strided outputs) or a
-//!   direct depthwise kernel; input gradient as a conv, weight gradient by
-//!   im2col + gemm or direct loops;
+//! - [`conv`]: conv2d as shifted matrix products (large outputs that do
+//!   not widen), one im2col product per group of images, built in slices of
+//!   input channels that stay in cache (small, strided or widening convs),
+//!   a direct AVX-512 kernel for up to 8 output channels (`conv_direct`),
+//!   or a direct depthwise kernel; input gradient as a conv (strided convs:
+//!   the transposed conv), weight gradient by im2col + gemm or direct loops;
 //! - [`conv_transpose`]: conv_transpose2d as a matrix product and a col2im
 //!   per image; its input gradient as a conv, its weight gradient by
 //!   im2col + gemm;
