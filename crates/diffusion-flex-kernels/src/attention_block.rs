@@ -314,7 +314,7 @@ fn backward(dy: &[f32], gn: &[f32], weights: &BlockWeights, saved: &Saved, dims:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{max_rel_diff, values};
+    use crate::test_util::{max_rel_diff, values, weighted_backward};
     use burn::tensor::Distribution;
     use diffusion_model::AttentionConfig;
 
@@ -362,12 +362,7 @@ mod tests {
         } else {
             block.forward_generic(x.clone())
         };
-        // Fixed loss weights: 0.1, 0.2, …, 1.0, 0.1, …
-        let n = y.dims().iter().product::<usize>();
-        let w: Vec<f32> = (0..n).map(|i| 0.1 * (1 + i % 10) as f32).collect();
-        let w = Tensor::<Ad, 1>::from_floats(w.as_slice(), &y.device()).reshape(y.dims());
-        let out = values(y.clone().inner());
-        let grads = (y * w).sum().backward();
+        let (out, grads) = weighted_backward(y);
         let grad1 =
             |p: &Option<Param<Tensor<Ad, 1>>>| values(p.as_ref().unwrap().val().grad(&grads).unwrap());
         vec![

@@ -1055,7 +1055,7 @@ fn depthwise_weight_grad(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{max_rel_diff, values};
+    use crate::test_util::{max_rel_diff, values, weighted_backward};
     use burn::module::Param;
     use burn::nn::conv::Conv2dConfig;
     use burn::tensor::Distribution;
@@ -1080,12 +1080,7 @@ mod tests {
         } else {
             conv.forward(x.clone())
         };
-        // Fixed loss weights: 0.1, 0.2, …, 1.0, 0.1, …
-        let n = y.dims().iter().product::<usize>();
-        let w: Vec<f32> = (0..n).map(|i| 0.1 * (1 + i % 10) as f32).collect();
-        let w = Tensor::<Ad, 1>::from_floats(w.as_slice(), &y.device()).reshape(y.dims());
-        let out = values(y.clone().inner());
-        let grads = (y * w).sum().backward();
+        let (out, grads) = weighted_backward(y);
         [
             out,
             values(x.grad(&grads).unwrap()),

@@ -202,7 +202,7 @@ pub(crate) fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{max_rel_diff, values};
+    use crate::test_util::{max_rel_diff, values, weighted_backward};
     use burn::nn::conv::ConvTranspose2dConfig;
     use burn::tensor::Distribution;
 
@@ -245,11 +245,7 @@ mod tests {
                 } else {
                     conv.forward(x.clone())
                 };
-                let n = y.dims().iter().product::<usize>();
-                let weights: Vec<f32> = (0..n).map(|i| 0.1 * (1 + i % 10) as f32).collect();
-                let weights = Tensor::<Ad, 1>::from_floats(weights.as_slice(), &device).reshape(y.dims());
-                let out = values(y.clone().inner());
-                let grads = (y * weights).sum().backward();
+                let (out, grads) = weighted_backward(y);
                 [
                     out,
                     values(x.grad(&grads).unwrap()),

@@ -367,6 +367,20 @@ mod test_util {
         t.into_data().to_vec::<f32>().unwrap()
     }
 
+    /// The output's values and the gradients of Σ w ⊙ y with fixed
+    /// weights 0.1, 0.2, …, 1.0, 0.1, … (every output weighted differently,
+    /// so a gradient that lands in the wrong place shows).
+    pub fn weighted_backward<const D: usize>(
+        y: Tensor<burn::backend::Autodiff<burn::backend::Flex>, D>,
+    ) -> (Vec<f32>, burn::backend::autodiff::grads::Gradients) {
+        type Ad = burn::backend::Autodiff<burn::backend::Flex>;
+        let n = y.dims().iter().product::<usize>();
+        let w: Vec<f32> = (0..n).map(|i| 0.1 * (1 + i % 10) as f32).collect();
+        let w = Tensor::<Ad, 1>::from_floats(w.as_slice(), &y.device()).reshape(y.dims());
+        let out = values(y.clone().inner());
+        (out, (y * w).sum().backward())
+    }
+
     /// max |a − b|.
     pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
