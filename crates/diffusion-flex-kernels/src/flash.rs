@@ -128,6 +128,8 @@ impl Block<'_> {
 struct BackwardScratch {
     p: Vec<f32>,
     dp: Vec<f32>,
+    k_t: Vec<f32>,
+    v_t: Vec<f32>,
     dq_t: Vec<f32>,
     dk_t: Vec<f32>,
     dv_t: Vec<f32>,
@@ -319,6 +321,19 @@ pub fn backward(
                 let dk_t = grown(&mut scratch.dk_t, d * len);
                 let dv_t = grown(&mut scratch.dv_t, d * len);
                 let dq_t = grown(&mut scratch.dq_t, d * rows_max);
+                // kᵀ and vᵀ [d, len], copied once per sequence: as the
+                // right-hand side of q·kᵀ and dO·vᵀ, gemm reads them in place
+                // (given k and v row-major it copies them into its panels
+                // for every block of queries).
+                let k_t = grown(&mut scratch.k_t, d * len);
+                let v_t = grown(&mut scratch.v_t, d * len);
+                for (l, (k_row, v_row)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
+                    for j in 0..d {
+                        k_t[j * len + l] = k_row[j];
+                        v_t[j * len + l] = v_row[j];
+                    }
+                }
+                let (k_t, v_t) = (&*k_t, &*v_t);
                 let mut start = 0;
                 while start < len {
                     let rows = BLOCK.min(len - start);
@@ -326,7 +341,7 @@ pub fn backward(
                     let q_blk = View::rows(&q[start * d..], d);
                     let do_blk = View::rows(&d_o[start * d..], d);
                     // P = exp(q·kᵀ·scale − lse), recomputed.
-                    matmul(p, rows, len, d, q_blk, View::transposed(k, d), scale, false);
+                    matmul(p, rows, len, d, q_blk, View::rows(k_t, len), scale, false);
                     for (i, row) in p.chunks_exact_mut(len).enumerate() {
                         exp_shifted(row, lse[start + i]);
                     }
@@ -334,15 +349,15 @@ pub fn backward(
                     let do_t = View::transposed(&d_o[start * d..], d);
                     matmul(dv_t, d, len, rows, do_t, View::rows(p, len), 1.0, start > 0);
                     // dP = dO·vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ o)), in dp.
-                    matmul(dp, rows, len, d, do_blk, View::transposed(v, d), 1.0, false);
+                    matmul(dp, rows, len, d, do_blk, View::rows(v_t, len), 1.0, false);
                     for i in 0..rows {
                         let r = start + i;
                         let delta = dot(&d_o[r * d..][..d], &o[r * d..][..d]);
                         softmax_grad_row(&mut dp[i * len..][..len], &p[i * len..][..len], delta);
                     }
                     // dqᵀ = scale·kᵀ·dSᵀ; dkᵀ += scale·qᵀ·dS
-                    let (k_t, ds_t) = (View::transposed(k, d), View::transposed(dp, len));
-                    matmul(dq_t, d, rows, len, k_t, ds_t, scale, false);
+                    let ds_t = View::transposed(dp, len);
+                    matmul(dq_t, d, rows, len, View::rows(k_t, len), ds_t, scale, false);
                     for (j, row) in dq_t.chunks_exact(rows).enumerate() {
                         for (i, &g) in row.iter().enumerate() {
                             dq[(start + i) * d + j] = g;
