@@ -423,12 +423,22 @@ vectorised! {
                 }
             }
             let mut s = [0f32; COLS];
-            for row in st.chunks_exact_mut(rows) {
-                let x: &mut [f32; COLS] = (&mut row[c0..c0 + COLS]).try_into().unwrap();
-                for l in 0..COLS {
-                    let e = exp::<FMA>(x[l] - m[l]);
-                    x[l] = e;
-                    s[l] += e;
+            #[cfg(target_arch = "x86_64")]
+            let done = FMA && crate::simd_level() == crate::SimdLevel::Avx512 && {
+                // SAFETY: the CPU has AVX-512F (checked by simd_level).
+                unsafe { exp_columns_avx512(st, rows, c0, &m, &mut s) };
+                true
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            if !done {
+                for row in st.chunks_exact_mut(rows) {
+                    let x: &mut [f32; COLS] = (&mut row[c0..c0 + COLS]).try_into().unwrap();
+                    for l in 0..COLS {
+                        let e = exp::<FMA>(x[l] - m[l]);
+                        x[l] = e;
+                        s[l] += e;
+                    }
                 }
             }
             maxes[c0..c0 + COLS].copy_from_slice(&m);
@@ -454,6 +464,61 @@ vectorised! {
     }
 }
 
+/// The exp pass of [`softmax_columns`] over columns c0 .. c0 + 16 of `st`
+/// ([_, rows] row-major) with AVX-512: x ← exp(x − m) and s += x, row by
+/// row, with the same bits as the portable loop with FMA (`exp::<true>`):
+/// the same clamp, range reduction and polynomial, n by `roundscale`
+/// (what adding 1.5·2^23 does) and e·2^n by `scalef` (what adding n to the
+/// exponent field does; the clamp keeps every result normal). 19 vector
+/// operations per 16 values where the compiled loop takes 22.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COLS], s: &mut [f32; COLS]) {
+    use std::arch::x86_64::*;
+    assert!(COLS == 16 && c0 + COLS <= rows && st.len() % rows == 0);
+    let mv = _mm512_loadu_ps(m.as_ptr());
+    let (lo, hi) = (_mm512_set1_ps(-87.3), _mm512_set1_ps(88.0));
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let (ln2_hi, ln2_lo) = (_mm512_set1_ps(-0.693_359_4), _mm512_set1_ps(2.121_944_4e-4));
+    let c = [
+        1.987_569_2e-4,
+        1.398_2e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5.000_000_1e-1,
+    ];
+    let one = _mm512_set1_ps(1.0);
+    let mut sum = _mm512_setzero_ps();
+    let base = st.as_mut_ptr();
+    for row in 0..st.len() / rows {
+        // SAFETY: columns c0 .. c0 + 16 ≤ rows of row `row` (asserted above).
+        let at = unsafe { base.add(row * rows + c0) };
+        // SAFETY: as above.
+        let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(at) }, mv);
+        // x.clamp(−87.3, 88.0), NaN kept (max/min return their second operand on NaN).
+        let x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x, log2e,
+        ));
+        let r = _mm512_fmadd_ps(n, ln2_lo, _mm512_fmadd_ps(n, ln2_hi, x));
+        let mut p = _mm512_set1_ps(c[0]);
+        for &coef in &c[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coef));
+        }
+        let e = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+        let y = _mm512_scalef_ps(e, n);
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_ps(at, y) };
+        sum = _mm512_add_ps(sum, y);
+    }
+    // SAFETY: `s` holds 16 floats.
+    unsafe { _mm512_storeu_ps(s.as_mut_ptr(), sum) };
+}
+
 vectorised! {
     /// row ← exp(row − shift).
     fn exp_shifted(row: &mut [f32], shift: f32) -> () {
@@ -468,6 +533,55 @@ vectorised! {
     fn softmax_grad_row(dp: &mut [f32], p: &[f32], delta: f32) -> () {
         for (g, &p) in dp.iter_mut().zip(p) {
             *g = p * (*g - delta);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The column softmax (AVX-512's exp pass where the CPU has it) against
+    /// the same softmax written with the scalar `exp::<true>`: the same
+    /// bits, on score blocks of the U-Net's lengths with 64 query columns,
+    /// a partial last chunk of columns, scores far below the column max
+    /// (clamped to e^−87.3) and a column of −∞ (max taken as 0).
+    #[test]
+    fn column_softmax_has_the_bits_of_the_scalar_exp() {
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (len, rows) in [(784, 64), (196, 64), (49, 49), (9, 9), (130, 37)] {
+            let mut st: Vec<f32> = (0..len * rows).map(|_| 24.0 * next()).collect();
+            st[3 * rows + 1] = -150.0;
+            if rows > 20 {
+                for l in 0..len {
+                    st[l * rows + 20] = f32::NEG_INFINITY;
+                }
+            }
+            let mut expected = st.clone();
+            let (mut max_ref, mut sum_ref) = (vec![0f32; rows], vec![0f32; rows]);
+            for c in 0..rows {
+                let m = (0..len)
+                    .map(|l| st[l * rows + c])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let m = if m.is_finite() { m } else { 0.0 };
+                let mut s = 0f32;
+                for l in 0..len {
+                    let e = exp::<true>(st[l * rows + c] - m);
+                    expected[l * rows + c] = e;
+                    s += e;
+                }
+                (max_ref[c], sum_ref[c]) = (m, s);
+            }
+            let (mut maxes, mut sums) = (vec![0f32; rows], vec![0f32; rows]);
+            softmax_columns(&mut st, &mut maxes, &mut sums);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&maxes), bits(&max_ref), "{len}x{rows}: maxima");
+            assert_eq!(bits(&sums), bits(&sum_ref), "{len}x{rows}: sums");
+            assert_eq!(bits(&st), bits(&expected), "{len}x{rows}: probabilities");
         }
     }
 }
