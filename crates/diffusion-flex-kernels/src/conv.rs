@@ -102,12 +102,12 @@ pub(crate) fn conv2d(
         return depthwise(x, weight, bias, options);
     }
     let (x, weight) = (x.to_contiguous(), weight.to_contiguous());
-    let Some(conv) = Ungrouped::new(dims4(&x), dims4(&weight), &options) else {
+    let (xs, ws) = (f32s(&x), f32s(&weight));
+    let Some(conv) = Ungrouped::new(dims4(&x), dims4(&weight), ws, &options) else {
         return Flex::conv2d(x, weight, bias, options);
     };
     let bias = bias.map(|b| b.to_contiguous());
     let b = dims4(&x)[0];
-    let (xs, ws) = (f32s(&x), f32s(&weight));
     let bs = bias.as_ref().map(f32s);
     let per_task = conv.images_per_task();
     let (in_len, out_len) = (conv.in_len(), conv.out_len());
@@ -143,6 +143,10 @@ pub(crate) struct Ungrouped {
     pub wo: usize,
     options: ConvOptions<2>,
     im2col: bool,
+    /// The weights reordered for the direct kernel, where the shifted path
+    /// with few output channels takes it (built once per conv, not per
+    /// image).
+    narrow: Option<Narrow>,
 }
 
 /// Buffers one task of [`Ungrouped::run`] reuses from call to call.
@@ -175,12 +179,14 @@ impl Padded {
 }
 
 impl Ungrouped {
-    /// The conv of inputs [_, cin, h, w] with a weight [cout, cin, kh, kw]
-    /// under `options`; None for grouped convs and for kernels larger than
-    /// the padded input (left to Flex).
+    /// The conv of inputs [_, cin, h, w] with the weight `ws` [cout, cin,
+    /// kh, kw] under `options` ([`Ungrouped::run`] must be given the same
+    /// `ws`); None for grouped convs and for kernels larger than the padded
+    /// input (left to Flex).
     pub fn new(
         [_, cin, h, w]: [usize; 4],
         [cout, cin_w, kh, kw]: [usize; 4],
+        ws: &[f32],
         options: &ConvOptions<2>,
     ) -> Option<Self> {
         let [ph, pw] = options.padding;
@@ -197,6 +203,11 @@ impl Ungrouped {
             || options.dilation != [1, 1]
             || ho * wo <= IM2COL_POSITIONS
             || cin < cout;
+        let narrow = if im2col {
+            None
+        } else {
+            Narrow::new(ws, [cout, cin, kh, kw])
+        };
         Some(Ungrouped {
             cin,
             h,
@@ -208,6 +219,7 @@ impl Ungrouped {
             wo,
             options: options.clone(),
             im2col,
+            narrow,
         })
     }
 
@@ -290,7 +302,7 @@ impl Ungrouped {
                 padded[dst..dst + w].copy_from_slice(&xb[(ci * h + y) * w..][..w]);
             }
         }
-        if let Some(narrow) = Narrow::new(ws, [cout, cin, kh, kw]) {
+        if let Some(narrow) = &self.narrow {
             narrow.run(padded, [cin, plane, wp], [kh, kw], bias, out, [ho, wo]);
             return;
         }
@@ -787,13 +799,16 @@ fn im2col(
     }
 }
 
-/// Output widths below which [`im2col`] gathers through an index table:
+/// Output widths below which [`im2col`] goes through [`Im2colTable`]:
 /// narrower rows make its copies and zero margins too short to pay for
 /// their calls (at 7x7, 128 channels, the copies cost as much as the
 /// matrix product).
 const IM2COL_GATHER_WIDTH: usize = 16;
 
-/// [`im2col`] as a gather: for the geometry last used, the index into the
+/// [`im2col`] for narrow outputs, per thread. Unstrided on AVX-512: a
+/// zero-padded copy of each plane (`plane`, borders kept while the
+/// geometry `key` holds) whose rows are moved with masked vector copies.
+/// Otherwise a gather: for the geometry last used, the index into the
 /// input plane of the value under each tap at each output position (h·w,
 /// a zero appended to the plane, in the padding), and the plane copy with
 /// that zero.
@@ -820,7 +835,11 @@ impl Im2colTable {
         let (s, p, d) = (options.stride, options.padding, options.dilation);
         let key = [h, w, kh, kw, ho, wo, s[0], s[1], p[0], p[1], d[0], d[1]];
         #[cfg(target_arch = "x86_64")]
-        if s == [1, 1] && d == [1, 1] && wo <= 16 && crate::simd_level() == crate::SimdLevel::Avx512 {
+        if s == [1, 1]
+            && d == [1, 1]
+            && wo <= IM2COL_GATHER_WIDTH
+            && crate::simd_level() == crate::SimdLevel::Avx512
+        {
             // Unstrided: each output row under tap (i, j) is wo consecutive
             // values of a zero-padded copy of the plane, moved with one
             // masked load and store (a gather fetches them one by one).

@@ -22,6 +22,7 @@ pub(crate) const MAX_COUT: usize = 8;
 /// A conv's weight [cout, cin, kh, kw] reordered for [`Narrow::run`]:
 /// [cin, kh, kw, C] with the output channels innermost, zero-padded to C
 /// (the accumulator count the kernel is compiled for).
+#[derive(Debug, Clone)]
 pub(crate) struct Narrow {
     weights: Vec<f32>,
     cout: usize,

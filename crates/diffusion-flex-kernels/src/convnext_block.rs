@@ -164,15 +164,18 @@ impl Plan {
         if [depthwise.ho, depthwise.wo] != [h, w] {
             return None;
         }
+        let (c1, c2) = (ConvParams::of(&block.conv1), ConvParams::of(&block.conv2));
         let conv1 = Ungrouped::new(
             [b, cin, h, w],
-            block.conv1.weight.dims(),
+            dims4(&c1.weight),
+            c1.weight(),
             &conv_options(&block.conv1, x)?,
         )?;
         let hidden = conv1.cout;
         let conv2 = Ungrouped::new(
             [b, hidden, h, w],
-            block.conv2.weight.dims(),
+            dims4(&c2.weight),
+            c2.weight(),
             &conv_options(&block.conv2, x)?,
         )?;
         if [conv1.ho, conv1.wo, conv2.ho, conv2.wo] != [h, w, h, w] {
@@ -201,10 +204,10 @@ impl Plan {
             dw,
             norm1: NormParams::of(&block.norm1, x, cin)?,
             conv1,
-            c1: ConvParams::of(&block.conv1),
+            c1,
             norm2: NormParams::of(&block.norm2, x, hidden)?,
             conv2,
-            c2: ConvParams::of(&block.conv2),
+            c2,
             shortcut,
         })
     }

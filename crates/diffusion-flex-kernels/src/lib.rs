@@ -332,6 +332,23 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// [`exp`]'s constants, shared with the AVX-512 version of the column
+/// softmax (`flash.rs`), which must give the same bits: the input range,
+/// ln 2 split into a part exact in a product with n and the rest, and the
+/// polynomial's coefficients from r⁶ down to r² (e^r ≈ 1 + r + r²·P(r)).
+const EXP_MIN: f32 = -87.3;
+const EXP_MAX: f32 = 88.0;
+const EXP_LN2_HI: f32 = -0.693_359_4;
+const EXP_LN2_LO: f32 = 2.121_944_4e-4;
+const EXP_POLY: [f32; 6] = [
+    1.987_569_2e-4,
+    1.398_2e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    5.000_000_1e-1,
+];
+
 /// e^x for x in [−87.3, 88], Cephes' `expf` without branches (so it
 /// vectorises): x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by a degree-6
 /// polynomial, 2^n put in the exponent bits. Relative error below 2e-7
@@ -339,16 +356,14 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 #[inline(always)]
 fn exp<const FMA: bool>(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
-    let x = x.clamp(-87.3, 88.0);
+    let x = x.clamp(EXP_MIN, EXP_MAX);
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
-    let r = madd::<FMA>(n, 2.121_944_4e-4, madd::<FMA>(n, -0.693_359_4, x));
-    let p = 1.987_569_2e-4;
-    let p = madd::<FMA>(p, r, 1.398_2e-3);
-    let p = madd::<FMA>(p, r, 8.333_452e-3);
-    let p = madd::<FMA>(p, r, 4.166_579_6e-2);
-    let p = madd::<FMA>(p, r, 1.666_666_5e-1);
-    let p = madd::<FMA>(p, r, 5.000_000_1e-1);
+    let r = madd::<FMA>(n, EXP_LN2_LO, madd::<FMA>(n, EXP_LN2_HI, x));
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = madd::<FMA>(p, r, c);
+    }
     let e = madd::<FMA>(p, r * r, r + 1.0);
     // t's low mantissa bits hold n (two's complement); e·2^n is e with n
     // added to its exponent field (exactly the product: e ∈ [0.7, 1.42]
