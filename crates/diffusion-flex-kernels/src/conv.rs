@@ -509,6 +509,20 @@ impl Depthwise {
             unsafe { depthwise_plane_avx512(buf, row, taps, [kh, kw], bias, out, [self.ho, wo]) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd_level() == crate::SimdLevel::Avx2 {
+            let geometry = ([kh, kw], [self.ho, wo]);
+            // SAFETY: the CPU has AVX2 and FMA (simd_level checked it); each
+            // padded row holds whole chunks of `lanes` columns plus kw − 1.
+            unsafe {
+                if lanes == DW_NARROW {
+                    depthwise_plane_avx2::<1>(buf, row, taps, bias, out, geometry);
+                } else {
+                    depthwise_plane_avx2::<2>(buf, row, taps, bias, out, geometry);
+                }
+            }
+            return;
+        }
         if lanes == DW_NARROW {
             depthwise_plane_narrow(buf, row, taps, kw, bias, out, wo);
         } else {
@@ -591,6 +605,83 @@ unsafe fn depthwise_plane_avx512(
             for (k, acc) in acc.iter().enumerate().take(rows) {
                 // SAFETY: row y0 + k < ho, columns x0 .. x0 + n ≤ wo.
                 unsafe { _mm512_mask_storeu_ps(dst.add((y0 + k) * wo + x0), mask, *acc) };
+            }
+            y0 += rows;
+        }
+    }
+}
+
+/// [`depthwise_plane_avx512`]'s schedule with AVX2: V vectors of 8
+/// columns (16 for planes wider than 8, else 8) of [`DW_ROWS`] output
+/// rows at once, so each loaded input vector feeds up to four rows and
+/// the rows' sums are independent chains. The portable loop keeps one
+/// chain per vector, so its 49 FMAs per 7x7 output wait on each other's
+/// latency. Same order of the taps as [`depthwise_rows`], so the same bits
+/// as the portable loop with FMA.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `padded` has rows of `row` ≥
+/// wo.div_ceil(8·V)·8·V + kw − 1 floats (whole vectors are loaded past
+/// wo), at least ho + kh − 1 of them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_plane_avx2<const V: usize>(
+    padded: &[f32],
+    row: usize,
+    taps: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    ([kh, kw], [ho, wo]): ([usize; 2], [usize; 2]),
+) {
+    use std::arch::x86_64::*;
+    let cols = 8 * V;
+    assert!(row >= wo.div_ceil(cols) * cols + kw - 1 && padded.len() >= (ho + kh - 1) * row);
+    assert!(taps.len() == kh * kw && out.len() == ho * wo);
+    let (src, dst) = (padded.as_ptr(), out.as_mut_ptr());
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for x0 in (0..wo).step_by(cols) {
+        let mut y0 = 0;
+        while y0 < ho {
+            let rows = (ho - y0).min(DW_ROWS);
+            let mut acc = [[_mm256_set1_ps(bias); V]; DW_ROWS];
+            for ir in 0..kh + rows - 1 {
+                // SAFETY: in bounds by the asserts above.
+                let line = unsafe { src.add((y0 + ir) * row + x0) };
+                for j in 0..kw {
+                    let mut v = [_mm256_setzero_ps(); V];
+                    for (u, v) in v.iter_mut().enumerate() {
+                        // SAFETY: columns x0 + j + 8u .. + 8 < row (asserted).
+                        *v = unsafe { _mm256_loadu_ps(line.add(j + 8 * u)) };
+                    }
+                    for (k, acc) in acc.iter_mut().enumerate() {
+                        // Output row y0 + k takes input row y0 + ir through tap row ir − k.
+                        let i = ir.wrapping_sub(k);
+                        if k < rows && i < kh {
+                            let t = _mm256_set1_ps(taps[i * kw + j]);
+                            for (a, &v) in acc.iter_mut().zip(&v) {
+                                *a = _mm256_fmadd_ps(t, v, *a);
+                            }
+                        }
+                    }
+                }
+            }
+            for (k, acc) in acc.iter().enumerate().take(rows) {
+                for (u, a) in acc.iter().enumerate() {
+                    let x = x0 + 8 * u;
+                    if x >= wo {
+                        break;
+                    }
+                    // SAFETY: row y0 + k < ho, columns x .. x + min(8, wo − x) ≤ wo.
+                    let at = unsafe { dst.add((y0 + k) * wo + x) };
+                    if wo - x >= 8 {
+                        // SAFETY: as above.
+                        unsafe { _mm256_storeu_ps(at, *a) };
+                    } else {
+                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((wo - x) as i32), lane);
+                        // SAFETY: as above; lanes past wo are masked off.
+                        unsafe { _mm256_maskstore_ps(at, mask, *a) };
+                    }
+                }
             }
             y0 += rows;
         }
@@ -1135,16 +1226,15 @@ mod tests {
         ]
     }
 
-    /// The AVX-512 depthwise kernel against the portable loop it replaces
-    /// (with fused multiply-adds, as the AVX2 tier runs it): the same bits,
-    /// on the U-Net's plane sizes and on ones with partial chunks and
-    /// partial row blocks. Nothing to compare on a CPU without AVX-512F.
+    /// The AVX-512 and AVX2 depthwise kernels against the portable loop
+    /// they replace (with fused multiply-adds): the same bits, on the
+    /// U-Net's plane sizes and on ones with partial chunks and partial row
+    /// blocks. Each kernel is checked where the CPU has its instructions.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_depthwise_has_the_bits_of_the_portable_loop() {
-        if !std::is_x86_feature_detected!("avx512f") {
-            return;
-        }
+    fn depthwise_kernels_have_the_bits_of_the_portable_loop() {
+        let avx512 = std::is_x86_feature_detected!("avx512f");
+        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
         let mut seed = 12345u32;
         let mut next = move || {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -1164,16 +1254,33 @@ mod tests {
             let row = wo.div_ceil(lanes) * lanes + k - 1;
             let padded: Vec<f32> = (0..(h + 2 * p) * row).map(|_| next()).collect();
             let taps: Vec<f32> = (0..k * k).map(|_| next()).collect();
-            let (mut ours, mut portable) = (vec![0f32; ho * wo], vec![0f32; ho * wo]);
-            // SAFETY: the CPU has AVX-512F (checked above).
-            unsafe { depthwise_plane_avx512(&padded, row, &taps, [k, k], 0.3, &mut ours, [ho, wo]) };
+            let mut portable = vec![0f32; ho * wo];
             if lanes == DW_NARROW {
                 depthwise_rows::<true, DW_NARROW>(&padded, row, &taps, k, 0.3, &mut portable, wo);
             } else {
                 depthwise_rows::<true, DW_LANES>(&padded, row, &taps, k, 0.3, &mut portable, wo);
             }
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&ours), bits(&portable), "{h}x{w}, {k}x{k}");
+            // NaN-filled: an output a kernel never writes fails the comparison.
+            if avx512 {
+                let mut ours = vec![f32::NAN; ho * wo];
+                // SAFETY: the CPU has AVX-512F (checked above).
+                unsafe { depthwise_plane_avx512(&padded, row, &taps, [k, k], 0.3, &mut ours, [ho, wo]) };
+                assert_eq!(bits(&ours), bits(&portable), "AVX-512, {h}x{w}, {k}x{k}");
+            }
+            if avx2 {
+                let mut ours = vec![f32::NAN; ho * wo];
+                let geometry = ([k, k], [ho, wo]);
+                // SAFETY: the CPU has AVX2 and FMA (checked above); rows as `plane` pads them.
+                unsafe {
+                    if lanes == DW_NARROW {
+                        depthwise_plane_avx2::<1>(&padded, row, &taps, 0.3, &mut ours, geometry);
+                    } else {
+                        depthwise_plane_avx2::<2>(&padded, row, &taps, 0.3, &mut ours, geometry);
+                    }
+                }
+                assert_eq!(bits(&ours), bits(&portable), "AVX2, {h}x{w}, {k}x{k}");
+            }
         }
     }
 
