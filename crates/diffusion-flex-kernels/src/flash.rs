@@ -426,10 +426,18 @@ vectorised! {
             }
             let mut s = [0f32; COLS];
             #[cfg(target_arch = "x86_64")]
-            let done = FMA && crate::simd_level() == crate::SimdLevel::Avx512 && {
-                // SAFETY: the CPU has AVX-512F (checked by simd_level).
-                unsafe { exp_columns_avx512(st, rows, c0, &m, &mut s) };
-                true
+            let done = FMA && match crate::simd_level() {
+                crate::SimdLevel::Avx512 => {
+                    // SAFETY: the CPU has AVX-512F (checked by simd_level).
+                    unsafe { exp_columns_avx512(st, rows, c0, &m, &mut s) };
+                    true
+                }
+                crate::SimdLevel::Avx2 => {
+                    // SAFETY: the CPU has AVX2 and FMA (checked by simd_level).
+                    unsafe { exp_columns_avx2(st, rows, c0, &m, &mut s) };
+                    true
+                }
+                crate::SimdLevel::Baseline => false,
             };
             #[cfg(not(target_arch = "x86_64"))]
             let done = false;
@@ -513,6 +521,61 @@ unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; C
     unsafe { _mm512_storeu_ps(s.as_mut_ptr(), sum) };
 }
 
+/// [`exp_columns_avx512`] with AVX2: the 16 columns as two vectors, the
+/// portable loop's steps one for one (n by adding and subtracting
+/// 1.5·2^23, e·2^n by adding t's bits shifted to the exponent field:
+/// (t − 1.5·2^23)'s bits << 23 are t's bits << 23, the constant's low
+/// bits being zero), with the constants held in registers: the compiled
+/// loop, short of registers for two vectors' worth, broadcast them from
+/// memory again for every row.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_columns_avx2(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COLS], s: &mut [f32; COLS]) {
+    use std::arch::x86_64::*;
+    assert!(COLS == 16 && c0 + COLS <= rows && st.len() % rows == 0);
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23, as in `exp`
+                                     // SAFETY: `m` holds 16 floats.
+    let mv = unsafe { [_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(m.as_ptr().add(8))] };
+    let (lo, hi) = (_mm256_set1_ps(EXP_MIN), _mm256_set1_ps(EXP_MAX));
+    let (log2e, round) = (_mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(ROUND));
+    let (ln2_hi, ln2_lo) = (_mm256_set1_ps(EXP_LN2_HI), _mm256_set1_ps(EXP_LN2_LO));
+    let one = _mm256_set1_ps(1.0);
+    let poly = EXP_POLY.map(|c| _mm256_set1_ps(c));
+    let mut sum = [_mm256_setzero_ps(); 2];
+    let base = st.as_mut_ptr();
+    for row in 0..st.len() / rows {
+        for (h, (sum, &mv)) in sum.iter_mut().zip(&mv).enumerate() {
+            // SAFETY: columns c0 + 8h .. c0 + 8h + 8 ≤ rows of row `row` (asserted above).
+            let at = unsafe { base.add(row * rows + c0 + 8 * h) };
+            // SAFETY: as above.
+            let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(at) }, mv);
+            // x.clamp(−87.3, 88.0), NaN kept (max/min return their second operand on NaN).
+            let x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
+            let t = _mm256_add_ps(_mm256_mul_ps(x, log2e), round);
+            let n = _mm256_sub_ps(t, round);
+            let r = _mm256_fmadd_ps(n, ln2_lo, _mm256_fmadd_ps(n, ln2_hi, x));
+            let mut p = poly[0];
+            for &coef in &poly[1..] {
+                p = _mm256_fmadd_ps(p, r, coef);
+            }
+            let e = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+            let scale = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
+            let y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(at, y) };
+            *sum = _mm256_add_ps(*sum, y);
+        }
+    }
+    // SAFETY: `s` holds 16 floats.
+    unsafe {
+        _mm256_storeu_ps(s.as_mut_ptr(), sum[0]);
+        _mm256_storeu_ps(s.as_mut_ptr().add(8), sum[1]);
+    }
+}
+
 vectorised! {
     /// row ← exp(row − shift).
     fn exp_shifted(row: &mut [f32], shift: f32) -> () {
@@ -535,7 +598,8 @@ vectorised! {
 mod tests {
     use super::*;
 
-    /// The column softmax (AVX-512's exp pass where the CPU has it) against
+    /// The column softmax (AVX-512's exp pass where the CPU has it; AVX2's,
+    /// also run directly wherever the CPU has AVX2) against
     /// the same softmax written with the scalar `exp` of the tier that runs
     /// (with fused multiply-adds unless the tier is baseline): the same
     /// bits, on score blocks of the U-Net's lengths with 64 query columns,
@@ -572,6 +636,25 @@ mod tests {
                     s += e;
                 }
                 (max_ref[c], sum_ref[c]) = (m, s);
+            }
+            // The AVX2 exp pass directly, on whole chunks of 16 columns
+            // (a CPU with AVX-512 takes the AVX-512 pass below).
+            #[cfg(target_arch = "x86_64")]
+            if fma && std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                let mut ours = st.clone();
+                for c0 in (0..rows / COLS * COLS).step_by(COLS) {
+                    let m: [f32; COLS] = max_ref[c0..c0 + COLS].try_into().unwrap();
+                    let mut s = [0f32; COLS];
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { exp_columns_avx2(&mut ours, rows, c0, &m, &mut s) };
+                    let (got, want): (Vec<u32>, Vec<u32>) = (0..len)
+                        .flat_map(|l| (c0..c0 + COLS).map(move |c| l * rows + c))
+                        .map(|i| (ours[i].to_bits(), expected[i].to_bits()))
+                        .unzip();
+                    assert_eq!(got, want, "{len}x{rows}: AVX2 probabilities, columns {c0}..");
+                    let want_s: Vec<u32> = sum_ref[c0..c0 + COLS].iter().map(|x| x.to_bits()).collect();
+                    assert_eq!(s.map(f32::to_bits).to_vec(), want_s, "{len}x{rows}: AVX2 sums");
+                }
             }
             let (mut maxes, mut sums) = (vec![0f32; rows], vec![0f32; rows]);
             softmax_columns(&mut st, &mut maxes, &mut sums);
