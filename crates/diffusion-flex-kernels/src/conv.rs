@@ -109,7 +109,7 @@ pub(crate) fn conv2d(
     let bias = bias.map(|b| b.to_contiguous());
     let b = dims4(&x)[0];
     let bs = bias.as_ref().map(f32s);
-    let per_task = conv.images_per_task();
+    let per_task = conv.images_per_task(b);
     let (in_len, out_len) = (conv.in_len(), conv.out_len());
     let (out, _) = par_new_chunks(b * out_len, per_task * out_len, |task, out| {
         let images = out.len() / out_len;
@@ -250,11 +250,13 @@ impl Ungrouped {
         self.cout * self.ho * self.wo
     }
 
-    /// Images one task should take: enough columns for gemm's widest
-    /// tiles on the im2col path ([`IM2COL_COLUMNS`]), one otherwise.
-    pub fn images_per_task(&self) -> usize {
+    /// Images one task of a batch of `batch` should take: on the im2col
+    /// path about enough columns for gemm's widest tiles
+    /// ([`IM2COL_COLUMNS`]), in a number of tasks the threads share
+    /// evenly ([`balanced_group`]); one otherwise.
+    pub fn images_per_task(&self, batch: usize) -> usize {
         if self.im2col {
-            (IM2COL_COLUMNS / (self.ho * self.wo).max(1)).max(1)
+            balanced_group(batch, IM2COL_COLUMNS / (self.ho * self.wo).max(1))
         } else {
             1
         }
@@ -1101,6 +1103,19 @@ const IM2COL_POSITIONS: usize = 64;
 /// aims for: enough for gemm's widest tiles.
 const IM2COL_COLUMNS: usize = 256;
 
+/// The size of the groups `items` are split into for parallel tasks,
+/// near `want` (at least 1) but in a number of groups that is a multiple
+/// of rayon's thread count where the items allow, so that no thread is
+/// left with a whole group more than the others. With few groups that
+/// matters: 81 images at 3x3 in groups of 28 were 3 tasks, two of them
+/// on one of 2 threads (the other idle a third of the conv), and a
+/// training batch of 32 was 28 + 4; now 21, 21, 21, 18 and 16 + 16.
+pub(crate) fn balanced_group(items: usize, want: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let groups = items.div_ceil(want.max(1)).next_multiple_of(threads).min(items);
+    items.div_ceil(groups.max(1)).max(1)
+}
+
 /// Floats of im2col rows [`Ungrouped::run_im2col`] builds at once.
 const IM2COL_SLICE: usize = 32 * 1024;
 
@@ -1281,6 +1296,44 @@ mod tests {
                 }
                 assert_eq!(bits(&ours), bits(&portable), "AVX2, {h}x{w}, {k}x{k}");
             }
+        }
+    }
+
+    /// Group sizes for a pool of 2 and of 3 threads: few groups become a
+    /// multiple of the thread count (81 images at 3x3, 28 wanted: 4
+    /// groups of up to 21; a batch of 32: 2 of 16), many are left near
+    /// the size wanted, and no group is empty or larger than wanted.
+    #[test]
+    fn balanced_groups() {
+        let pool = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+        };
+        let (two, three) = (pool(2), pool(3));
+        for (items, want, size) in [
+            (81, 28, 21),
+            (32, 28, 16),
+            (81, 5, 5),
+            (32, 5, 4),
+            (81, 1, 1),
+            (3, 28, 2),
+            (1, 28, 1),
+            (0, 28, 1),
+        ] {
+            assert_eq!(
+                two.install(|| balanced_group(items, want)),
+                size,
+                "{items} items, {want} wanted, 2 threads"
+            );
+        }
+        for (items, want, size) in [(81, 28, 27), (32, 28, 11), (81, 5, 5), (2, 28, 1)] {
+            assert_eq!(
+                three.install(|| balanced_group(items, want)),
+                size,
+                "{items} items, {want} wanted, 3 threads"
+            );
         }
     }
 

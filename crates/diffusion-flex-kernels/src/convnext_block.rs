@@ -216,7 +216,7 @@ impl Plan {
     /// `cond` [b, cin], one task per group of images.
     fn run(&self, x: &[f32], cond: &[f32], b: usize) -> Vec<f32> {
         let out_len = self.cout * self.hw;
-        let per_task = self.conv1.images_per_task().max(self.conv2.images_per_task());
+        let per_task = self.conv1.images_per_task(b).max(self.conv2.images_per_task(b));
         par_new_chunks(b * out_len, per_task * out_len, |task, out| {
             with_scratch(|s: &mut Scratch| self.run_images(x, cond, task * per_task, s, out))
         })
