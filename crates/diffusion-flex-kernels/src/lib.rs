@@ -58,6 +58,7 @@
 //! cover falls back to burn's operation.
 
 use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
 
 pub mod attention;
 #[cfg(feature = "unet")]
@@ -250,6 +251,7 @@ pub fn install_for_unet() {
         attention_block: attention_block::inference,
         convnext_block: convnext_block::inference,
         conv_transpose2d: conv_transpose::inference,
+        cat_channels,
     });
     install::<Autodiff<Flex>>(Kernels {
         attention: attention::autodiff,
@@ -259,7 +261,38 @@ pub fn install_for_unet() {
         attention_block: attention_block::autodiff,
         convnext_block: diffusion_model::kernels::generic_convnext_block,
         conv_transpose2d: conv_transpose::autodiff,
+        cat_channels: diffusion_model::kernels::generic_cat_channels,
     });
+}
+
+/// `Tensor::cat(vec![a, b], 1)` for image batches on Flex, one image per
+/// parallel task. Flex's cat copies on the calling thread while the other
+/// cores wait: 1.4% of sampling's wall time on a 2-core Xeon, with both
+/// workers idle. Other dtypes or unequal batch or plane sizes fall back
+/// to burn's cat.
+pub fn cat_channels(
+    a: burn::tensor::Tensor<Flex, 4>,
+    b: burn::tensor::Tensor<Flex, 4>,
+) -> burn::tensor::Tensor<Flex, 4> {
+    use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+    let ([n, ca, h, w], [nb, cb, hb, wb]) = (a.dims(), b.dims());
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || (n, h, w) != (nb, hb, wb) {
+        return Tensor::cat(vec![a, b], 1);
+    }
+    let (a, b) = (
+        a.into_primitive().tensor().to_contiguous(),
+        b.into_primitive().tensor().to_contiguous(),
+    );
+    let (xa, xb) = (f32s(&a), f32s(&b));
+    let (la, lb) = (ca * h * w, cb * h * w);
+    let (out, _) = par_new_chunks(n * (la + lb), la + lb, |i, out| {
+        out[..la].copy_from_slice(&xa[i * la..][..la]);
+        out[la..].copy_from_slice(&xb[i * lb..][..lb]);
+    });
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(
+        out,
+        [n, ca + cb, h, w],
+    ))))
 }
 
 /// The four dimensions of a rank-4 tensor.
@@ -410,6 +443,23 @@ mod test_util {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parallel channel concatenation against burn's cat: the same
+    /// values in the same places (each image's channels of `a`, then of
+    /// `b`), for the U-Net's up-path shape and a single image.
+    #[test]
+    fn cat_channels_matches_burn() {
+        use burn::tensor::{Distribution, Tensor};
+        let device = Default::default();
+        for [n, ca, cb, h, w] in [[3, 2, 5, 4, 7], [1, 16, 16, 28, 28]] {
+            let a = Tensor::<Flex, 4>::random([n, ca, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let b = Tensor::<Flex, 4>::random([n, cb, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let ours = cat_channels(a.clone(), b.clone());
+            assert_eq!(ours.dims(), [n, ca + cb, h, w]);
+            let burn = Tensor::cat(vec![a, b], 1);
+            assert_eq!(ours.into_data(), burn.into_data(), "{n}x({ca}+{cb})x{h}x{w}");
+        }
+    }
 
     #[test]
     fn exp_matches_std_to_2e7_relative() {

@@ -82,6 +82,13 @@ pub type AttentionBlockFn<B> = for<'a> fn(&'a AttentionBlock<B>, Tensor<B, 4>) -
 /// - `x`: [batch, in, h, w]; `cond`: [batch, in]; returns [batch, out, h, w]
 pub type ConvNeXtBlockFn<B> = for<'a> fn(&'a ConvNeXtBlock<B>, Tensor<B, 4>, Tensor<B, 2>) -> Tensor<B, 4>;
 
+/// Two image batches joined along channels, `Tensor::cat(vec![a, b], 1)`
+/// (the U-Net's up path: the up conv's output, then the skip).
+///
+/// # Shapes
+/// - `a`: [batch, ca, h, w]; `b`: [batch, cb, h, w]; returns [batch, ca + cb, h, w]
+pub type CatChannelsFn<B> = fn(Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>;
+
 /// The replaceable kernels of one backend type.
 pub struct Kernels<B: Backend> {
     /// Single-head attention, used by [`AttentionImpl::Fused`](crate::AttentionImpl::Fused).
@@ -99,6 +106,8 @@ pub struct Kernels<B: Backend> {
     pub convnext_block: ConvNeXtBlockFn<B>,
     /// Transposed 2-D convolution of a `ConvTranspose2d` module (the U-Net's up convs).
     pub conv_transpose2d: ConvTranspose2dFn<B>,
+    /// The channel concatenation of the up path's input and its skip.
+    pub cat_channels: CatChannelsFn<B>,
 }
 
 impl<B: Backend> Clone for Kernels<B> {
@@ -118,6 +127,7 @@ impl<B: Backend> Default for Kernels<B> {
             attention_block: generic_attention_block::<B>,
             convnext_block: generic_convnext_block::<B>,
             conv_transpose2d: generic_conv_transpose2d::<B>,
+            cat_channels: generic_cat_channels::<B>,
         }
     }
 }
@@ -181,6 +191,16 @@ pub fn generic_group_norm<B: Backend>(norm: &GroupNorm<B>, x: Tensor<B, 4>) -> T
 /// GELU through the installed kernel for `B`.
 pub fn gelu<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     (get::<B>().gelu)(x)
+}
+
+/// `Tensor::cat(vec![a, b], 1)` through the installed kernel for `B`.
+pub fn cat_channels<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    (get::<B>().cat_channels)(a, b)
+}
+
+/// burn's `Tensor::cat` along channels.
+pub fn generic_cat_channels<B: Backend>(a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+    Tensor::cat(vec![a, b], 1)
 }
 
 /// `block.forward(x)` through the installed kernel for `B`.

@@ -312,7 +312,7 @@ impl<B: Backend> UNet<B> {
         }
         for (up, block) in self.upsamples.iter().zip(&self.up_blocks) {
             let skip = skips.pop().expect("one skip per level");
-            x = Tensor::cat(vec![kernels::conv_transpose2d(up, x), skip], 1); // [B, 2·skip, H, W]
+            x = kernels::cat_channels(kernels::conv_transpose2d(up, x), skip); // [B, 2·skip, H, W]
             x = block.forward(x, &time, class);
         }
         self.head.forward(x, &time, class)
