@@ -652,7 +652,7 @@ unsafe fn depthwise_plane_avx2<const V: usize>(
                 for j in 0..kw {
                     let mut v = [_mm256_setzero_ps(); V];
                     for (u, v) in v.iter_mut().enumerate() {
-                        // SAFETY: columns x0 + j + 8u .. + 8 < row (asserted).
+                        // SAFETY: columns x0 + j + 8u .. + 8 ≤ row (asserted).
                         *v = unsafe { _mm256_loadu_ps(line.add(j + 8 * u)) };
                     }
                     for (k, acc) in acc.iter_mut().enumerate() {
@@ -907,10 +907,11 @@ const IM2COL_GATHER_WIDTH: usize = 16;
 /// [`im2col`] for narrow outputs, per thread. Unstrided, with rows of 4
 /// to 16 values: a zero-padded copy of each plane (`plane`, borders kept
 /// while the geometry `key` holds) whose rows are moved as short vector
-/// runs ([`copy_rows`]). Otherwise (strided, or 3x3 and smaller) a gather: for the geometry last used, the index into the
-/// input plane of the value under each tap at each output position (h·w,
-/// a zero appended to the plane, in the padding), and the plane copy with
-/// that zero.
+/// runs ([`copy_rows`]). Otherwise (strided, or rows under 4 values, as
+/// at 3x3, where runs of 2 measured slower) a gather: for the geometry
+/// last used, the index into the input plane of the value under each tap
+/// at each output position (h·w, a zero appended to the plane, in the
+/// padding), and the plane copy with that zero.
 #[derive(Default)]
 struct Im2colTable {
     key: [usize; 12],
