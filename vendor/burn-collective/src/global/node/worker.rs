@@ -237,10 +237,12 @@ impl<C: ProtocolClient> GlobalClientWorker<C> {
         }
 
         log::info!("Worker closing connection");
-        stream_response
-            .close()
-            .await
-            .expect("Can close the websocket stream.");
+        // [diffusion-rs patch] The peer may have closed the stream first
+        // (the orchestrator shuts down as soon as the last node leaves):
+        // closing it again is not an error worth a panic in this task.
+        if let Err(err) = stream_response.close().await {
+            log::info!("Websocket stream already closed: {err:?}");
+        }
     }
 
     async fn request_sender(
