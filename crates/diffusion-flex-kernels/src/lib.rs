@@ -44,7 +44,10 @@
 //!   im2col + gemm;
 //! - [`group_norm`]: one pass for statistics, one for the output, one fused
 //!   backward pass;
-//! - [`gelu`]: one pass each way with a vectorised erf.
+//! - [`gelu`]: one pass each way with a vectorised erf;
+//! - [`cat_channels`]: two image batches joined along channels, one image
+//!   per task (and its autodiff version, whose backward splits the
+//!   gradient the same way).
 //!
 //! Dispatch: hot loops are compiled for baseline x86-64 (SSE2), AVX2 + FMA
 //! and AVX-512F, and [`simd_level`] picks the widest the CPU has at run
