@@ -488,7 +488,7 @@ vectorised! {
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COLS], s: &mut [f32; COLS]) {
     use std::arch::x86_64::*;
-    assert!(COLS == 16 && c0 + COLS <= rows && st.len() % rows == 0);
+    assert!(COLS == 16 && c0 + COLS <= rows && st.len().is_multiple_of(rows));
     let mv = _mm512_loadu_ps(m.as_ptr());
     let (lo, hi) = (_mm512_set1_ps(EXP_MIN), _mm512_set1_ps(EXP_MAX));
     let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
@@ -535,7 +535,7 @@ unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; C
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_columns_avx2(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COLS], s: &mut [f32; COLS]) {
     use std::arch::x86_64::*;
-    assert!(COLS == 16 && c0 + COLS <= rows && st.len() % rows == 0);
+    assert!(COLS == 16 && c0 + COLS <= rows && st.len().is_multiple_of(rows));
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23, as in `exp`
                                      // SAFETY: `m` holds 16 floats.
     let mv = unsafe { [_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(m.as_ptr().add(8))] };
