@@ -409,7 +409,7 @@ impl Ungrouped {
     }
 }
 
-/// Output columns computed at once by [`depthwise_plane`]: one AVX-512
+/// Output columns a depthwise kernel computes at once: one AVX-512
 /// vector, two AVX2 ones.
 const DW_LANES: usize = 16;
 
@@ -525,26 +525,14 @@ impl Depthwise {
             }
             return;
         }
+        // Baseline x86-64 (or another architecture): the portable loop
+        // without FMA, 8 columns at a time for narrow planes (the 7x7 and
+        // 3x3 levels, where 16 would leave most lanes idle).
         if lanes == DW_NARROW {
-            depthwise_plane_narrow(buf, row, taps, kw, bias, out, wo);
+            depthwise_rows::<false, DW_NARROW>(buf, row, taps, kw, bias, out, wo);
         } else {
-            depthwise_plane(buf, row, taps, kw, bias, out, wo);
+            depthwise_rows::<false, DW_LANES>(buf, row, taps, kw, bias, out, wo);
         }
-    }
-}
-
-vectorised! {
-    /// [`depthwise_rows`] 16 columns at a time (rows wider than 8).
-    fn depthwise_plane(padded: &[f32], row: usize, taps: &[f32], kw: usize, bias: f32, out: &mut [f32], wo: usize) -> () {
-        depthwise_rows::<FMA, DW_LANES>(padded, row, taps, kw, bias, out, wo)
-    }
-}
-
-vectorised! {
-    /// [`depthwise_rows`] 8 columns at a time (the 7x7 and 3x3 levels, where
-    /// 16 would leave most lanes idle).
-    fn depthwise_plane_narrow(padded: &[f32], row: usize, taps: &[f32], kw: usize, bias: f32, out: &mut [f32], wo: usize) -> () {
-        depthwise_rows::<FMA, DW_NARROW>(padded, row, taps, kw, bias, out, wo)
     }
 }
 
@@ -559,7 +547,8 @@ const DW_ROWS: usize = 4;
 /// (kh + 3)·kw loads instead of one load per FMA), and the four rows'
 /// sums are independent chains. The taps are summed in the same order
 /// as [`depthwise_rows`] (bias, then row by row, column by column), so
-/// the result has the same bits as the AVX2 tier. (Written with
+/// the result has the same bits as that loop with FMA and as
+/// [`depthwise_plane_avx2`] (both tested). (Written with
 /// intrinsics: the compiler builds [`depthwise_rows`]'s 16-lane array as
 /// one 8-lane vector and eight scalar FMAs.)
 ///

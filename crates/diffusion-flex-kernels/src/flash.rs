@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::matmul::{matmul, View};
 use super::{dot, exp, grown, par_new_chunks, vectorised, with_scratch};
 #[cfg(target_arch = "x86_64")]
-use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAX, EXP_MIN, EXP_POLY};
+use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAX, EXP_MIN, EXP_POLY, EXP_ROUND};
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -536,11 +536,13 @@ unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; C
 unsafe fn exp_columns_avx2(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COLS], s: &mut [f32; COLS]) {
     use std::arch::x86_64::*;
     assert!(COLS == 16 && c0 + COLS <= rows && st.len().is_multiple_of(rows));
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23, as in `exp`
-                                     // SAFETY: `m` holds 16 floats.
+    // SAFETY: `m` holds 16 floats.
     let mv = unsafe { [_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(m.as_ptr().add(8))] };
     let (lo, hi) = (_mm256_set1_ps(EXP_MIN), _mm256_set1_ps(EXP_MAX));
-    let (log2e, round) = (_mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(ROUND));
+    let (log2e, round) = (
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+        _mm256_set1_ps(EXP_ROUND),
+    );
     let (ln2_hi, ln2_lo) = (_mm256_set1_ps(EXP_LN2_HI), _mm256_set1_ps(EXP_LN2_LO));
     let one = _mm256_set1_ps(1.0);
     let poly = EXP_POLY.map(|c| _mm256_set1_ps(c));

@@ -428,12 +428,14 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// [`exp`]'s constants, shared with the AVX-512 version of the column
-/// softmax (`flash.rs`), which must give the same bits: the input range,
-/// ln 2 split into a part exact in a product with n and the rest, and the
-/// polynomial's coefficients from r⁶ down to r² (e^r ≈ 1 + r + r²·P(r)).
+/// [`exp`]'s constants, shared with the AVX-512 and AVX2 versions of the
+/// column softmax (`flash.rs`), which must give the same bits: the input
+/// range, 1.5·2^23 (adding it rounds to an integer), ln 2 split into a part
+/// exact in a product with n and the rest, and the polynomial's
+/// coefficients from r⁶ down to r² (e^r ≈ 1 + r + r²·P(r)).
 const EXP_MIN: f32 = -87.3;
 const EXP_MAX: f32 = 88.0;
+const EXP_ROUND: f32 = 12_582_912.0;
 const EXP_LN2_HI: f32 = -0.693_359_4;
 const EXP_LN2_LO: f32 = 2.121_944_4e-4;
 const EXP_POLY: [f32; 6] = [
@@ -451,10 +453,9 @@ const EXP_POLY: [f32; 6] = [
 /// (tested); below −87.3 it returns e^−87.3 ≈ 1.2e-38 instead of a subnormal.
 #[inline(always)]
 fn exp<const FMA: bool>(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
     let x = x.clamp(EXP_MIN, EXP_MAX);
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
+    let t = x * std::f32::consts::LOG2_E + EXP_ROUND;
+    let n = t - EXP_ROUND;
     let r = madd::<FMA>(n, EXP_LN2_LO, madd::<FMA>(n, EXP_LN2_HI, x));
     let mut p = EXP_POLY[0];
     for &c in &EXP_POLY[1..] {
@@ -465,7 +466,7 @@ fn exp<const FMA: bool>(x: f32) -> f32 {
     // added to its exponent field (exactly the product: e ∈ [0.7, 1.42]
     // and the clamp keep the result normal; one integer add instead of
     // building 2^n and multiplying).
-    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let n_int = (t.to_bits() as i32).wrapping_sub(EXP_ROUND.to_bits() as i32);
     f32::from_bits((e.to_bits() as i32).wrapping_add(n_int << 23) as u32)
 }
 
