@@ -113,6 +113,7 @@ pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => {
             diffusion_flex_kernels::install_for_unet();
+            diffusion_flex_kernels::install_for_training();
             task.run_on::<Autodiff<burn::backend::Flex>>(vec![Default::default(); n])
         }
     }

@@ -80,6 +80,8 @@ mod flash;
 pub mod gelu;
 pub mod group_norm;
 mod matmul;
+#[cfg(feature = "train")]
+pub mod optim;
 
 /// Defines `fn $name(args)` whose body is compiled three times: for the
 /// baseline x86-64 target (SSE2), with AVX2 + FMA, and with AVX-512F, the
@@ -270,6 +272,19 @@ pub fn install_for_unet() {
         convnext_block: diffusion_model::kernels::generic_convnext_block,
         conv_transpose2d: conv_transpose::autodiff,
         cat_channels: cat_channels_autodiff,
+    });
+}
+
+/// Installs Adam's and the EMA's kernels ([`optim`]) into the trainer's
+/// table of replaceable kernels (`diffusion_train::kernels`) for `Flex`,
+/// the backend its optimizer and EMA run on under `Autodiff<Flex>`
+/// (idempotent).
+#[cfg(feature = "train")]
+pub fn install_for_training() {
+    use diffusion_train::kernels::{install, TrainKernels};
+    install::<Flex>(TrainKernels {
+        adam_step: optim::adam_step,
+        blend: optim::blend,
     });
 }
 

@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?;
     }
     diffusion_flex_kernels::install_for_unet(); // the fast CPU kernels (optional)
+    diffusion_flex_kernels::install_for_training(); // Adam and the EMA in one pass (optional)
     let device = Default::default();
     let set = Arc::new(load_split(&dir, Split::Train)?);
     let loader = BatchLoader::new(set, 64, 0, 2);

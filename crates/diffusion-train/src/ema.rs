@@ -68,8 +68,8 @@ impl<M> Ema<M> {
     }
 }
 
-/// target ← decay·target + (1 − decay)·source, parameter by parameter,
-/// matched in visit order (the two modules have the same type, so the same
+/// target ← decay·target + (1 − decay)·source, parameter by parameter
+/// (through the installed [`crate::kernels::blend`]), matched in visit order (the two modules have the same type, so the same
 /// order whatever their parameter ids).
 pub fn blend<B: Backend, M: Module<B>>(target: M, source: &M, decay: f64) -> M {
     let mut collect = Collect::<B> { tensors: Vec::new() };
@@ -103,8 +103,8 @@ impl<B: Backend> ModuleMapper<B> for Blend<B> {
             .source
             .next()
             .expect("EMA source has the same parameters as the average");
-        let source = source.reshape(value.dims());
-        let blended = value.mul_scalar(self.decay) + source.mul_scalar(1.0 - self.decay);
+        let dims = value.dims();
+        let blended = crate::kernels::blend(value.reshape([-1]), source, self.decay).reshape(dims);
         Param::from_mapped_value(id, blended, mapper)
     }
 }

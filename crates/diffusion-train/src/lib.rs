@@ -49,6 +49,7 @@ pub mod distill;
 pub mod distributed;
 pub mod ema;
 pub mod fit;
+pub mod kernels;
 pub mod lock;
 pub mod lr;
 pub mod optim;
@@ -66,7 +67,7 @@ pub use fit::{
 };
 pub use lock::{LockError, RunLock};
 pub use lr::LrSchedule;
-pub use optim::{clip_global_norm, OptimizerKind, TrainerOptimizer};
+pub use optim::{clip_global_norm, FusedAdam, OptimizerKind, TrainerOptimizer};
 pub use run::{build_trainer, Run, RunConfig, RunError};
 pub use trainer::{BatchPart, GradientSync, StepOutput, Trainer, TrainerConfig};
 

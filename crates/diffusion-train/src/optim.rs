@@ -1,18 +1,22 @@
 //! The optimizer of a [`crate::Trainer`]: any of burn's [`Optimizer`]s
-//! (Adam by default, AdamW selectable in [`crate::TrainerConfig`]), and
-//! clipping of the gradients' global norm, as diffusion recipes commonly do
-//! (to 1.0).
+//! (Adam by default, as [`FusedAdam`]; AdamW selectable in
+//! [`crate::TrainerConfig`]), and clipping of the gradients' global norm,
+//! as diffusion recipes commonly do (to 1.0).
 
 use std::path::Path;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
-use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{
+    AdamState, AdamWConfig, AdaptiveMomentumState, GradientsParams, LearningRate, Optimizer, SimpleOptimizer,
+};
 use burn::record::Recorder as _;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Tensor};
+use burn::tensor::{Device, ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointError, Recorder};
+use crate::kernels::{self, AdamStep};
 
 /// Which optimizer [`crate::Trainer::new`] builds.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -37,7 +41,9 @@ impl OptimizerKind {
         M: AutodiffModule<B> + 'static,
     {
         match self {
-            OptimizerKind::Adam => Box::new(AdamConfig::new().with_epsilon(epsilon as f32).init::<B, M>()),
+            OptimizerKind::Adam => Box::new(OptimizerAdaptor::<FusedAdam, M, B>::from(FusedAdam::new(
+                epsilon as f32,
+            ))),
             OptimizerKind::AdamW { weight_decay } => Box::new(
                 AdamWConfig::new()
                     .with_epsilon(epsilon as f32)
@@ -45,6 +51,70 @@ impl OptimizerKind {
                     .init::<B, M>(),
             ),
         }
+    }
+}
+
+/// burn's Adam (no weight decay, no AMSGrad) with each parameter's update
+/// done by the installed [`kernels::adam_step`] (one pass per parameter
+/// where a kernel is installed; burn's own operations otherwise).
+///
+/// Same arithmetic as `burn::optim::AdamConfig::new().init()` (the same
+/// bits, tested), and the same state type, `AdamState`, so its checkpoints
+/// are burn's Adam's: either optimizer loads the other's state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedAdam {
+    /// Decay of the first moment.
+    pub beta_1: f32,
+    /// Decay of the second moment.
+    pub beta_2: f32,
+    /// ε in the denominator.
+    pub epsilon: f32,
+}
+
+impl FusedAdam {
+    /// burn's defaults (β₁ 0.9, β₂ 0.999) with ε `epsilon`.
+    pub fn new(epsilon: f32) -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon,
+        }
+    }
+}
+
+impl<B: Backend> SimpleOptimizer<B> for FusedAdam {
+    type State<const D: usize> = AdamState<B, D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+        let shape = tensor.shape();
+        let (moments, time) = match state {
+            Some(AdamState { momentum }) => (
+                Some((momentum.moment_1.reshape([-1]), momentum.moment_2.reshape([-1]))),
+                momentum.time + 1,
+            ),
+            None => (None, 1),
+        };
+        let step = AdamStep {
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            epsilon: self.epsilon,
+            lr,
+            time,
+        };
+        let (param, m, v) = kernels::adam_step(tensor.reshape([-1]), grad.reshape([-1]), moments, &step);
+        let momentum = AdaptiveMomentumState::new(time, m.reshape(shape.clone()), v.reshape(shape.clone()));
+        (param.reshape(shape), Some(AdamState::new(momentum)))
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device<B>) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
     }
 }
 
@@ -170,6 +240,93 @@ mod tests {
             w.into_data().to_vec::<f32>().unwrap(),
             b.into_data().to_vec::<f32>().unwrap(),
         )
+    }
+
+    /// The layer's weights and bias, flattened.
+    fn weights(layer: &Linear<B>) -> Vec<f32> {
+        let mut w = layer.weight.val().into_data().to_vec::<f32>().unwrap();
+        w.extend(
+            layer
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        );
+        w
+    }
+
+    /// Gradients of Σ(layer(x)²) for a batch that changes with `step`
+    /// (so the moments see different gradients each step).
+    fn squares_grads(layer: &Linear<B>, step: usize) -> GradientsParams {
+        let device = Default::default();
+        let x: Vec<f32> = (0..12)
+            .map(|i| ((i * 7 + step * 5) % 11) as f32 / 5.0 - 1.0)
+            .collect();
+        let x = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(x, [4, 3]), &device);
+        let loss = layer.forward(x).powi_scalar(2).sum();
+        GradientsParams::from_grads(loss.backward(), layer)
+    }
+
+    /// A 3→4 layer with fixed small weights (−0.009 to 0.009): the steps
+    /// below (0.05 to 0.12) are larger than the weights, so a rounding
+    /// difference in the update shows in the new weight.
+    fn fixed_layer() -> Linear<B> {
+        let device = Default::default();
+        let w: Vec<f32> = (0..12).map(|i| i as f32 * 0.0015 - 0.009).collect();
+        let weight = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(w, [3, 4]), &device);
+        Linear {
+            weight: Param::from_tensor(weight),
+            bias: Some(Param::from_tensor(Tensor::from_floats(
+                [0.001, -0.002, 0.003, -0.004],
+                &device,
+            ))),
+        }
+    }
+
+    /// Five steps of [`FusedAdam`] (through the generic kernel) and of
+    /// burn's Adam from the same weights and gradients give the same bits,
+    /// at ε 1e-8 (the reference's) and a learning rate that changes
+    /// (computing m/(√v + e) before multiplying by the bias correction, one
+    /// rounding moved, fails it); and
+    /// each loads the other's saved state and steps on to the same bits
+    /// (a state that did not load would restart the moments: other bits).
+    #[test]
+    fn fused_adam_is_burns_adam_bit_for_bit() {
+        use burn::optim::AdamConfig;
+        use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder as _};
+        let epsilon = 1e-8;
+        let mut ours = OptimizerAdaptor::<FusedAdam, Linear<B>, B>::from(FusedAdam::new(epsilon));
+        let mut burns = AdamConfig::new().with_epsilon(epsilon).init::<B, Linear<B>>();
+        // Clones: the same parameter ids, so each optimizer's state fits the other's layer.
+        let start = fixed_layer();
+        let (mut a, mut b) = (start.clone(), start.clone());
+        for step in 0..5 {
+            let lr = 0.05 * (1.0 + step as f64 / 3.0);
+            let (ga, gb) = (squares_grads(&a, step), squares_grads(&b, step));
+            a = Optimizer::step(&mut ours, lr, a, ga);
+            b = Optimizer::step(&mut burns, lr, b, gb);
+            assert_eq!(weights(&a), weights(&b), "step {step}");
+        }
+        assert_ne!(weights(&a), weights(&start), "the steps moved the weights");
+        let recorder = BinBytesRecorder::<FullPrecisionSettings>::default();
+        let device = Default::default();
+        let (ours_bytes, burns_bytes) = (
+            recorder.record(ours.to_record(), ()).unwrap(),
+            recorder.record(burns.to_record(), ()).unwrap(),
+        );
+        let mut ours = OptimizerAdaptor::<FusedAdam, Linear<B>, B>::from(FusedAdam::new(epsilon))
+            .load_record(recorder.load(burns_bytes, &device).unwrap());
+        let mut burns = AdamConfig::new()
+            .with_epsilon(epsilon)
+            .init::<B, Linear<B>>()
+            .load_record(recorder.load(ours_bytes, &device).unwrap());
+        let (ga, gb) = (squares_grads(&a, 5), squares_grads(&b, 5));
+        let a = Optimizer::step(&mut ours, 0.05, a, ga);
+        let b = Optimizer::step(&mut burns, 0.05, b, gb);
+        assert_eq!(weights(&a), weights(&b), "after swapping the states");
     }
 
     #[test]

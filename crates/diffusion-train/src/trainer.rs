@@ -135,7 +135,10 @@ pub struct StepOutput<B: AutodiffBackend> {
 /// seeds the backend's generator with `mix_seed(seed, k)` before drawing,
 /// so a resumed run draws exactly what an uninterrupted one would.
 pub struct Trainer<B: AutodiffBackend, M: AutodiffModule<B>> {
-    model: M,
+    /// The model; `None` only inside [`Trainer::step_part`]'s optimizer
+    /// step, which takes it so that the optimizer holds the only reference
+    /// to its weights (and can update them in place).
+    model: Option<M>,
     optim: Box<dyn TrainerOptimizer<M, B>>,
     ema: Ema<M::InnerModule>,
     state: TrainState,
@@ -186,7 +189,7 @@ where
     ) -> Self {
         let ema = Ema::new(model.valid(), config.ema);
         Self {
-            model,
+            model: Some(model),
             optim,
             ema,
             state: TrainState::start(),
@@ -250,8 +253,8 @@ where
         let lesson = self
             .teacher
             .as_deref()
-            .map(|teacher| distill::lesson_on(teacher, &batch, part, self.model.prediction()));
-        let (grads, loss) = sharded_gradients(&self.model, n, self.config.shards, |model: &M, range| {
+            .map(|teacher| distill::lesson_on(teacher, &batch, part, self.model().prediction()));
+        let (grads, loss) = sharded_gradients(self.model(), n, self.config.shards, |model: &M, range| {
             let whole = range.len() == n;
             match &lesson {
                 Some(l) if whole => l.loss(model),
@@ -260,14 +263,21 @@ where
                 None => objective.loss(model, fp, batch.narrow(range.start, range.len())),
             }
         });
-        let (grads, loss) = sync.average(&self.model, grads, loss)?;
+        let (grads, loss) = sync.average(self.model(), grads, loss)?;
         let lr = self.lr_at(self.state.step);
         let grads = match self.config.grad_clip {
-            Some(max) => clip_global_norm::<B, M>(&self.model, grads, max).0,
+            Some(max) => clip_global_norm::<B, M>(self.model(), grads, max).0,
             None => grads,
         };
-        self.model = self.optim.step(lr, self.model.clone(), grads);
-        self.ema.update(&self.model.valid());
+        // Taken, not cloned: a clone would share every weight's buffer, and
+        // an optimizer kernel that updates in place would have to copy it.
+        let model = self
+            .model
+            .take()
+            .expect("the trainer's model is in place between steps");
+        let model = self.optim.step(lr, model, grads);
+        self.ema.update(&model.valid());
+        self.model = Some(model);
         self.state.step += 1;
         self.state.batch_in_epoch += 1;
         self.state.ema_updates = self.ema.updates;
@@ -324,7 +334,9 @@ where
 
     /// The model being trained.
     pub fn model(&self) -> &M {
-        &self.model
+        self.model
+            .as_ref()
+            .expect("the trainer's model is in place between steps")
     }
 
     /// The averaged weights (on the inner backend, ready to sample).
@@ -355,7 +367,7 @@ where
     pub fn save(&mut self, run_dir: &Path) -> Result<PathBuf, CheckpointError> {
         self.check_finite()?;
         checkpoint::write(run_dir, self.state, |dir| {
-            checkpoint::save_module(self.model.clone(), &dir.join(checkpoint::MODEL))?;
+            checkpoint::save_module(self.model().clone(), &dir.join(checkpoint::MODEL))?;
             checkpoint::save_module(self.ema.model.clone(), &dir.join(checkpoint::EMA))?;
             self.optim.save(&dir.join(checkpoint::OPTIMIZER))
         })
@@ -365,10 +377,11 @@ where
     /// state), so the next step is the one an uninterrupted run would take.
     pub fn resume(&mut self, run_dir: &Path) -> Result<TrainState, CheckpointError> {
         let (dir, state) = checkpoint::latest(run_dir)?;
-        let model = checkpoint::load_module(self.model.clone(), &dir.join(checkpoint::MODEL), &self.device)?;
+        let model =
+            checkpoint::load_module(self.model().clone(), &dir.join(checkpoint::MODEL), &self.device)?;
         let ema = checkpoint::load_module(self.ema.model.clone(), &dir.join(checkpoint::EMA), &self.device)?;
         self.optim.load(&dir.join(checkpoint::OPTIMIZER), &self.device)?;
-        self.model = model;
+        self.model = Some(model);
         self.ema.model = ema;
         self.ema.updates = state.ema_updates;
         self.state = state;
