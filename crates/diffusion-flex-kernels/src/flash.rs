@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dot, exp, grown, par_new_chunks, vectorised, with_scratch};
+use super::{dot, exp, grown, par_new_chunks, vectorised, with_scratch, zeroed};
 #[cfg(target_arch = "x86_64")]
 use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAX, EXP_MIN, EXP_POLY, EXP_ROUND};
 
@@ -51,8 +51,8 @@ impl Dims {
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f32>) {
     let Dims { batch, len, d } = dims;
     let per_seq = len * d;
-    let mut o = vec![0f32; batch * per_seq];
-    let mut lse = vec![0f32; batch * len];
+    let mut o = zeroed(batch * per_seq);
+    let mut lse = zeroed(batch * len);
     if per_seq == 0 {
         return (o, lse);
     }
@@ -297,9 +297,9 @@ pub fn backward(
     let Dims { batch, len, d } = dims;
     let scale = dims.scale();
     let per_seq = len * d;
-    let mut dq = vec![0f32; batch * per_seq];
-    let mut dk = vec![0f32; batch * per_seq];
-    let mut dv = vec![0f32; batch * per_seq];
+    let mut dq = zeroed(batch * per_seq);
+    let mut dk = zeroed(batch * per_seq);
+    let mut dv = zeroed(batch * per_seq);
     // One task per sequence: dk and dv sum over all query blocks.
     dq.par_chunks_mut(per_seq.max(1))
         .zip(

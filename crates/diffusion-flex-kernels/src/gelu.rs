@@ -10,7 +10,6 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use rayon::prelude::*;
 
 use super::{exp, f32s, par_new_chunks, vectorised};
 
@@ -58,14 +57,10 @@ impl Backward<Flex, 1> for GeluBackward {
         let [parent] = ops.parents;
         let grad = grads.consume::<Flex>(&ops.node).to_contiguous();
         if let Some(parent) = parent {
-            let mut dx = vec![0f32; f32s(&grad).len()];
-            dx.par_chunks_mut(CHUNK)
-                .zip(
-                    f32s(&ops.state)
-                        .par_chunks(CHUNK)
-                        .zip(f32s(&grad).par_chunks(CHUNK)),
-                )
-                .for_each(|(dx, (x, g))| gelu_backward(dx, x, g));
+            let (xs, gs) = (f32s(&ops.state), f32s(&grad));
+            let (dx, _) = par_new_chunks(gs.len(), CHUNK, |i, dx| {
+                gelu_backward(dx, &xs[i * CHUNK..][..dx.len()], &gs[i * CHUNK..][..dx.len()])
+            });
             let shape = grad.layout().shape().clone();
             grads.register::<Flex>(parent.id, FlexTensor::from_data(TensorData::new(dx, shape)));
         }

@@ -9,7 +9,6 @@ use burn::backend::{Autodiff, Flex};
 use burn::nn::GroupNorm;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use rayon::prelude::*;
 
 use super::{dot, par_new_chunks, sum, sum_sq_dev, vectorised};
 
@@ -193,17 +192,12 @@ fn group_norm_backward(st: &GroupNormState, grad: &FlexTensor) -> (FlexTensor, V
     let n = (per_group * hw).max(1);
     let (xs, dys) = (st.x.as_slice::<f32>().unwrap(), grad.as_slice::<f32>().unwrap());
     let gs = st.gamma.as_slice::<f32>().unwrap();
-    let mut dx = vec![0f32; xs.len()];
     // Per (sample, group): this group's channels' Σ dy·x̂ and Σ dy.
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut(n)
-        .zip(xs.par_chunks(n).zip(dys.par_chunks(n)))
-        .enumerate()
-        .map(|(i, (dx, (x, dy)))| {
-            let g0 = (i % groups) * per_group;
-            group_norm_backward_chunk(dx, x, dy, &gs[g0..g0 + per_group], st.mean[i], st.rstd[i], hw)
-        })
-        .collect();
+    let (dx, partials) = par_new_chunks(xs.len(), n, |i, dx| {
+        let g0 = (i % groups) * per_group;
+        let (x, dy) = (&xs[i * n..][..dx.len()], &dys[i * n..][..dx.len()]);
+        group_norm_backward_chunk(dx, x, dy, &gs[g0..g0 + per_group], st.mean[i], st.rstd[i], hw)
+    });
     let mut dgamma = vec![0f32; c];
     let mut dbeta = vec![0f32; c];
     for (i, (dg, db)) in partials.iter().enumerate() {

@@ -229,6 +229,13 @@ where
     (out, results)
 }
 
+/// `vec![0.0; len]` zeroed by rayon's workers, 64K values a task, not by
+/// the calling thread alone (for outputs that a kernel then fills in
+/// tasks of another shape).
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    par_new_chunks(len, 64 * 1024, |_, _| ()).0
+}
+
 /// Entries per task when [`sum_in_order`] adds up partials.
 const SUM_SLICE: usize = 16 * 1024;
 
