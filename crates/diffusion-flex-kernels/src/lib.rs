@@ -33,7 +33,9 @@
 //! - `convnext_block` (feature `unet`): the U-Net's whole ConvNeXt block for
 //!   inference, one group of images at a time through every step, so its
 //!   intermediates stay in the core's cache;
-//! - [`conv`]: conv2d as shifted matrix products (large outputs that do
+//! - [`conv`]: conv2d as Winograd F(2x2, 3x3) (3x3 convs with outputs of
+//!   7x7 to 14x14: 16 products per 2x2 block instead of 36,
+//!   `conv_winograd`), shifted matrix products (large outputs that do
 //!   not widen), one im2col product per group of images, built in slices of
 //!   input channels that stay in cache (small, strided or widening convs),
 //!   a direct AVX-512 kernel for up to 8 output channels (`conv_direct`),
@@ -74,6 +76,7 @@ pub mod attention_block;
 pub mod conv;
 mod conv_direct;
 pub mod conv_transpose;
+mod conv_winograd;
 #[cfg(feature = "unet")]
 pub mod convnext_block;
 mod flash;
