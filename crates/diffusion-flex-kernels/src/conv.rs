@@ -1111,18 +1111,48 @@ unsafe fn gather_avx512(out: &mut [f32], src: &[f32], idx: &[u32]) {
     }
 }
 
-/// out[k] = src[idx[k]], with AVX-512's gather where the CPU has it.
+/// out[k] = src[idx[k]], 8 at a time with AVX2's gather, the last
+/// values one by one.
 ///
 /// # Safety
-/// Every `idx[k]` must be below `src.len()` and 2^31 (the AVX-512 path
-/// does not check).
+/// The CPU must have AVX2, and every `idx[k]` must be below `src.len()`
+/// and 2^31.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_avx2(out: &mut [f32], src: &[f32], idx: &[u32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(out.len(), idx.len());
+    let whole = out.len() / 8 * 8;
+    let (dst, ix, base) = (out.as_mut_ptr(), idx.as_ptr(), src.as_ptr());
+    for k in (0..whole).step_by(8) {
+        // SAFETY: k + 8 ≤ len of `idx` and `out`; every gathered index lies
+        // inside `src` (the caller's promise).
+        unsafe {
+            let offsets = _mm256_loadu_si256(ix.add(k) as *const __m256i);
+            let v = _mm256_i32gather_ps::<4>(base, offsets);
+            _mm256_storeu_ps(dst.add(k), v);
+        }
+    }
+    for k in whole..out.len() {
+        out[k] = src[idx[k] as usize];
+    }
+}
+
+/// out[k] = src[idx[k]], with the CPU's gather instruction (AVX-512 or
+/// AVX2; on the baseline tier one value at a time).
+///
+/// # Safety
+/// Every `idx[k]` must be below `src.len()` and 2^31 (the vector paths
+/// do not check).
 pub(crate) unsafe fn gather_into(out: &mut [f32], src: &[f32], idx: &[u32]) {
     debug_assert!(idx.iter().all(|&i| (i as usize) < src.len() && i < 1 << 31));
     #[cfg(target_arch = "x86_64")]
-    if crate::simd_level() == crate::SimdLevel::Avx512 {
+    match crate::simd_level() {
         // SAFETY: the CPU has AVX-512F; the indices are the caller's promise.
-        unsafe { gather_avx512(out, src, idx) };
-        return;
+        crate::SimdLevel::Avx512 => return unsafe { gather_avx512(out, src, idx) },
+        // SAFETY: the CPU has AVX2; the indices are the caller's promise.
+        crate::SimdLevel::Avx2 => return unsafe { gather_avx2(out, src, idx) },
+        crate::SimdLevel::Baseline => {}
     }
     gather(out, src, idx);
 }
@@ -1349,6 +1379,34 @@ mod tests {
     /// multiple of the thread count (81 images at 3x3, 28 wanted: 4
     /// groups of up to 21; a batch of 32: 2 of 16), many are left near
     /// the size wanted, and no group is empty or larger than wanted.
+    /// Every tier's gather, lengths with and without a partial last
+    /// vector, picks `src[idx[k]]` (scattered indices, the last one the
+    /// end of `src`).
+    #[test]
+    fn gathers_pick_the_indexed_values() {
+        let src: Vec<f32> = (0..100).map(|i| i as f32 * 0.5 - 7.0).collect();
+        for n in [0, 5, 8, 16, 23, 41] {
+            let idx: Vec<u32> = (0..n)
+                .map(|k| if k == n - 1 { 99 } else { (k * 37 % 100) as u32 })
+                .collect();
+            let expected: Vec<f32> = idx.iter().map(|&i| src[i as usize]).collect();
+            let mut out = vec![f32::NAN; n];
+            // SAFETY: every index is below 100.
+            unsafe { gather_into(&mut out, &src, &idx) };
+            assert_eq!(out, expected, "n {n}, {:?}", crate::simd_level());
+            let mut portable = vec![f32::NAN; n];
+            gather(&mut portable, &src, &idx);
+            assert_eq!(portable, expected, "n {n}, portable");
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                let mut avx2 = vec![f32::NAN; n];
+                // SAFETY: the CPU has AVX2; every index is below 100.
+                unsafe { gather_avx2(&mut avx2, &src, &idx) };
+                assert_eq!(avx2, expected, "n {n}, AVX2");
+            }
+        }
+    }
+
     #[test]
     fn balanced_groups() {
         let pool = |threads| {
