@@ -37,9 +37,9 @@ pub(crate) struct Winograd {
     /// U [cout, 16, cin]: position ξ = 4·i + j of every transformed
     /// filter (U[ξ] is the [cout, cin] matrix at stride 16·cin).
     u: Vec<f32>,
-    /// For position (r, c) of tile i's 4x4 input patch, at (r·4 + c)·tiles
-    /// + i: its index in the input plane, or h·w (a zero after the plane)
-    /// in the padding.
+    /// For position (r, c) of tile i's 4x4 input patch (at index
+    /// (r·4 + c)·tiles + i): its index in the input plane, or h·w (a zero
+    /// after the plane) in the padding.
     patch: Vec<u32>,
     /// For each output position of a plane, its index in the tiles'
     /// outputs [4, tiles] ([`output_transform`]).
