@@ -6,13 +6,14 @@
 //! over 7x7 outputs), 1.3x at 3x3.
 //!
 //! With V = Bᵀ·d·B the transformed 4x4 input patch d of one channel and
-//! U = G·g·Gᵀ the transformed 3x3 filter g (done once per conv), the
+//! U = G·g·Gᵀ the transformed 3x3 filter g (once per conv call), the
 //! output block is Aᵀ·(Σ over input channels U ⊙ V)·A; the sum over input
 //! channels is, for each of the 16 positions ξ of the 4x4 transform, one
 //! matrix product M[ξ] [cout, tiles] = U[ξ] [cout, cin] · V[ξ] [cin, tiles]
 //! over the tiles of a group of images. The transforms use only sums,
 //! differences and halvings, so the rounding stays close to a direct
-//! conv's (tested against burn's conv to 1e-4 relative).
+//! conv's (tested against a direct conv in f64, to 2e-6 of the largest
+//! output, and against burn's conv, values and gradients, to 1e-5).
 
 use super::conv::gather_into;
 use super::matmul::{matmul, View};
@@ -57,7 +58,9 @@ pub(crate) struct WinogradScratch {
     /// The output transform's rows [8, tiles] and results [4, tiles].
     s: Vec<f32>,
     y: Vec<f32>,
+    /// V [16, channels of a slice, tiles of the task's images].
     v: Vec<f32>,
+    /// M [16, cout, tiles of the task's images].
     m: Vec<f32>,
 }
 
