@@ -10,10 +10,11 @@
 //! core idle. With these kernels (and the trainer no longer cloning the
 //! model into the optimizer, which made every weight's buffer shared)
 //! batch-32 training went from 113 to 123 img/s to 131 to 133 img/s there
-//! (four alternating pairs). Each element goes through the same f32 operations in the
-//! same order as in `diffusion_train::kernels::generic_adam_step` and
-//! `generic_blend` (vector square roots and divisions round as the scalar
-//! ones do, and no multiply-add is fused), so the bits are the same.
+//! (four alternating pairs). Each element goes through the same f32
+//! operations in the same order as in
+//! `diffusion_train::kernels::generic_adam_step` and `generic_blend`
+//! (vector square roots and divisions round as the scalar ones do, and no
+//! multiply-add is fused), so the bits are the same.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
