@@ -62,7 +62,10 @@ impl<M> Ema<M> {
         M: Module<B>,
     {
         let decay = self.config.decay_at(self.updates);
-        let model = self.model.clone();
+        // Moved out, not cloned (a clone would share every buffer, and a
+        // kernel that blends in place would have to copy it); the source's
+        // weights stand in until the blend is back.
+        let model = std::mem::replace(&mut self.model, source.clone());
         self.model = blend(model, source, decay);
         self.updates += 1;
     }
