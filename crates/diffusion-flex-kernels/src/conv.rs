@@ -258,10 +258,10 @@ impl Ungrouped {
         self.cout * self.ho * self.wo
     }
 
-    /// Images one task of a batch of `batch` should take: on the im2col
-    /// path about enough columns for gemm's widest tiles
-    /// ([`IM2COL_COLUMNS`]), in a number of tasks the threads share
-    /// evenly ([`balanced_group`]); one otherwise.
+    /// Images one task of a batch of `batch` should take: on the Winograd
+    /// and im2col paths about enough tiles or columns for gemm's widest
+    /// tiles ([`WINOGRAD_COLUMNS`], [`IM2COL_COLUMNS`]), in a number of
+    /// tasks the threads share evenly ([`balanced_group`]); one otherwise.
     pub fn images_per_task(&self, batch: usize) -> usize {
         if let Some(winograd) = &self.winograd {
             balanced_group(batch, (WINOGRAD_COLUMNS / winograd.tiles()).max(1))
@@ -1375,10 +1375,6 @@ mod tests {
         }
     }
 
-    /// Group sizes for a pool of 2 and of 3 threads: few groups become a
-    /// multiple of the thread count (81 images at 3x3, 28 wanted: 4
-    /// groups of up to 21; a batch of 32: 2 of 16), many are left near
-    /// the size wanted, and no group is empty or larger than wanted.
     /// Every tier's gather, lengths with and without a partial last
     /// vector, picks `src[idx[k]]` (scattered indices, the last one the
     /// end of `src`).
@@ -1407,6 +1403,10 @@ mod tests {
         }
     }
 
+    /// Group sizes for a pool of 2 and of 3 threads: few groups become a
+    /// multiple of the thread count (81 images at 3x3, 28 wanted: 4
+    /// groups of up to 21; a batch of 32: 2 of 16), many are left near
+    /// the size wanted, and no group is empty or larger than wanted.
     #[test]
     fn balanced_groups() {
         let pool = |threads| {
@@ -1473,8 +1473,8 @@ mod tests {
             ),
             (
                 // The U-Net's 192→64 at 7x7: Winograd (half-outside tiles
-                // at the edge) with its input channels in 4 slices, the
-                // last one partial; ∂x (64→192) also through Winograd.
+                // at the edge) with its input channels in slices, the last
+                // one partial; ∂x (64→192) also through Winograd.
                 "3x3 pad 1, 7x7, 192→64",
                 Conv2dConfig::new([192, 64], [3, 3]).with_padding(pad(1, 1)),
                 [5, 192, 7, 7],

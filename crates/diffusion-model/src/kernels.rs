@@ -132,25 +132,50 @@ impl<B: Backend> Default for Kernels<B> {
     }
 }
 
-/// One `Kernels<B>` per backend type that has an installation.
-static INSTALLED: RwLock<Vec<Box<dyn Any + Send + Sync>>> = RwLock::new(Vec::new());
+/// A process-wide table holding at most one value of each type: behind
+/// [`install`] and [`get`] (one [`Kernels<B>`] per backend type), and
+/// public so that other crates' kernel tables (`diffusion_train::kernels`)
+/// work the same way.
+pub struct Registry(RwLock<Vec<Box<dyn Any + Send + Sync>>>);
+
+impl Registry {
+    /// An empty table (usable in a `static`).
+    pub const fn new() -> Self {
+        Registry(RwLock::new(Vec::new()))
+    }
+
+    /// Makes `value` the table's `T`, replacing any earlier one.
+    pub fn set<T: Any + Send + Sync>(&self, value: T) {
+        let mut table = self.0.write().unwrap_or_else(|e| e.into_inner());
+        table.retain(|k| !k.is::<T>());
+        table.push(Box::new(value));
+    }
+
+    /// The table's `T`, if one was set.
+    pub fn get<T: Any + Copy>(&self) -> Option<T> {
+        let table = self.0.read().unwrap_or_else(|e| e.into_inner());
+        table.iter().find_map(|k| k.downcast_ref::<T>()).copied()
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The installed `Kernels<B>`, one per backend type.
+static INSTALLED: Registry = Registry::new();
 
 /// Makes `kernels` the ones used for backend `B` from now on (replacing
 /// any earlier installation for `B`).
 pub fn install<B: Backend>(kernels: Kernels<B>) {
-    let mut table = INSTALLED.write().unwrap_or_else(|e| e.into_inner());
-    table.retain(|k| !k.is::<Kernels<B>>());
-    table.push(Box::new(kernels));
+    INSTALLED.set(kernels);
 }
 
 /// The kernels in use for backend `B`.
 pub fn get<B: Backend>() -> Kernels<B> {
-    let table = INSTALLED.read().unwrap_or_else(|e| e.into_inner());
-    table
-        .iter()
-        .find_map(|k| k.downcast_ref::<Kernels<B>>())
-        .copied()
-        .unwrap_or_default()
+    INSTALLED.get().unwrap_or_default()
 }
 
 /// Attention through the installed kernel for `B`.

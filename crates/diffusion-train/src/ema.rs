@@ -72,8 +72,9 @@ impl<M> Ema<M> {
 }
 
 /// target ← decay·target + (1 − decay)·source, parameter by parameter
-/// (through the installed [`crate::kernels::blend`]), matched in visit order (the two modules have the same type, so the same
-/// order whatever their parameter ids).
+/// (through the installed [`crate::kernels::blend`]), matched in visit
+/// order (the two modules have the same type, so the same order whatever
+/// their parameter ids).
 pub fn blend<B: Backend, M: Module<B>>(target: M, source: &M, decay: f64) -> M {
     let mut collect = Collect::<B> { tensors: Vec::new() };
     source.visit(&mut collect);

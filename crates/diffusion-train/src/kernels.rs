@@ -26,10 +26,8 @@
 //! kernels::install::<Flex>(TrainKernels { blend: my_blend, ..TrainKernels::default() });
 //! ```
 
-use std::any::Any;
-use std::sync::RwLock;
-
 use burn::prelude::*;
+use diffusion_model::kernels::Registry;
 
 /// The scalars of one Adam step of one parameter (burn's `AdamConfig`
 /// without weight decay or AMSGrad).
@@ -111,25 +109,18 @@ impl<B: Backend> Default for TrainKernels<B> {
     }
 }
 
-/// One `TrainKernels<B>` per backend type that has an installation.
-static INSTALLED: RwLock<Vec<Box<dyn Any + Send + Sync>>> = RwLock::new(Vec::new());
+/// The installed `TrainKernels<B>`, one per backend type.
+static INSTALLED: Registry = Registry::new();
 
 /// Makes `kernels` the ones used for backend `B` from now on (replacing
 /// any earlier installation for `B`).
 pub fn install<B: Backend>(kernels: TrainKernels<B>) {
-    let mut table = INSTALLED.write().unwrap_or_else(|e| e.into_inner());
-    table.retain(|k| !k.is::<TrainKernels<B>>());
-    table.push(Box::new(kernels));
+    INSTALLED.set(kernels);
 }
 
 /// The kernels in use for backend `B`.
 pub fn get<B: Backend>() -> TrainKernels<B> {
-    let table = INSTALLED.read().unwrap_or_else(|e| e.into_inner());
-    table
-        .iter()
-        .find_map(|k| k.downcast_ref::<TrainKernels<B>>())
-        .copied()
-        .unwrap_or_default()
+    INSTALLED.get().unwrap_or_default()
 }
 
 /// One Adam step through the installed kernel for `B`.
