@@ -55,13 +55,16 @@ pub(crate) struct WinogradScratch {
     /// The patches' values [16, tiles], then their rows' transform.
     d: Vec<f32>,
     rows: Vec<f32>,
-    /// The output transform's rows [8, tiles] and results [4, tiles].
+    /// The output transform's rows [8, n] and results [4, n] for the n
+    /// tiles of the task's images.
     s: Vec<f32>,
     y: Vec<f32>,
     /// V [16, channels of a slice, tiles of the task's images].
     v: Vec<f32>,
     /// M [16, cout, tiles of the task's images].
     m: Vec<f32>,
+    /// [`Winograd::place`] for outputs [4, n].
+    place: Vec<u32>,
 }
 
 impl Winograd {
@@ -175,14 +178,25 @@ impl Winograd {
                 );
             }
         }
-        let (st, y) = (grown(&mut s.s, 8 * tiles), grown(&mut s.y, 4 * tiles));
-        for img in 0..images {
-            for co in 0..cout {
-                output_transform(&m[co * n + img * tiles..], cout * n, tiles, st, y);
+        // Y for every tile of every image at once per output channel (one
+        // image at a time, 16 tiles at 7x7, the passes were too short to
+        // pay for themselves: 14% of a 7x7 conv), then each image's planes
+        // put in place from y [4, n].
+        let (st, y) = (grown(&mut s.s, 8 * n), grown(&mut s.y, 4 * n));
+        s.place.clear();
+        s.place.extend(self.place.iter().map(|&at| {
+            let (q, tile) = (at as usize / tiles, at as usize % tiles);
+            u32::try_from(q * n + tile).expect("below 2^32 values")
+        }));
+        for co in 0..cout {
+            output_transform(&m[co * n..], cout * n, n, st, y);
+            let bias = bias.map_or(0.0, |bs| bs[co]);
+            for img in 0..images {
                 let dst = &mut out[(img * cout + co) * hw..][..hw];
-                // SAFETY: every index of `place` is below 4·tiles (built in `new`).
-                unsafe { gather_into(dst, y, &self.place) };
-                let bias = bias.map_or(0.0, |bs| bs[co]);
+                // SAFETY: every index of `s.place` is at most 3·n + tiles − 1
+                // (`self.place`'s are below 4·tiles), below the 4·n −
+                // img·tiles values from img·tiles on since (img + 1)·tiles ≤ n.
+                unsafe { gather_into(dst, &y[img * tiles..], &s.place) };
                 add_bias(dst, bias);
             }
         }
