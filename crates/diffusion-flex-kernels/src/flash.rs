@@ -12,9 +12,9 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dot, exp, grown, par_new_chunks, vectorised, with_scratch, zeroed};
+use super::{dot, exp, exp2, grown, par_new_chunks, vectorised, with_scratch, zeroed};
 #[cfg(target_arch = "x86_64")]
-use super::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAX, EXP_MIN, EXP_POLY, EXP_ROUND};
+use super::{EXP2_MAX, EXP2_MIN, EXP2_POLY, EXP_ROUND};
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -83,7 +83,8 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                             for (j, out) in o[i * d..][..d].iter_mut().enumerate() {
                                 *out = ot[j * rows + i] * inv;
                             }
-                            lse[i] = maxes[i] + sums[i].ln();
+                            // The max is in base-2 units (`softmax_columns`).
+                            lse[i] = maxes[i] * std::f32::consts::LN_2 + sums[i].ln();
                         }
                     })
                 });
@@ -105,8 +106,9 @@ struct Block<'a> {
 
 impl Block<'_> {
     /// Leaves the unnormalised outputs oᵀ [d, rows] in `ot` and returns
-    /// each query's max score and sum of exps (the first `rows` entries):
-    /// sᵀ [len, rows] = scale · k · qᵀ, the column softmax of sᵀ (in `st`),
+    /// each query's max score, in base-2 units (the score times log₂ e),
+    /// and sum of exps (the first `rows` entries): sᵀ [len, rows] = scale ·
+    /// log₂ e · k · qᵀ, the column softmax of sᵀ in base 2 (in `st`),
     /// oᵀ = vᵀ · pᵀ; returns oᵀ (in `scratch`) with them.
     fn attend<'s>(
         &self,
@@ -116,7 +118,17 @@ impl Block<'_> {
         let Block { len, rows, d, .. } = *self;
         let st = grown(&mut scratch.st, len * rows);
         let ot = grown(&mut scratch.ot, d * rows);
-        matmul(st, len, rows, d, self.k, self.q_t, scale, false);
+        // Scores in base-2 units for `softmax_columns`.
+        matmul(
+            st,
+            len,
+            rows,
+            d,
+            self.k,
+            self.q_t,
+            scale * std::f32::consts::LOG2_E,
+            false,
+        );
         let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
         softmax_columns(st, &mut maxes[..rows], &mut sums[..rows]);
         matmul(ot, d, rows, len, self.v_t, View::rows(st, rows), 1.0, false);
@@ -387,9 +399,11 @@ const COLS: usize = 16;
 
 vectorised! {
     /// Softmax down the columns of `st` ([len, rows] row-major, rows =
-    /// `maxes.len()`), unnormalised: each column j becomes exp(s − m_j),
-    /// with its max m_j in `maxes` (0 where the column has no finite max)
-    /// and its sum in `sums`.
+    /// `maxes.len()`) in base 2, unnormalised: each column j becomes
+    /// 2^(s − m_j), with its max m_j in `maxes` (0 where the column has no
+    /// finite max) and its sum in `sums`. The scores come scaled by log₂ e
+    /// (in the product that makes them), so these are e^(s' − m'_j) for the
+    /// natural-log scores s' = s·ln 2: the softmax is the same.
     fn softmax_columns(st: &mut [f32], maxes: &mut [f32], sums: &mut [f32]) -> () {
         let rows = maxes.len();
         let mut c0 = 0;
@@ -445,7 +459,7 @@ vectorised! {
                 for row in st.chunks_exact_mut(rows) {
                     let x: &mut [f32; COLS] = (&mut row[c0..c0 + COLS]).try_into().unwrap();
                     for l in 0..COLS {
-                        let e = exp::<FMA>(x[l] - m[l]);
+                        let e = exp2::<FMA>(x[l] - m[l]);
                         x[l] = e;
                         s[l] += e;
                     }
@@ -464,7 +478,7 @@ vectorised! {
             let m = if m.is_finite() { m } else { 0.0 };
             let mut s = 0.0;
             for row in st.chunks_exact_mut(rows) {
-                let e = exp::<FMA>(row[c] - m);
+                let e = exp2::<FMA>(row[c] - m);
                 row[c] = e;
                 s += e;
             }
@@ -475,12 +489,12 @@ vectorised! {
 }
 
 /// The exp pass of [`softmax_columns`] over columns c0 .. c0 + 16 of `st`
-/// ([_, rows] row-major) with AVX-512: x ← exp(x − m) and s += x, row by
-/// row, with the same bits as the portable loop with FMA (`exp::<true>`):
-/// the same clamp, range reduction and polynomial, n by `roundscale`
-/// (what adding 1.5·2^23 does) and e·2^n by `scalef` (what adding n to the
-/// exponent field does; the clamp keeps every result normal). 19 vector
-/// operations per 16 values where the compiled loop takes 22.
+/// ([_, rows] row-major) with AVX-512: x ← 2^(x − m) and s += x, row by
+/// row, with the same bits as the portable loop with FMA (`exp2::<true>`):
+/// the same clamp, reduction and polynomial, n by `roundscale` (what
+/// adding 1.5·2^23 does) and e·2^n by `scalef` (what adding n to the
+/// exponent field does; the clamp keeps every result normal). 15 vector
+/// operations per 16 values (19 with the natural-base exp).
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -490,9 +504,7 @@ unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; C
     use std::arch::x86_64::*;
     assert!(COLS == 16 && c0 + COLS <= rows && st.len().is_multiple_of(rows));
     let mv = _mm512_loadu_ps(m.as_ptr());
-    let (lo, hi) = (_mm512_set1_ps(EXP_MIN), _mm512_set1_ps(EXP_MAX));
-    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-    let (ln2_hi, ln2_lo) = (_mm512_set1_ps(EXP_LN2_HI), _mm512_set1_ps(EXP_LN2_LO));
+    let (lo, hi) = (_mm512_set1_ps(EXP2_MIN), _mm512_set1_ps(EXP2_MAX));
     let one = _mm512_set1_ps(1.0);
     let mut sum = _mm512_setzero_ps();
     let base = st.as_mut_ptr();
@@ -501,18 +513,15 @@ unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; C
         let at = unsafe { base.add(row * rows + c0) };
         // SAFETY: as above.
         let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(at) }, mv);
-        // x.clamp(−87.3, 88.0), NaN kept (max/min return their second operand on NaN).
+        // x.clamp(−125.5, 127), NaN kept (max/min return their second operand on NaN).
         let x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-            x, log2e,
-        ));
-        let r = _mm512_fmadd_ps(n, ln2_lo, _mm512_fmadd_ps(n, ln2_hi, x));
-        let mut p = _mm512_set1_ps(EXP_POLY[0]);
-        for &coef in &EXP_POLY[1..] {
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        let r = _mm512_sub_ps(x, n);
+        let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+        for &coef in &EXP2_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coef));
         }
-        let e = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
-        let y = _mm512_scalef_ps(e, n);
+        let y = _mm512_scalef_ps(_mm512_fmadd_ps(p, r, one), n);
         // SAFETY: as above.
         unsafe { _mm512_storeu_ps(at, y) };
         sum = _mm512_add_ps(sum, y);
@@ -538,14 +547,10 @@ unsafe fn exp_columns_avx2(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COL
     assert!(COLS == 16 && c0 + COLS <= rows && st.len().is_multiple_of(rows));
     // SAFETY: `m` holds 16 floats.
     let mv = unsafe { [_mm256_loadu_ps(m.as_ptr()), _mm256_loadu_ps(m.as_ptr().add(8))] };
-    let (lo, hi) = (_mm256_set1_ps(EXP_MIN), _mm256_set1_ps(EXP_MAX));
-    let (log2e, round) = (
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-        _mm256_set1_ps(EXP_ROUND),
-    );
-    let (ln2_hi, ln2_lo) = (_mm256_set1_ps(EXP_LN2_HI), _mm256_set1_ps(EXP_LN2_LO));
+    let (lo, hi) = (_mm256_set1_ps(EXP2_MIN), _mm256_set1_ps(EXP2_MAX));
+    let round = _mm256_set1_ps(EXP_ROUND);
     let one = _mm256_set1_ps(1.0);
-    let poly = EXP_POLY.map(|c| _mm256_set1_ps(c));
+    let poly = EXP2_POLY.map(|c| _mm256_set1_ps(c));
     let mut sum = [_mm256_setzero_ps(); 2];
     let base = st.as_mut_ptr();
     for row in 0..st.len() / rows {
@@ -554,16 +559,15 @@ unsafe fn exp_columns_avx2(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COL
             let at = unsafe { base.add(row * rows + c0 + 8 * h) };
             // SAFETY: as above.
             let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(at) }, mv);
-            // x.clamp(−87.3, 88.0), NaN kept (max/min return their second operand on NaN).
+            // x.clamp(−125.5, 127), NaN kept (max/min return their second operand on NaN).
             let x = _mm256_min_ps(hi, _mm256_max_ps(lo, x));
-            let t = _mm256_add_ps(_mm256_mul_ps(x, log2e), round);
-            let n = _mm256_sub_ps(t, round);
-            let r = _mm256_fmadd_ps(n, ln2_lo, _mm256_fmadd_ps(n, ln2_hi, x));
+            let t = _mm256_add_ps(x, round);
+            let r = _mm256_sub_ps(x, _mm256_sub_ps(t, round));
             let mut p = poly[0];
             for &coef in &poly[1..] {
                 p = _mm256_fmadd_ps(p, r, coef);
             }
-            let e = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+            let e = _mm256_fmadd_ps(p, r, one);
             let scale = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
             let y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale));
             // SAFETY: as above.
@@ -633,7 +637,7 @@ mod tests {
                 let mut s = 0f32;
                 for l in 0..len {
                     let x = st[l * rows + c] - m;
-                    let e = if fma { exp::<true>(x) } else { exp::<false>(x) };
+                    let e = if fma { exp2::<true>(x) } else { exp2::<false>(x) };
                     expected[l * rows + c] = e;
                     s += e;
                 }
