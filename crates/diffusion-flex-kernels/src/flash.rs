@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{matmul, View};
-use super::{dot, exp, exp2, grown, par_new_chunks, vectorised, with_scratch, zeroed};
+use super::{dot, exp2, grown, par_new_chunks, vectorised, with_scratch, zeroed};
 #[cfg(target_arch = "x86_64")]
 use super::{EXP2_MAX, EXP2_MIN, EXP2_POLY, EXP_ROUND};
 
@@ -354,10 +354,12 @@ pub fn backward(
                     let (p, dp, dq_t) = (&mut p[..rows * len], &mut dp[..rows * len], &mut dq_t[..d * rows]);
                     let q_blk = View::rows(&q[start * d..], d);
                     let do_blk = View::rows(&d_o[start * d..], d);
-                    // P = exp(q·kᵀ·scale − lse), recomputed.
-                    matmul(p, rows, len, d, q_blk, View::rows(k_t, len), scale, false);
+                    // P = exp(q·kᵀ·scale − lse), recomputed in base 2 as the
+                    // forward pass made it: 2^(q·kᵀ·scale·log₂ e − lse·log₂ e).
+                    let log2e = std::f32::consts::LOG2_E;
+                    matmul(p, rows, len, d, q_blk, View::rows(k_t, len), scale * log2e, false);
                     for (i, row) in p.chunks_exact_mut(len).enumerate() {
-                        exp_shifted(row, lse[start + i]);
+                        exp2_shifted(row, lse[start + i] * log2e);
                     }
                     // dvᵀ += dOᵀ·P
                     let do_t = View::transposed(&d_o[start * d..], d);
@@ -583,10 +585,10 @@ unsafe fn exp_columns_avx2(st: &mut [f32], rows: usize, c0: usize, m: &[f32; COL
 }
 
 vectorised! {
-    /// row ← exp(row − shift).
-    fn exp_shifted(row: &mut [f32], shift: f32) -> () {
+    /// row ← 2^(row − shift).
+    fn exp2_shifted(row: &mut [f32], shift: f32) -> () {
         for x in row.iter_mut() {
-            *x = exp::<FMA>(*x - shift);
+            *x = exp2::<FMA>(*x - shift);
         }
     }
 }
