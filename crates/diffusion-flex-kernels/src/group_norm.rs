@@ -306,8 +306,17 @@ mod tests {
                 .iter()
                 .zip(ours.iter().zip(&reference))
             {
+                // dgamma sums w·x̂ over every position of a channel (1,568
+                // at 28x28, two images), terms of both signs that largely
+                // cancel: the f32 rounding of two summation orders, about
+                // √n·2^-24·Σ|w·x̂| ≈ 40·6e-8·500, is up to ~1e-4 of the largest
+                // result (2.3e-5 seen once in some 100 random draws).
+                let tolerance = if *what == "dgamma" { 1e-4 } else { 2e-5 };
                 let d = max_rel_diff(a, b);
-                assert!(d < 2e-5, "groups {groups} {shape:?}: {what} differs by {d:e}");
+                assert!(
+                    d < tolerance,
+                    "groups {groups} {shape:?}: {what} differs by {d:e}"
+                );
             }
             let inner = GroupNorm {
                 gamma: norm.gamma.as_ref().map(|p| Param::from_tensor(p.val().inner())),
