@@ -44,9 +44,13 @@ pub(crate) struct Winograd {
     /// U [cout, 16, cin]: position ξ = 4·i + j of every transformed
     /// filter (U[ξ] is the [cout, cin] matrix at stride 16·cin).
     u: Vec<f32>,
-    /// For position (r, c) of tile i's 4x4 input patch (at index
-    /// (r·4 + c)·tiles + i): its index in the input plane, or h·w (a zero
-    /// after the plane) in the padding.
+    /// The four columns c of the tiles' patches, row by row of the padded
+    /// plane, the even rows apart from the odd ones: at ((2·c + py mod 2)·
+    /// (th + 1) + ⌊py/2⌋)·tw + tx, the index in the input plane of padded
+    /// row py, column 2·tx + c, or h·w (a zero after the plane) in the
+    /// padding. A patch's 4x4 values are rows 2·ty to 2·ty + 3 of these, so
+    /// each padded row's values are gathered once, not twice (8·(th + 1)·tw
+    /// values, not 16·th·tw: 448 for 784 at 14x14).
     patch: Vec<u32>,
     /// For each output position of a plane, its index in the tiles'
     /// outputs [4, tiles] ([`output_transform`]).
@@ -58,7 +62,8 @@ pub(crate) struct Winograd {
 pub(crate) struct WinogradScratch {
     /// An input plane and a zero.
     plane: Vec<f32>,
-    /// The patches' values [16, tiles], then their rows' transform.
+    /// The patches' columns ([`Winograd::patch`]), then their transform
+    /// along the rows, in the same layout.
     d: Vec<f32>,
     rows: Vec<f32>,
     /// The output transform's rows [8, n] and results [4, n] for the n
@@ -102,18 +107,19 @@ impl Winograd {
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
         let tiles = th * tw;
         let index = |v: usize| u32::try_from(v).expect("plane below 2^32 values");
-        let mut patch = vec![0u32; 16 * tiles];
-        for r in 0..4 {
-            for c in 0..4 {
-                for (ty, tx) in (0..th).flat_map(|ty| (0..tw).map(move |tx| (ty, tx))) {
-                    // Padded row 2·ty + r is input row 2·ty + r − 1.
-                    let y = (2 * ty + r).checked_sub(1).filter(|&y| y < h);
+        let mut patch = vec![0u32; 8 * (th + 1) * tw];
+        for c in 0..4 {
+            for py in 0..2 * (th + 1) {
+                for tx in 0..tw {
+                    // Padded row py is input row py − 1, column 2·tx + c
+                    // input column 2·tx + c − 1.
+                    let y = py.checked_sub(1).filter(|&y| y < h);
                     let x = (2 * tx + c).checked_sub(1).filter(|&x| x < w);
                     let at = match (y, x) {
                         (Some(y), Some(x)) => y * w + x,
                         _ => h * w,
                     };
-                    patch[(r * 4 + c) * tiles + ty * tw + tx] = index(at);
+                    patch[((2 * c + py % 2) * (th + 1) + py / 2) * tw + tx] = index(at);
                 }
             }
         }
@@ -149,7 +155,10 @@ impl Winograd {
         let n = images * tiles;
         let plane = grown(&mut s.plane, hw + 1);
         plane[hw] = 0.0;
-        let (d, rows) = (grown(&mut s.d, 16 * tiles), grown(&mut s.rows, 16 * tiles));
+        let (d, rows) = (
+            grown(&mut s.d, self.patch.len()),
+            grown(&mut s.rows, self.patch.len()),
+        );
         let slice = (V_SLICE / (16 * n).max(1)).clamp(1, cin.max(1));
         let v = grown(&mut s.v, 16 * slice * n);
         let m = grown(&mut s.m, 16 * cout * n);
@@ -161,7 +170,7 @@ impl Winograd {
                     // SAFETY: every index of `patch` is at most h·w (built
                     // in `new`), and the plane has h·w + 1 values.
                     unsafe { gather_into(d, plane, &self.patch) };
-                    input_transform(d, tiles, rows, &mut v[c * n + img * tiles..], k * n);
+                    input_transform(d, self.th, self.tw, rows, &mut v[c * n + img * tiles..], k * n);
                 }
             }
             for xi in 0..16 {
@@ -210,41 +219,51 @@ impl Winograd {
 }
 
 vectorised! {
-    /// V = Bᵀ·d·B for all `t` tiles of a plane at once, from `d` [16, t]
-    /// (patch value (r, c) of every tile, gathered), with Bᵀ = [[1, 0, −1,
-    /// 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]: position ξ goes to
-    /// `v[ξ·stride..][..t]`. Every step is a pass over the tiles, so it
-    /// runs in full vectors (one tile at a time, with its 4x4 patch read
-    /// value by value, this took more time than the products).
-    fn input_transform(d: &[f32], t: usize, rows: &mut [f32], v: &mut [f32], stride: usize) -> () {
-        let at = |r: usize, c: usize| &d[(r * 4 + c) * t..][..t];
-        // Rows first: t = Bᵀ·d, rows[(r·4 + c)·t..] for row r, column c.
-        for c in 0..4 {
-            let (d0, d1, d2, d3) = (at(0, c), at(1, c), at(2, c), at(3, c));
-            let (r01, r23) = rows.split_at_mut(2 * 4 * t);
-            let (r0, r1) = r01.split_at_mut(4 * t);
-            let (r2, r3) = r23.split_at_mut(4 * t);
-            let (r0, r1, r2, r3) = (&mut r0[c * t..][..t], &mut r1[c * t..][..t], &mut r2[c * t..][..t], &mut r3[c * t..][..t]);
-            for i in 0..t {
-                r0[i] = d0[i] - d2[i];
-                r1[i] = d1[i] + d2[i];
-                r2[i] = d2[i] - d1[i];
-                r3[i] = d1[i] - d3[i];
+    /// V = Bᵀ·d·B for all th·tw tiles of a plane at once, from `d`, the
+    /// patches' columns ([`Winograd::patch`]), with Bᵀ = [[1, 0, −1, 0],
+    /// [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]: position ξ goes to
+    /// `v[ξ·stride..][..th·tw]`. Every step is a pass over all the padded
+    /// rows' or all the tiles' values, so it runs in full vectors (one tile
+    /// at a time, with its 4x4 patch read value by value, this took more
+    /// time than the products).
+    fn input_transform(d: &[f32], th: usize, tw: usize, rows: &mut [f32], v: &mut [f32], stride: usize) -> () {
+        let (len, t) = ((th + 1) * tw, th * tw);
+        // Along the rows first, h = d·B, for the even and the odd padded
+        // rows: column j of every padded row's tiles at rows[(2·j + parity)·len..].
+        for parity in 0..2 {
+            let col = |c: usize| &d[(2 * c + parity) * len..][..len];
+            let (d0, d1, d2, d3) = (col(0), col(1), col(2), col(3));
+            let (h01, h23) = rows[..8 * len].split_at_mut(4 * len);
+            let (h0, h1) = h01.split_at_mut(2 * len);
+            let (h2, h3) = h23.split_at_mut(2 * len);
+            let (h0, h1, h2, h3) = (
+                &mut h0[parity * len..][..len],
+                &mut h1[parity * len..][..len],
+                &mut h2[parity * len..][..len],
+                &mut h3[parity * len..][..len],
+            );
+            for i in 0..len {
+                h0[i] = d0[i] - d2[i];
+                h1[i] = d1[i] + d2[i];
+                h2[i] = d2[i] - d1[i];
+                h3[i] = d1[i] - d3[i];
             }
         }
-        // Then columns: V = t·B.
-        for r in 0..4 {
-            let row = |c: usize| &rows[(r * 4 + c) * t..][..t];
-            let (t0, t1, t2, t3) = (row(0), row(1), row(2), row(3));
-            let (v01, v23) = v[r * 4 * stride..].split_at_mut(2 * stride);
-            let (v0, v1) = v01.split_at_mut(stride);
-            let (v2, v3) = v23.split_at_mut(stride);
+        // Then down the columns, V = Bᵀ·h: tile (ty, tx)'s patch rows are
+        // the even and odd padded rows ty and ty + 1, tw values apart.
+        for j in 0..4 {
+            let even = &rows[2 * j * len..][..len];
+            let odd = &rows[(2 * j + 1) * len..][..len];
+            let (e0, e1, o0, o1) = (&even[..t], &even[tw..][..t], &odd[..t], &odd[tw..][..t]);
+            let (v0, rest) = v[j * stride..].split_at_mut(4 * stride);
+            let (v1, rest) = rest.split_at_mut(4 * stride);
+            let (v2, v3) = rest.split_at_mut(4 * stride);
             let (v0, v1, v2, v3) = (&mut v0[..t], &mut v1[..t], &mut v2[..t], &mut v3[..t]);
             for i in 0..t {
-                v0[i] = t0[i] - t2[i];
-                v1[i] = t1[i] + t2[i];
-                v2[i] = t2[i] - t1[i];
-                v3[i] = t1[i] - t3[i];
+                v0[i] = e0[i] - e1[i];
+                v1[i] = o0[i] + e1[i];
+                v2[i] = e1[i] - o0[i];
+                v3[i] = o0[i] - o1[i];
             }
         }
     }
