@@ -342,9 +342,11 @@ mod tests {
     }
 
     /// Against a direct conv in f64 on odd and even sizes (7x7: the last
-    /// tiles half outside; 3x3; 6x6; 1x1), several images per call and
-    /// (140 channels at 14x14, 4 images) input channels in four slices: within 2e-6 of the largest
-    /// output. (A transform with one sign flipped is off by whole units.)
+    /// tiles half outside; 3x3; 6x6; 1x1; 7x10 and 10x5, planes not
+    /// square), several images per call and (140 channels at 14x14, 4
+    /// images) input channels in four slices: within 2e-6 of the largest
+    /// output. (A transform with one sign flipped is off by whole units; a
+    /// patch column bounded by h instead of w, by 3 of 4.5 at 7x10.)
     #[test]
     fn matches_a_direct_conv() {
         for &[images, cin, cout, h, w] in &[
@@ -352,6 +354,8 @@ mod tests {
             [2, 3, 6, 3, 3],
             [2, 4, 3, 6, 6],
             [1, 2, 2, 1, 1],
+            [2, 5, 3, 7, 10],
+            [1, 3, 2, 10, 5],
             [4, 140, 9, 14, 14],
         ] {
             let value = |i: usize, k: usize| (((i * 37 + k * 11) % 23) as f32 - 11.0) / 7.0;
