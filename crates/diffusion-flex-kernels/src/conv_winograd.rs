@@ -111,8 +111,8 @@ impl Winograd {
         for c in 0..4 {
             for py in 0..2 * (th + 1) {
                 for tx in 0..tw {
-                    // Padded row py is input row py − 1, column 2·tx + c
-                    // input column 2·tx + c − 1.
+                    // Padded row py is input row py − 1, padded column
+                    // 2·tx + c input column 2·tx + c − 1.
                     let y = py.checked_sub(1).filter(|&y| y < h);
                     let x = (2 * tx + c).checked_sub(1).filter(|&x| x < w);
                     let at = match (y, x) {
