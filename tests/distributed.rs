@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{bin, fails, ok, scratch, train_tiny, wait_until_training};
+use support::{bin, fails, ok, scratch, train_tiny};
 
 /// `N` distinct free ports: all held open at once while they are picked,
 /// so the system cannot hand out one twice.
@@ -274,16 +274,51 @@ fn distributed_flags_are_checked() {
     assert!(config.contains("\"batch_size\": 32"), "{config}");
 }
 
+/// Two nodes training into `out`, once its metrics.csv has a header and
+/// three rows. If a node exits first, or neither trains within a minute
+/// (a few seconds is usual), both are stopped, what they printed goes to
+/// stderr, and None is returned.
+fn nodes_training(out: &Path, args: &[&str]) -> Option<(Child, Child)> {
+    let [c, a, b] = free_ports();
+    let mut nodes = [spawn(node(out, 0, c, a, args)), spawn(node(out, 1, c, b, args))];
+    let start = Instant::now();
+    loop {
+        let rows = std::fs::read_to_string(out.join("metrics.csv")).map_or(0, |t| t.lines().count());
+        if rows >= 4 {
+            let [first, second] = nodes;
+            return Some((first, second));
+        }
+        let exited = nodes.iter_mut().any(|n| n.try_wait().unwrap().is_some());
+        if exited || start.elapsed() > Duration::from_secs(60) {
+            for (rank, mut n) in nodes.into_iter().enumerate() {
+                let _ = n.kill();
+                let out = n.wait_with_output().unwrap();
+                eprintln!(
+                    "node {rank} before training ({:?}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn an_interrupt_on_one_node_stops_both_after_the_same_step() {
     let dir = scratch("distributed-interrupt");
-    let out = dir.join("run");
-    let [c, a, b] = free_ports();
     let args = ["--epochs", "200", "--collective-timeout", "30"];
-    let first = spawn(node(&out, 0, c, a, &args));
-    let second = spawn(node(&out, 1, c, b, &args));
+    // Once in some twenty runs of this file on a loaded 2-core machine the
+    // pair never started training (what the nodes printed was not kept);
+    // the start is not what this test checks (the other tests here do), so
+    // a failed start is shown and tried once more on fresh ports.
+    let (out, (first, second)) = [dir.join("run"), dir.join("run-again")]
+        .into_iter()
+        .find_map(|out| nodes_training(&out, &args).map(|pair| (out, pair)))
+        .expect("the two nodes never started training (their output is above)");
     // Interrupt node 1 (SIGTERM, as a scheduler would) once training runs.
-    wait_until_training(&out);
     let status = Command::new("kill")
         .args(["-TERM", &second.id().to_string()])
         .status()
