@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{bin, fails, ok, scratch, train_tiny};
+use support::{bin, fails, is_training, ok, scratch, train_tiny};
 
 /// `N` distinct free ports: all held open at once while they are picked,
 /// so the system cannot hand out one twice.
@@ -274,8 +274,7 @@ fn distributed_flags_are_checked() {
     assert!(config.contains("\"batch_size\": 32"), "{config}");
 }
 
-/// Two nodes training into `out`, once its metrics.csv has a header and
-/// three rows. If a node exits first, or neither trains within a minute
+/// Two nodes training into `out`, once they are ([`is_training`]). If a node exits first, or neither trains within a minute
 /// (a few seconds is usual), both are stopped, what they printed goes to
 /// stderr, and None is returned.
 fn nodes_training(out: &Path, args: &[&str]) -> Option<(Child, Child)> {
@@ -283,8 +282,7 @@ fn nodes_training(out: &Path, args: &[&str]) -> Option<(Child, Child)> {
     let mut nodes = [spawn(node(out, 0, c, a, args)), spawn(node(out, 1, c, b, args))];
     let start = Instant::now();
     loop {
-        let rows = std::fs::read_to_string(out.join("metrics.csv")).map_or(0, |t| t.lines().count());
-        if rows >= 4 {
+        if is_training(out) {
             let [first, second] = nodes;
             return Some((first, second));
         }

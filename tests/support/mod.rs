@@ -69,15 +69,17 @@ pub fn train_tiny(dir: &Path, extra: &[&str]) -> String {
         .args(extra))
 }
 
-/// Waits until a run in `run_dir` is training (a header and three rows in
-/// metrics.csv); fails the test after 2 minutes.
+/// Whether a run in `run_dir` is training: a header and three rows in
+/// its metrics.csv.
+pub fn is_training(run_dir: &Path) -> bool {
+    std::fs::read_to_string(run_dir.join("metrics.csv")).is_ok_and(|t| t.lines().count() >= 4)
+}
+
+/// Waits until a run in `run_dir` is training ([`is_training`]); fails the
+/// test after 2 minutes.
 pub fn wait_until_training(run_dir: &Path) {
     let start = std::time::Instant::now();
-    while std::fs::read_to_string(run_dir.join("metrics.csv"))
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < 4
-    {
+    while !is_training(run_dir) {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(120),
             "training never started"

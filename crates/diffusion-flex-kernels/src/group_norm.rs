@@ -306,11 +306,14 @@ mod tests {
                 .iter()
                 .zip(ours.iter().zip(&reference))
             {
-                // dgamma sums w·x̂ over every position of a channel (1,568
-                // at 28x28, two images), terms of both signs that largely
-                // cancel: the f32 rounding of two summation orders, about
-                // √n·2^-24·Σ|w·x̂| ≈ 40·6e-8·500, is up to ~1e-4 of the largest
-                // result (2.3e-5 seen once in some 100 random draws).
+                // dgamma sums w·x̂ over every position of a channel (n =
+                // 1,568 at 28x28, two images), terms of both signs that
+                // largely cancel. Two summation orders in f32 differ by
+                // about √n·2^-24·Σ|w·x̂| ≈ 40 · 6e-8 · 500 (|w| ≈ 0.4,
+                // |x̂| ≈ 0.8) ≈ 1.2e-3, against a largest dgamma of about 40
+                // (the largest of 48 sums with spread √(n·0.2) ≈ 18): ~3e-5,
+                // which 2e-5 did not always cover (2.3e-5 seen once in some
+                // 100 random draws).
                 let tolerance = if *what == "dgamma" { 1e-4 } else { 2e-5 };
                 let d = max_rel_diff(a, b);
                 assert!(
