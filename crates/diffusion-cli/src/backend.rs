@@ -112,6 +112,9 @@ pub fn dispatch<T: Task>(kind: BackendKind, task: T) -> Result<T::Output> {
         }
         #[cfg(feature = "cpu")]
         BackendKind::Cpu => {
+            // This thread drives the model: as thread 0 of the kernels'
+            // pool it runs a share of each parallel loop itself.
+            diffusion_flex_kernels::join_global_pool();
             diffusion_flex_kernels::install_for_unet();
             diffusion_flex_kernels::install_for_training();
             task.run_on::<Autodiff<burn::backend::Flex>>(vec![Default::default(); n])

@@ -112,6 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(2000);
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+    diffusion_flex_kernels::join_global_pool(); // this thread runs a share of each kernel (optional)
     diffusion_flex_kernels::install_for_unet(); // the fast CPU convolutions (optional)
     let device = Default::default();
     let train = Arc::new(load_split(&data.join("mnist"), Split::Train)?);

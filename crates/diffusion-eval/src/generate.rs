@@ -52,24 +52,34 @@ where
     let chunks: Vec<&[usize]> = labels.chunks(how.batch).collect();
     let threads = how.threads.clamp(1, chunks.len().max(1));
     let mut results: Vec<Option<Result<Vec<f32>, EvalError>>> = (0..chunks.len()).map(|_| None).collect();
+    // Worker `w` draws batches w, w + threads, ...
+    let work = |model: &D, w: usize| {
+        let mut done = Vec::new();
+        for k in (w..chunks.len()).step_by(threads) {
+            let out = generate_batch(model, schedule, how, chunks[k], shape, k, device);
+            progress(chunks[k].len());
+            done.push((k, out));
+        }
+        done
+    };
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
+        let handles: Vec<_> = (1..threads)
             .map(|w| {
                 let model = model.clone();
-                let chunks = &chunks;
-                scope.spawn(move || {
-                    let mut done = Vec::new();
-                    for k in (w..chunks.len()).step_by(threads) {
-                        let out = generate_batch(&model, schedule, how, chunks[k], shape, k, device);
-                        progress(chunks[k].len());
-                        done.push((k, out));
-                    }
-                    done
-                })
+                let work = &work;
+                scope.spawn(move || work(&model, w))
             })
             .collect();
-        for h in handles {
-            for (k, out) in h.join().expect("a sampling thread panicked") {
+        // Worker 0 is the calling thread: where it is a thread of the
+        // CPU kernels' pool (`diffusion_flex_kernels::join_global_pool`),
+        // blocking in `join` meanwhile would leave that share idle.
+        let mine = work(model, 0);
+        for done in std::iter::once(mine).chain(
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a sampling thread panicked")),
+        ) {
+            for (k, out) in done {
                 results[k] = Some(out);
             }
         }

@@ -257,6 +257,31 @@ pub(crate) fn sum_in_order(parts: &[Vec<f32>]) -> Vec<f32> {
     .0
 }
 
+/// Makes the calling thread thread 0 of rayon's global pool (the pool
+/// these kernels and Flex run on; its size as rayon picks it:
+/// `RAYON_NUM_THREADS`, else one thread per CPU, this one included).
+///
+/// Without it, every parallel loop that the thread driving the model
+/// starts is handed to a pool thread, and the caller sleeps until the loop
+/// is done: two wake-ups per kernel, and one thread more than there are
+/// cores, which the OS moves between them. As a member, the caller runs
+/// the loop's first part itself while the others steal the rest (on a
+/// 2-core Xeon: 4x fewer context switches, 2 CPU migrations per bench run
+/// instead of ~130, training at batch 32 ~3% and sampling ~2% faster).
+///
+/// Call it once, from the thread that runs the model (`main`), before
+/// anything has used rayon; it returns false, changing nothing, when the
+/// global pool already exists. Other threads' parallel loops still run
+/// (they are handed to the pool), but while this thread blocks outside
+/// rayon (a `JoinHandle::join`) its share of the pool idles: give it a
+/// share of threaded work to run itself.
+pub fn join_global_pool() -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global()
+        .is_ok()
+}
+
 /// Installs these kernels into the diffusion U-Net's table of replaceable
 /// kernels for `Flex` and `Autodiff<Flex>` (idempotent).
 #[cfg(feature = "unet")]

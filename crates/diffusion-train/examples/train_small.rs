@@ -37,6 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &mut |_| {},
         )?;
     }
+    diffusion_flex_kernels::join_global_pool(); // this thread runs a share of each kernel (optional)
     diffusion_flex_kernels::install_for_unet(); // the fast CPU kernels (optional)
     diffusion_flex_kernels::install_for_training(); // Adam and the EMA in one pass (optional)
     let device = Default::default();

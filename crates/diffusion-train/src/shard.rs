@@ -1,5 +1,5 @@
 //! Data-parallel gradients on one device: a batch split into shards that
-//! run in parallel threads, their gradients merged into the gradient of
+//! run in parallel threads (the first on the calling thread), their gradients merged into the gradient of
 //! the whole batch's mean loss.
 //!
 //! On burn's CPU backend a training step has single-threaded stretches
@@ -42,25 +42,33 @@ where
         .map(|k| k * batch_size / shards..(k + 1) * batch_size / shards)
         .collect();
     let loss = &loss;
+    let shard = move |copy: M, range: Range<usize>| {
+        let weight = range.len() as f64 / batch_size as f64;
+        let l = loss(&copy, range);
+        let grads = GradientsParams::from_grads(l.backward(), &copy);
+        (grads, l.inner(), weight)
+    };
+    // A copy per shard with leaves of its own (same parameter ids), so the
+    // shards' autodiff graphs stay apart.
+    let copy = || M::from_inner(model.valid());
     let parts: Vec<(GradientsParams, Tensor<B::InnerBackend, 1>, f64)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = bounds
+        let handles: Vec<_> = bounds[1..]
             .iter()
-            .cloned()
             .map(|range| {
-                // A copy with leaves of its own (same parameter ids), so the
-                // shards' autodiff graphs stay apart.
-                let copy = M::from_inner(model.valid());
-                scope.spawn(move || {
-                    let weight = range.len() as f64 / batch_size as f64;
-                    let l = loss(&copy, range);
-                    let grads = GradientsParams::from_grads(l.backward(), &copy);
-                    (grads, l.inner(), weight)
-                })
+                let (copy, range) = (copy(), range.clone());
+                scope.spawn(move || shard(copy, range))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        // The first shard runs on the calling thread: where that is a thread
+        // of the CPU kernels' pool (`diffusion_flex_kernels::join_global_pool`),
+        // blocking in `join` meanwhile would leave that share idle.
+        let first = shard(copy(), bounds[0].clone());
+        std::iter::once(first)
+            .chain(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
+            )
             .collect()
     });
     let mut total = None;
