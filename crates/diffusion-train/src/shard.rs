@@ -1,6 +1,6 @@
 //! Data-parallel gradients on one device: a batch split into shards that
-//! run in parallel threads (the first on the calling thread), their gradients merged into the gradient of
-//! the whole batch's mean loss.
+//! run in parallel threads (the first on the calling thread), their
+//! gradients merged into the gradient of the whole batch's mean loss.
 //!
 //! On burn's CPU backend a training step has single-threaded stretches
 //! between its parallel kernels; running two or more shards at once keeps
