@@ -84,8 +84,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// On the CPU backend, split each batch into N pieces computed in
-    /// parallel threads (keeps both cores busy between the parallel kernels:
-    /// seed preset 68 img/s with 1, 79 with 2, 81 with 4 on 2 cores).
+    /// parallel threads (the same gradient to float rounding). The presets
+    /// take 1: with the CPU kernels one batch keeps the cores busy (seed
+    /// preset on 2 cores: 138 to 148 img/s with 1, 132 to 135 with 2).
     #[arg(long)]
     pub shards: Option<usize>,
     /// Digits per class sampled and judged after every epoch (accuracy and
