@@ -63,7 +63,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             label_dropout: 0.1,
             ..Objective::default()
         },
-        shards: 2,
+        // More than 1 splits each batch over threads; with the CPU kernels
+        // one is faster (150 steps: 38 to 41 s against 40 to 44 s with 2).
+        shards: 1,
         ..TrainerConfig::new(steps)
     };
     let mut trainer = Trainer::new(unet, &schedule, config, &device);
