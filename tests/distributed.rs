@@ -274,9 +274,10 @@ fn distributed_flags_are_checked() {
     assert!(config.contains("\"batch_size\": 32"), "{config}");
 }
 
-/// Two nodes training into `out`, once they are ([`is_training`]). If a node exits first, or neither trains within a minute
-/// (a few seconds is usual), both are stopped, what they printed goes to
-/// stderr, and None is returned.
+/// Two nodes training into `out`, once they are ([`is_training`]). If a
+/// node exits first, or neither trains within a minute (a few seconds is
+/// usual), both are stopped, what they printed goes to stderr, and None is
+/// returned.
 fn nodes_training(out: &Path, args: &[&str]) -> Option<(Child, Child)> {
     let [c, a, b] = free_ports();
     let mut nodes = [spawn(node(out, 0, c, a, args)), spawn(node(out, 1, c, b, args))];

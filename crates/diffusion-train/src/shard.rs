@@ -3,8 +3,10 @@
 //! gradients merged into the gradient of the whole batch's mean loss.
 //!
 //! On burn's CPU backend a training step has single-threaded stretches
-//! between its parallel kernels; running two or more shards at once keeps
-//! every core busy. Works for any [`AutodiffModule`].
+//! between its parallel kernels, which two or more shards at once overlap;
+//! where a step is nearly all parallel kernels (the diffusion U-Net with
+//! `diffusion-flex-kernels`), smaller shards only shrink each kernel's
+//! work and one shard is faster. Works for any [`AutodiffModule`].
 
 use std::ops::Range;
 
