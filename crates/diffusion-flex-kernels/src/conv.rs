@@ -624,6 +624,32 @@ unsafe fn depthwise_plane_avx512(
     assert!(row >= wo + kw - 1 && padded.len() >= (ho + kh - 1) * row);
     assert!(taps.len() == kh * kw && out.len() == ho * wo);
     let (src, dst) = (padded.as_ptr(), out.as_mut_ptr());
+    if let (7, 7, Ok(taps)) = (kh, kw, <&[f32; 49]>::try_from(taps)) {
+        for x0 in (0..wo).step_by(16) {
+            let n = (wo - x0).min(16);
+            let mask = ((1u32 << n) - 1) as __mmask16;
+            for y0 in (0..ho).step_by(DW7_ROWS) {
+                // SAFETY: rows y0 .. y0 + rows ≤ ho of the output, input rows
+                // y0 .. y0 + rows + 6 ≤ ho + kh − 1, columns as asserted above.
+                let (line, dst) = unsafe { (src.add(y0 * row + x0), dst.add(y0 * wo + x0)) };
+                let at = (line, row, dst, wo);
+                // SAFETY: as above; the CPU has AVX-512F (this function's contract).
+                unsafe {
+                    match (ho - y0).min(DW7_ROWS) {
+                        8 => depthwise7_avx512::<8>(at, taps, bias, mask),
+                        7 => depthwise7_avx512::<7>(at, taps, bias, mask),
+                        6 => depthwise7_avx512::<6>(at, taps, bias, mask),
+                        5 => depthwise7_avx512::<5>(at, taps, bias, mask),
+                        4 => depthwise7_avx512::<4>(at, taps, bias, mask),
+                        3 => depthwise7_avx512::<3>(at, taps, bias, mask),
+                        2 => depthwise7_avx512::<2>(at, taps, bias, mask),
+                        _ => depthwise7_avx512::<1>(at, taps, bias, mask),
+                    }
+                }
+            }
+        }
+        return;
+    }
     for x0 in (0..wo).step_by(16) {
         let n = (wo - x0).min(16);
         let mask = ((1u32 << n) - 1) as __mmask16;
@@ -655,6 +681,80 @@ unsafe fn depthwise_plane_avx512(
     }
 }
 
+/// Output rows [`depthwise7_avx512`] builds at once: eight independent
+/// chains of multiply-adds keep both of a core's FMA units busy (four
+/// chains of 4-cycle latency fill one).
+#[cfg(target_arch = "x86_64")]
+const DW7_ROWS: usize = 8;
+
+/// [`depthwise_plane_avx512`] for the ConvNeXt blocks' 7x7 filter: R ≤
+/// [`DW7_ROWS`] output rows of one chunk of 16 (masked) columns. The
+/// input rows are unrolled at compile time ([`depthwise7_input_row`]), so
+/// which output rows each input row reaches, and through which tap,
+/// costs nothing at run time; the generic loop tested that for every
+/// multiply-add and read every tap through a bounds check. The taps are
+/// summed in the same order (bias, then tap row by row, column by
+/// column), so the bits are those of the generic loop.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `line` points at input row y0, column x0
+/// of a padded plane with rows of `row` floats holding R + 6 rows from
+/// there, each with the masked columns + 6 readable; `dst` at output row
+/// y0, column x0 of rows of `wo` floats, R of them, masked columns
+/// writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn depthwise7_avx512<const R: usize>(
+    (line, row, dst, wo): (*const f32, usize, *mut f32, usize),
+    taps: &[f32; 49],
+    bias: f32,
+    mask: std::arch::x86_64::__mmask16,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(bias); R];
+    macro_rules! input_rows {
+        ($($ir:literal)*) => {$(
+            if $ir < R + 6 {
+                // SAFETY: input row $ir < R + 6 (the contract above).
+                unsafe { depthwise7_input_row::<R, $ir>(line.add($ir * row), taps, mask, &mut acc) };
+            }
+        )*};
+    }
+    input_rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13);
+    for (k, acc) in acc.iter().enumerate() {
+        // SAFETY: output row k < R (the contract above).
+        unsafe { _mm512_mask_storeu_ps(dst.add(k * wo), mask, *acc) };
+    }
+}
+
+/// Input row IR of [`depthwise7_avx512`]: each of its 7 shifted vectors
+/// is loaded once and feeds output row k through tap row IR − k, for
+/// every k < R that tap row exists for.
+///
+/// # Safety
+/// As [`depthwise7_avx512`], for the row at `line`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn depthwise7_input_row<const R: usize, const IR: usize>(
+    line: *const f32,
+    taps: &[f32; 49],
+    mask: std::arch::x86_64::__mmask16,
+    acc: &mut [std::arch::x86_64::__m512; R],
+) {
+    use std::arch::x86_64::*;
+    for j in 0..7 {
+        // SAFETY: columns j .. j + 16 of the row, masked (the contract above).
+        let v = unsafe { _mm512_maskz_loadu_ps(mask, line.add(j)) };
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let i = IR.wrapping_sub(k);
+            if i < 7 {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(taps[i * 7 + j]), v, *acc);
+            }
+        }
+    }
+}
+
 /// [`depthwise_plane_avx512`]'s schedule with AVX2: V vectors of 8
 /// columns (16 for planes wider than 8, else 8) of [`DW_ROWS`] output
 /// rows at once, so each loaded input vector feeds up to four rows and
@@ -682,6 +782,33 @@ unsafe fn depthwise_plane_avx2<const V: usize>(
     assert!(row >= wo.div_ceil(cols) * cols + kw - 1 && padded.len() >= (ho + kh - 1) * row);
     assert!(taps.len() == kh * kw && out.len() == ho * wo);
     let (src, dst) = (padded.as_ptr(), out.as_mut_ptr());
+    if let (7, 7, Ok(taps)) = (kh, kw, <&[f32; 49]>::try_from(taps)) {
+        // Eight chains of multiply-adds: 8 rows of one vector, 4 of two.
+        let most = 8 / V;
+        for x0 in (0..wo).step_by(cols) {
+            for y0 in (0..ho).step_by(most) {
+                // SAFETY: rows y0 .. y0 + rows ≤ ho of the output, input rows
+                // y0 .. y0 + rows + 6 ≤ ho + kh − 1, whole vectors of columns
+                // as asserted above; stores stop at wo.
+                let (line, dst) = unsafe { (src.add(y0 * row + x0), dst.add(y0 * wo + x0)) };
+                let at = (line, row, dst, wo, wo - x0);
+                // SAFETY: as above; the CPU has AVX2 and FMA (this function's contract).
+                unsafe {
+                    match (ho - y0).min(most) {
+                        8 => depthwise7_avx2::<V, 8>(at, taps, bias),
+                        7 => depthwise7_avx2::<V, 7>(at, taps, bias),
+                        6 => depthwise7_avx2::<V, 6>(at, taps, bias),
+                        5 => depthwise7_avx2::<V, 5>(at, taps, bias),
+                        4 => depthwise7_avx2::<V, 4>(at, taps, bias),
+                        3 => depthwise7_avx2::<V, 3>(at, taps, bias),
+                        2 => depthwise7_avx2::<V, 2>(at, taps, bias),
+                        _ => depthwise7_avx2::<V, 1>(at, taps, bias),
+                    }
+                }
+            }
+        }
+        return;
+    }
     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for x0 in (0..wo).step_by(cols) {
         let mut y0 = 0;
@@ -728,6 +855,89 @@ unsafe fn depthwise_plane_avx2<const V: usize>(
                 }
             }
             y0 += rows;
+        }
+    }
+}
+
+/// [`depthwise7_avx512`] with AVX2: R output rows of V vectors of 8
+/// columns, R·V ≤ 8 chains, the input rows unrolled at compile time
+/// ([`depthwise7_input_row_avx2`]); the same order of the taps, so the
+/// same bits as [`depthwise_plane_avx2`]'s generic loop.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `line` points at input row y0, column
+/// x0 of a padded plane with rows of `row` floats holding R + 6 rows from
+/// there, each with 8·V + 6 columns readable; `dst` at output row y0,
+/// column x0 of rows of `wo` floats, R of them, min(8·V, left) columns
+/// writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise7_avx2<const V: usize, const R: usize>(
+    (line, row, dst, wo, left): (*const f32, usize, *mut f32, usize, usize),
+    taps: &[f32; 49],
+    bias: f32,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_set1_ps(bias); V]; R];
+    macro_rules! input_rows {
+        ($($ir:literal)*) => {$(
+            if $ir < R + 6 {
+                // SAFETY: input row $ir < R + 6 (the contract above).
+                unsafe { depthwise7_input_row_avx2::<V, R, $ir>(line.add($ir * row), taps, &mut acc) };
+            }
+        )*};
+    }
+    input_rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13);
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (k, acc) in acc.iter().enumerate() {
+        for (u, a) in acc.iter().enumerate() {
+            if 8 * u >= left {
+                break;
+            }
+            // SAFETY: output row k < R, columns 8u .. 8u + min(8, left − 8u)
+            // (the contract above).
+            let at = unsafe { dst.add(k * wo + 8 * u) };
+            if left - 8 * u >= 8 {
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(at, *a) };
+            } else {
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((left - 8 * u) as i32), lane);
+                // SAFETY: as above; lanes past `left` are masked off.
+                unsafe { _mm256_maskstore_ps(at, mask, *a) };
+            }
+        }
+    }
+}
+
+/// Input row IR of [`depthwise7_avx2`]: each shifted vector is loaded
+/// once and feeds output row k through tap row IR − k, for every k < R
+/// that tap row exists for.
+///
+/// # Safety
+/// As [`depthwise7_avx2`], for the row at `line`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise7_input_row_avx2<const V: usize, const R: usize, const IR: usize>(
+    line: *const f32,
+    taps: &[f32; 49],
+    acc: &mut [[std::arch::x86_64::__m256; V]; R],
+) {
+    use std::arch::x86_64::*;
+    for j in 0..7 {
+        let mut v = [_mm256_setzero_ps(); V];
+        for (u, v) in v.iter_mut().enumerate() {
+            // SAFETY: columns j + 8u .. + 8 ≤ 8·V + 6 (the contract above).
+            *v = unsafe { _mm256_loadu_ps(line.add(j + 8 * u)) };
+        }
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let i = IR.wrapping_sub(k);
+            if i < 7 {
+                let t = _mm256_set1_ps(taps[i * 7 + j]);
+                for (a, &v) in acc.iter_mut().zip(&v) {
+                    *a = _mm256_fmadd_ps(t, v, *a);
+                }
+            }
         }
     }
 }
@@ -1356,6 +1566,7 @@ mod tests {
             (3, 3, 7, 3),
             (17, 33, 3, 1),
             (5, 13, 7, 3),
+            (10, 20, 7, 3),
         ] {
             let dw = Depthwise::new([h, w], [k, k], [p, p]).unwrap();
             let (ho, wo) = (dw.ho, dw.wo);
