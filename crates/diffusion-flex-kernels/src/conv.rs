@@ -603,7 +603,8 @@ const DW_ROWS: usize = 4;
 /// the result has the same bits as that loop with FMA and as
 /// [`depthwise_plane_avx2`] (both tested). (Written with
 /// intrinsics: the compiler builds [`depthwise_rows`]'s 16-lane array as
-/// one 8-lane vector and eight scalar FMAs.)
+/// one 8-lane vector and eight scalar FMAs.) The 7x7 filter takes
+/// [`depthwise7_avx512`].
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -694,7 +695,9 @@ const DW7_ROWS: usize = 8;
 /// costs nothing at run time; the generic loop tested that for every
 /// multiply-add and read every tap through a bounds check. The taps are
 /// summed in the same order (bias, then tap row by row, column by
-/// column), so the bits are those of the generic loop.
+/// column), so the bits are those of the generic loop. The depthwise
+/// conv's share of sampling's CPU time fell from about 7% to 3.2% (4.7%
+/// held to AVX2, from 7.5%), 2-core Intel Xeon family 6 model 207.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `line` points at input row y0, column x0
@@ -761,7 +764,7 @@ unsafe fn depthwise7_input_row<const R: usize, const IR: usize>(
 /// the rows' sums are independent chains. The portable loop keeps one
 /// chain per vector, so its 49 FMAs per 7x7 output wait on each other's
 /// latency. Same order of the taps as [`depthwise_rows`], so the same bits
-/// as the portable loop with FMA.
+/// as the portable loop with FMA. The 7x7 filter takes [`depthwise7_avx2`].
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `padded` has rows of `row` ≥
