@@ -812,7 +812,6 @@ unsafe fn depthwise_plane_avx2<const V: usize>(
         }
         return;
     }
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for x0 in (0..wo).step_by(cols) {
         let mut y0 = 0;
         while y0 < ho {
@@ -846,19 +845,32 @@ unsafe fn depthwise_plane_avx2<const V: usize>(
                         break;
                     }
                     // SAFETY: row y0 + k < ho, columns x .. x + min(8, wo − x) ≤ wo.
-                    let at = unsafe { dst.add((y0 + k) * wo + x) };
-                    if wo - x >= 8 {
-                        // SAFETY: as above.
-                        unsafe { _mm256_storeu_ps(at, *a) };
-                    } else {
-                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((wo - x) as i32), lane);
-                        // SAFETY: as above; lanes past wo are masked off.
-                        unsafe { _mm256_maskstore_ps(at, mask, *a) };
-                    }
+                    unsafe { store_first_avx2(dst.add((y0 + k) * wo + x), *a, wo - x) };
                 }
             }
             y0 += rows;
         }
+    }
+}
+
+/// Stores the first min(8, n) lanes of `v` at `at` (a masked store when
+/// n < 8).
+///
+/// # Safety
+/// The CPU must have AVX2; min(8, n) floats from `at` must be writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_first_avx2(at: *mut f32, v: std::arch::x86_64::__m256, n: usize) {
+    use std::arch::x86_64::*;
+    if n >= 8 {
+        // SAFETY: 8 floats writable (the contract above).
+        unsafe { _mm256_storeu_ps(at, v) };
+    } else {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+        // SAFETY: n floats writable; lanes from n on are masked off.
+        unsafe { _mm256_maskstore_ps(at, mask, v) };
     }
 }
 
@@ -891,7 +903,6 @@ unsafe fn depthwise7_avx2<const V: usize, const R: usize>(
         )*};
     }
     input_rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13);
-    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (k, acc) in acc.iter().enumerate() {
         for (u, a) in acc.iter().enumerate() {
             if 8 * u >= left {
@@ -899,15 +910,7 @@ unsafe fn depthwise7_avx2<const V: usize, const R: usize>(
             }
             // SAFETY: output row k < R, columns 8u .. 8u + min(8, left − 8u)
             // (the contract above).
-            let at = unsafe { dst.add(k * wo + 8 * u) };
-            if left - 8 * u >= 8 {
-                // SAFETY: as above.
-                unsafe { _mm256_storeu_ps(at, *a) };
-            } else {
-                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((left - 8 * u) as i32), lane);
-                // SAFETY: as above; lanes past `left` are masked off.
-                unsafe { _mm256_maskstore_ps(at, mask, *a) };
-            }
+            unsafe { store_first_avx2(dst.add(k * wo + 8 * u), *a, left - 8 * u) };
         }
     }
 }
@@ -1475,7 +1478,9 @@ pub(crate) fn weight_grad_gemm(
 /// the terms that would run into the next row add nothing. That is kh·kw
 /// vectorised products of ho·r values, where the loop it replaces took one
 /// short, unvectorised product per tap and output row (kh·kw·ho of them,
-/// of 3 to 28 values); its share of training at batch 32 was about 4%.
+/// of 3 to 28 values): 2.8% of the CPU time of a `bench` run of 12
+/// training steps and one sampling run, now 0.4% (Intel Xeon family 6
+/// model 207).
 fn depthwise_weight_grad(
     x: &FlexTensor,
     grad: &FlexTensor,
