@@ -4,6 +4,8 @@
 //!     cargo bench -p diffusion-flex-kernels --features unet
 
 use burn::backend::{Autodiff, Flex};
+use burn::nn::conv::Conv2dConfig;
+use burn::nn::PaddingConfig2d;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -92,6 +94,36 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+fn conv3x3(c: &mut Criterion) {
+    // The U-Net's 3x3 convs (stride 1, padding 1) at 14x14 and 7x7, the
+    // ones Winograd F(4x4, 3x3) computes, batch 81 (sampling's): the
+    // installed kernel against burn's conv, inference.
+    let device = Default::default();
+    for (cin, cout, size) in [
+        (32, 96, 14),
+        (96, 32, 14),
+        (64, 96, 14),
+        (64, 192, 7),
+        (192, 64, 7),
+        (128, 192, 7),
+    ] {
+        let conv = Conv2dConfig::new([cin, cout], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init::<Flex>(&device);
+        let x = Tensor::<Flex, 4>::random([81, cin, size, size], Distribution::Normal(0.0, 1.0), &device);
+        let mut group = c.benchmark_group(format!("conv3x3_{cin}to{cout}_{size}x{size}_b81"));
+        group.sample_size(10);
+        group.throughput(Throughput::Elements(81));
+        for ours in [false, true] {
+            let name = use_kernels(ours);
+            group.bench_function(BenchmarkId::from_parameter(name), |b| {
+                b.iter(|| kernels::conv2d(&conv, x.clone()).into_data())
+            });
+        }
+        group.finish();
+    }
+}
+
 fn convnext_block(c: &mut Criterion) {
     // The ConvNeXt blocks of the 28x28 level (1 → 16 in the stem, 32 → 8 up
     // the U-Net) and of the 7x7 level (128 → 64), batch 81: the installed
@@ -146,6 +178,7 @@ criterion_group!(
     forward,
     forward_backward,
     attention,
+    conv3x3,
     convnext_block,
     attention_block_training
 );

@@ -264,12 +264,7 @@ impl Ungrouped {
     /// tasks the threads share evenly ([`balanced_group`]); one otherwise.
     pub fn images_per_task(&self, batch: usize) -> usize {
         if let Some(winograd) = &self.winograd {
-            let columns = if winograd.tiles() <= 16 {
-                WINOGRAD_COLUMNS_SMALL
-            } else {
-                WINOGRAD_COLUMNS
-            };
-            balanced_group(batch, (columns / winograd.tiles()).max(1))
+            balanced_group(batch, (WINOGRAD_COLUMNS / winograd.tiles()).max(1))
         } else if self.im2col {
             balanced_group(batch, IM2COL_COLUMNS / (self.ho * self.wo).max(1))
         } else {
@@ -426,17 +421,16 @@ impl Ungrouped {
     }
 }
 
-/// Tiles (2x2 output blocks) one Winograd task takes: the products'
-/// column count.
-const WINOGRAD_COLUMNS: usize = 128;
-
-/// [`WINOGRAD_COLUMNS`] for planes of up to 16 tiles (7x7 and 8x8): 4
-/// images a task, not 8. The products' M (16·cout·tiles, 1.5 MB at 192
-/// outputs and 128 tiles) then stays in L2 beside V; at batch 81 and 162
-/// on the 2-core Intel Xeon (family 6 model 167) the three 7x7 convs of
-/// the U-Net took 4 to 5% less time in 8 of 9 alternating runs (sampling
-/// as a whole moved by about 1%, within noise); 32 was slower than 128.
-const WINOGRAD_COLUMNS_SMALL: usize = 64;
+/// Tiles (4x4 output blocks) one Winograd task takes, about: the
+/// products' column count; 16 images a task at 7x7 (4 tiles each), 4 at
+/// 14x14 (16). M (36·cout·tiles) is then 1.8 MB at 192 outputs. Against
+/// 32, 128, and 128 at 14x14 only, in per-conv benches (`cargo bench -p
+/// diffusion-flex-kernels --features unet -- conv3x3`, batch 81, two
+/// rounds, 2-core Intel Xeon family 6 model 207) none was faster on every
+/// conv; 64 was within the noise of the best on each. (With F(2x2, 3x3),
+/// 2x2 tiles, 128 columns and 64 on 7x7 planes measured best on the
+/// model-167 Xeon.)
+const WINOGRAD_COLUMNS: usize = 64;
 
 /// Output sizes (positions per plane) that [`Winograd`] takes: 7x7 to
 /// 14x14 and what lies between. Per conv at batch 81 on 2 cores of an
@@ -446,6 +440,11 @@ const WINOGRAD_COLUMNS_SMALL: usize = 64;
 /// 7.2 (9.9 vs 11.2); but at 3x3, whose four 2x2 tiles cover 16 outputs
 /// for 9, 384→128 5.4 vs 3.5 (6.7 vs 4.9), and at 28x28, where the
 /// shifted products read the plane in place, 48→16 6.1 vs 4.9 (7.5 vs 6.7).
+/// (Those were F(2x2, 3x3). F(4x4, 3x3) at 3x3, one tile per image, and at
+/// 28x28 was no faster either: 384→128 3.9-4.9 vs 4.0-5.3 ms, 128→384
+/// 4.0-4.1 vs 3.0-4.1, 48→16 5.5-5.8 vs 4.9-5.4, 32→24 4.6-5.4 vs
+/// 4.4-4.5, 24→8 2.6-2.7 vs 1.3, two alternating rounds on the model-207
+/// Xeon.)
 const WINOGRAD_POSITIONS: std::ops::RangeInclusive<usize> = 25..=256;
 
 /// Whether [`Winograd`] computes a conv: 3x3, stride 1, padding 1,

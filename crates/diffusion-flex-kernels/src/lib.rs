@@ -33,8 +33,8 @@
 //! - `convnext_block` (feature `unet`): the U-Net's whole ConvNeXt block for
 //!   inference, one group of images at a time through every step, so its
 //!   intermediates stay in the core's cache;
-//! - [`conv`]: conv2d as Winograd F(2x2, 3x3) (3x3 convs with outputs of
-//!   7x7 to 14x14: 16 products per 2x2 block instead of 36,
+//! - [`conv`]: conv2d as Winograd F(4x4, 3x3) (3x3 convs with outputs of
+//!   7x7 to 14x14: 36 products per 4x4 block instead of 144,
 //!   `conv_winograd`), shifted matrix products (large outputs that do
 //!   not widen), one im2col product per group of images, built in slices of
 //!   input channels that stay in cache (small, strided or widening convs),
