@@ -300,7 +300,7 @@ fn fuzz_idx_reader() {
         }
     });
     assert!(
-        kinds.map_or(true, |k| k >= 4),
+        kinds.is_none_or(|k| k >= 4),
         "the mutations should reach several kinds of error, got {kinds:?}"
     );
 }
@@ -325,7 +325,7 @@ fn fuzz_npy_reader() {
     let kinds = fuzz("npy", seeds, execs(20_000), |_, bytes| {
         crate::npy::parse(bytes).map(|_| ()).map_err(|e| format!("{e:#}"))
     });
-    assert!(kinds.map_or(true, |k| k >= 4), "{kinds:?}");
+    assert!(kinds.is_none_or(|k| k >= 4), "{kinds:?}");
 }
 
 #[test]
@@ -367,7 +367,7 @@ fn fuzz_run_config_and_checkpoint_index() {
             .map_err(|e| format!("{e:#}"));
         a.or(b)
     });
-    assert!(kinds.map_or(true, |k| k >= 4), "{kinds:?}");
+    assert!(kinds.is_none_or(|k| k >= 4), "{kinds:?}");
 }
 
 /// `model` with every parameter initialised. burn initialises parameters
@@ -399,7 +399,7 @@ fn fuzz_weights_files() {
             .map(|_| ())
             .map_err(|e| format!("{e:#}"))
     });
-    assert!(kinds.map_or(true, |k| k >= 2), "{kinds:?}");
+    assert!(kinds.is_none_or(|k| k >= 2), "{kinds:?}");
 
     // Reference weights: the PyTorch fixture and its safetensors export.
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference_small");
@@ -420,6 +420,6 @@ fn fuzz_weights_files() {
                 .map(|_| ())
                 .map_err(|e| format!("{e:#}"))
         });
-        assert!(kinds.map_or(true, |k| k >= 2), "{name}: {kinds:?}");
+        assert!(kinds.is_none_or(|k| k >= 2), "{name}: {kinds:?}");
     }
 }

@@ -98,7 +98,7 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<Array> {
     let body = &bytes[start + header_len..];
     let needed = shape
         .iter()
-        .try_fold(width as usize, |acc: usize, &d| acc.checked_mul(d))
+        .try_fold(width, |acc: usize, &d| acc.checked_mul(d))
         .filter(|&n| n == body.len());
     if needed.is_none() {
         bail!(

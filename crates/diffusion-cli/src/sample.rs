@@ -88,7 +88,7 @@ pub fn run(args: SampleArgs) -> Result<i32> {
     let backend = BackendKind::resolve(args.backend);
     let run = Run::open(&args.checkpoint)?;
     let config = &run.config;
-    let sampler = args.sampling.sampler(&config)?;
+    let sampler = args.sampling.sampler(config)?;
     let classes = parse_classes(&args.classes, config.model.num_classes)?;
     let noise = match &args.noise {
         Some(path) => {
@@ -128,8 +128,8 @@ pub fn run(args: SampleArgs) -> Result<i32> {
     if n == 0 || n > MAX_SAMPLES {
         bail!("--n must be between 1 and {MAX_SAMPLES} (for more, run again with another --seed)");
     }
-    let guidance = args.sampling.guidance(&config)?;
-    let weights = args.sampling.weights(&config);
+    let guidance = args.sampling.guidance(config)?;
+    let weights = args.sampling.weights(config);
     let out = args
         .out
         .clone()

@@ -64,6 +64,25 @@ pub fn mix_seed(seed: u64, index: u64) -> u64 {
     finalize(seed ^ index.wrapping_mul(GOLDEN))
 }
 
+/// Held while some code seeds a backend's generator and draws from it.
+static BACKEND_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `draw` with the backend's generator seeded to `seed`, under one
+/// process-wide lock: burn's generator is global to the backend, so
+/// without it a thread that seeds and then draws (a model's seeded
+/// initialisation, a training step) could see another thread's draws in
+/// between, and a seed would no longer fix the result. Everything in this
+/// workspace that seeds the backend goes through here.
+pub fn with_backend_seed<B: burn::tensor::backend::Backend, T>(
+    device: &B::Device,
+    seed: u64,
+    draw: impl FnOnce() -> T,
+) -> T {
+    let _guard = BACKEND_DRAWS.lock().unwrap_or_else(|e| e.into_inner());
+    B::seed(device, seed);
+    draw()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,23 +121,4 @@ mod tests {
             assert!((9_500..10_500).contains(&c), "{counts:?}");
         }
     }
-}
-
-/// Held while some code seeds a backend's generator and draws from it.
-static BACKEND_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Runs `draw` with the backend's generator seeded to `seed`, under one
-/// process-wide lock: burn's generator is global to the backend, so
-/// without it a thread that seeds and then draws (a model's seeded
-/// initialisation, a training step) could see another thread's draws in
-/// between, and a seed would no longer fix the result. Everything in this
-/// workspace that seeds the backend goes through here.
-pub fn with_backend_seed<B: burn::tensor::backend::Backend, T>(
-    device: &B::Device,
-    seed: u64,
-    draw: impl FnOnce() -> T,
-) -> T {
-    let _guard = BACKEND_DRAWS.lock().unwrap_or_else(|e| e.into_inner());
-    B::seed(device, seed);
-    draw()
 }

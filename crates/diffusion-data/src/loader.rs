@@ -65,7 +65,7 @@ impl BatchLoader {
     /// If `world` is 0, `rank >= world` or `world` does not divide the batch size.
     pub fn part(mut self, rank: usize, world: usize) -> Self {
         assert!(
-            world > 0 && rank < world && self.batch_size % world == 0,
+            world > 0 && rank < world && self.batch_size.is_multiple_of(world),
             "BatchLoader::part: rank {rank} of {world} cannot split batches of {}",
             self.batch_size
         );

@@ -84,7 +84,7 @@ struct NormParams {
 impl NormParams {
     fn of(norm: &GroupNorm<Flex>, x: &Tensor<Flex, 4>, channels: usize) -> Option<Self> {
         let (gamma, beta) = affine_params(norm, x)?;
-        (norm.num_groups > 0 && channels % norm.num_groups == 0).then(|| NormParams {
+        (norm.num_groups > 0 && channels.is_multiple_of(norm.num_groups)).then(|| NormParams {
             gamma: param(gamma),
             beta: param(beta),
             groups: norm.num_groups,

@@ -165,7 +165,7 @@ impl UNetConfig {
                 return bad(format!("{name} must be at most {max}, got {value}"));
             }
         }
-        if self.embed_dim == 0 || self.embed_dim % 2 != 0 {
+        if self.embed_dim == 0 || !self.embed_dim.is_multiple_of(2) {
             return bad(format!(
                 "embed_dim must be even and positive (sin/cos pairs), got {}",
                 self.embed_dim

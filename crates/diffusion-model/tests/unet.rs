@@ -83,7 +83,7 @@ fn impossible_configs_are_refused_with_a_message() {
         UNetConfig::new().with_num_classes(Some(0)),
     ];
     for config in cases {
-        let err = config.init::<B>(&device).err().expect("config must be refused");
+        let err = config.init::<B>(&device).expect_err("config must be refused");
         assert!(
             err.to_string().starts_with("invalid U-Net configuration: "),
             "{err}"

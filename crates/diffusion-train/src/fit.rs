@@ -379,7 +379,7 @@ impl Fit {
                 if let Role::Lead(o) = &mut role {
                     o.on_step(state);
                 }
-                if state.step % c.log_every.max(1) == 0 || state.batch_in_epoch == per_epoch {
+                if state.step.is_multiple_of(c.log_every.max(1)) || state.batch_in_epoch == per_epoch {
                     let sum = trainer.take_loss_sum();
                     let log = window.take(sum, state, epoch, out.lr, world)?;
                     epoch_loss.0 += log.loss * log.steps as f64;
@@ -395,7 +395,7 @@ impl Fit {
                 } else {
                     None
                 };
-                let every = c.checkpoint_every > 0 && state.step % c.checkpoint_every == 0;
+                let every = c.checkpoint_every > 0 && state.step.is_multiple_of(c.checkpoint_every);
                 if let Role::Lead(o) = &mut role {
                     if stop.is_some() || every {
                         trainer.save(&self.run_dir)?;

@@ -450,7 +450,7 @@ impl RunConfig {
                 bail!("{name} must be at most {max}, got {value}");
             }
         }
-        if t.world_size == 0 || t.batch_size % t.world_size != 0 {
+        if t.world_size == 0 || !t.batch_size.is_multiple_of(t.world_size) {
             bail!(
                 "batch_size {} does not split over {} replicas; with --devices/--nodes, --batch is per device (or leave it out: the preset's batch is split)",
                 t.batch_size,
