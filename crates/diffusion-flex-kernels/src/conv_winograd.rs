@@ -109,7 +109,7 @@ pub(crate) struct WinogradScratch {
     plane: Vec<f32>,
     /// [`Winograd::patch`] for all the task's images at once: each padded
     /// row's tiles image after image (a row of images·tw values), indices
-    /// into `plane`; built for (h, w, images) = `patch_for`.
+    /// into `plane`; built, with `place`, for (h, w, images) = `patch_for`.
     patch: Vec<u32>,
     patch_for: (usize, usize, usize),
     /// The patches' columns ([`Winograd::patch`]), then their transform
@@ -123,7 +123,8 @@ pub(crate) struct WinogradScratch {
     v: Vec<f32>,
     /// M [36, cout, tiles of the task's images].
     m: Vec<f32>,
-    /// [`Winograd::place`] for outputs [16, n].
+    /// [`Winograd::place`] for outputs [16, n] in the column order of
+    /// `patch` (built with it).
     place: Vec<u32>,
 }
 
@@ -217,6 +218,12 @@ impl Winograd {
                     }
                 }
             }
+            s.place.clear();
+            s.place.extend(self.place.iter().map(|&at| {
+                let (q, tile) = (at as usize / tiles, at as usize % tiles);
+                let (ty, tx) = (tile / self.tw, tile % self.tw);
+                u32::try_from(q * n + ty * wide + tx).expect("below 2^32 values")
+            }));
             s.patch_for = (h, w, images);
         }
         let plane = grown(&mut s.plane, images * hw + 1);
@@ -260,12 +267,6 @@ impl Winograd {
         // Y (+ bias) for every tile of every image at once per output
         // channel, then each image's planes put in place from y [16, n].
         let y = grown(&mut s.y, M * M * n);
-        s.place.clear();
-        s.place.extend(self.place.iter().map(|&at| {
-            let (q, tile) = (at as usize / tiles, at as usize % tiles);
-            let (ty, tx) = (tile / self.tw, tile % self.tw);
-            u32::try_from(q * n + ty * wide + tx).expect("below 2^32 values")
-        }));
         for co in 0..cout {
             output_transform(&m[co * n..], cout * n, n, bias.map_or(0.0, |bs| bs[co]), y);
             for img in 0..images {
@@ -323,41 +324,39 @@ fn combine<const J: usize>(
     to: [usize; J],
     len: usize,
 ) {
-    let step = |x: &[[f32; L]; P]| -> [[f32; L]; J] {
-        let mut r = [[0f32; L]; J];
-        for l in 0..L {
-            let y = f([x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]]);
-            for j in 0..J {
-                r[j][l] = y[j];
-            }
-        }
-        r
-    };
     let whole = len / L * L;
     for base in (0..whole).step_by(L) {
-        let mut x = [[0f32; L]; P];
-        for (x, &at) in x.iter_mut().zip(&at) {
-            x.copy_from_slice(&src[at + base..][..L]);
-        }
-        let r = step(&x);
-        for (r, &to) in r.iter().zip(&to) {
-            dst[to + base..][..L].copy_from_slice(r);
-        }
+        combine_step(&f, src, at, dst, to, base, L);
     }
     if whole < len {
-        let n = len - whole;
-        let mut x = [[0f32; L]; P];
-        for (x, &at) in x.iter_mut().zip(&at) {
-            for (x, &s) in x.iter_mut().zip(&src[at + whole..][..n]) {
-                *x = s;
-            }
+        combine_step(&f, src, at, dst, to, whole, len - whole);
+    }
+}
+
+/// [`combine`] for the `n` ≤ [`L`] values from `base` on.
+#[inline(always)]
+fn combine_step<const J: usize>(
+    f: &impl Fn([f32; P]) -> [f32; J],
+    src: &[f32],
+    at: [usize; P],
+    dst: &mut [f32],
+    to: [usize; J],
+    base: usize,
+    n: usize,
+) {
+    let mut x = [[0f32; L]; P];
+    for (x, &at) in x.iter_mut().zip(&at) {
+        x[..n].copy_from_slice(&src[at + base..][..n]);
+    }
+    let mut r = [[0f32; L]; J];
+    for l in 0..L {
+        let y = f([x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]]);
+        for j in 0..J {
+            r[j][l] = y[j];
         }
-        let r = step(&x);
-        for (r, &to) in r.iter().zip(&to) {
-            for (o, &v) in dst[to + whole..][..n].iter_mut().zip(r) {
-                *o = v;
-            }
-        }
+    }
+    for (r, &to) in r.iter().zip(&to) {
+        dst[to + base..][..n].copy_from_slice(&r[..n]);
     }
 }
 
