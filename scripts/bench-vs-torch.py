@@ -2,7 +2,7 @@
 """This project's CPU bench beside the PyTorch reference's, in alternating pairs.
 
     python3 scripts/bench-vs-torch.py --diffusion target/release/diffusion \\
-        --python .venv/bin/python [--pairs 3] [--out bench-pairs]
+        --python .venv/bin/python [--pairs 3] [--out bench-pairs] [--isa avx2]
 
 Runs `diffusion bench --backend cpu --skip-1000` and
 `shared/bench/torch_ref/bench.py --threads N --sdpa` one after the other,
@@ -12,6 +12,14 @@ the pairs of each side's median, the ratio of each pair (ours / PyTorch in
 speed), and each side's spread (max/min of the repeats inside one run, the
 largest over the pairs). Needs a venv with `torch` and `numpy`. Prints the
 CPU (model name, family, model, flags) the numbers belong to.
+
+`--isa avx2` holds both sides to AVX2 + FMA on a CPU with AVX-512, as a
+stand-in for a CPU without it: ours with `DIFFUSION_SIMD=avx2` (a binary
+built with `--no-default-features --features cpu`, so that gemm's AVX-512
+kernels are left out too; checked from its JSON), PyTorch with
+`ATEN_CPU_CAPABILITY=avx2`, `ONEDNN_MAX_CPU_ISA=AVX2` and
+`MKL_ENABLE_INSTRUCTIONS=AVX2`. The same core still runs both, so this
+checks the AVX2 code, not another CPU's caches and ports.
 """
 
 import argparse
@@ -24,6 +32,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 TORCH_REF = HERE.parent / "shared" / "bench" / "torch_ref"
+
+# What `--isa avx2` sets (ours, PyTorch).
+AVX2_ENV = (
+    {"DIFFUSION_SIMD": "avx2"},
+    {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+)
 
 # (row, ours' key in `detail`, PyTorch's key in `detail`, batch or None for seconds)
 ROWS = [
@@ -40,8 +54,8 @@ def last_json_line(text: str, what: str) -> dict:
     sys.exit(f"{what}: no JSON line in its output; its output ends with:\n{text[-2000:]}")
 
 
-def run(cmd: list, cwd: Path, what: str) -> dict:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+def run(cmd: list, cwd: Path, what: str, env: dict) -> dict:
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, **env})
     if done.returncode != 0:
         sys.exit(f"{what} exited with {done.returncode}: {done.stderr.strip()[-2000:]}")
     return last_json_line(done.stdout, what)
@@ -55,6 +69,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--torch-ref", default=str(TORCH_REF), help="folder of bench.py and model.py")
     ap.add_argument("--out", default="bench-pairs", help="folder for each run's JSON")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: hold both sides to AVX2 + FMA (see the top of this file)")
     args = ap.parse_args()
     diffusion = Path(args.diffusion).resolve()
     if not diffusion.is_file():
@@ -67,13 +83,21 @@ def main():
         sys.exit("--pairs must be at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ours_env, torch_env = AVX2_ENV if args.isa == "avx2" else ({}, {})
+    torch_isa = subprocess.run(
+        [args.python, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        capture_output=True, text=True, env={**os.environ, **torch_env}).stdout.strip()
 
     ours, theirs = [], []
     for i in range(1, args.pairs + 1):
         print(f"pair {i} of {args.pairs}: ours ...", file=sys.stderr, flush=True)
-        o = run([str(diffusion), "bench", "--backend", "cpu", "--skip-1000"], HERE, "diffusion bench")
+        o = run([str(diffusion), "bench", "--backend", "cpu", "--skip-1000"], HERE, "diffusion bench", ours_env)
+        simd = o.get("simd") or {}
+        if args.isa == "avx2" and simd != {"kernels": "avx2", "gemm": "avx2"}:
+            sys.exit(f"--isa avx2: {diffusion} ran with {simd} (our kernels, gemm); build it with "
+                     "`cargo build --release -p diffusion-cli --no-default-features --features cpu`")
         print(f"pair {i} of {args.pairs}: PyTorch ...", file=sys.stderr, flush=True)
-        t = run([args.python, "bench.py", "--threads", str(args.threads), "--sdpa"], torch_ref, "bench.py")
+        t = run([args.python, "bench.py", "--threads", str(args.threads), "--sdpa"], torch_ref, "bench.py", torch_env)
         (out / f"ours-{i}.json").write_text(json.dumps(o) + "\n")
         (out / f"torch-{i}.json").write_text(json.dumps(t) + "\n")
         ours.append(o)
@@ -83,6 +107,9 @@ def main():
     print(f"cpu: {cpu.get('model_name')} (family {cpu.get('family')}, model {cpu.get('model')}; "
           f"{' '.join(cpu.get('flags', []))}), {ours[0]['threads']} threads; "
           f"PyTorch {theirs[0]['torch_version']} SDPA; {args.pairs} alternating pairs")
+    simd = ours[0].get("simd") or {}
+    print(f"vector instructions: ours {simd.get('kernels')} (kernels) / {simd.get('gemm')} (gemm), "
+          f"PyTorch {torch_isa or 'unknown'} (ATen)")
     print(f"| | ours | PyTorch SDPA | ratio per pair | ours' spread | PyTorch's spread |")
     print("|---|---|---|---|---|---|")
     for name, ok, tk, batch in ROWS:

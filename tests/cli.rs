@@ -657,6 +657,50 @@ fn bench_reports_the_spread_of_its_repeats_and_the_cpu() {
         );
     }
     assert!(text.contains("spread"), "{text}");
+    // The vector instructions that ran are named: this project's kernels
+    // take the widest the CPU has, gemm AVX-512 only where the CPU has it.
+    let names = ["avx512", "avx2", "baseline"];
+    let (kernels, gemm) = (
+        result["simd"]["kernels"].as_str(),
+        result["simd"]["gemm"].as_str(),
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        let widest = if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            "baseline"
+        } else if std::is_x86_feature_detected!("avx512f") {
+            "avx512"
+        } else {
+            "avx2"
+        };
+        if std::env::var_os("DIFFUSION_SIMD").is_none() {
+            assert_eq!(kernels, Some(widest), "{json}");
+        }
+        if !std::is_x86_feature_detected!("avx512f") {
+            assert_ne!(gemm, Some("avx512"), "{json}");
+        }
+    }
+    assert!(
+        names.contains(&kernels.unwrap()) && names.contains(&gemm.unwrap()),
+        "{json}"
+    );
+    // DIFFUSION_SIMD=baseline holds this project's kernels to SSE2.
+    let capped = ok(bin().env("DIFFUSION_SIMD", "baseline").args([
+        "bench",
+        "--backend",
+        "cpu",
+        "--model",
+        "tiny",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--sample-repeats",
+        "1",
+        "--skip-128",
+        "--skip-1000",
+    ]));
+    assert!(capped.contains("simd         baseline (our kernels)"), "{capped}");
     // Zero repeats is refused by name.
     let e = fails(bin().args(["bench", "--backend", "cpu", "--repeats-32", "0"]));
     assert!(e.contains("--repeats-32"), "{e}");

@@ -40,6 +40,27 @@ impl BackendKind {
         self.name() == "cpu"
     }
 
+    /// On the CPU backend, the vector instructions of this project's
+    /// kernels and of gemm's matrix products ("avx512", "avx2" or
+    /// "baseline"): what `DIFFUSION_SIMD` and the `avx512-gemm` feature
+    /// left of the CPU's. `None` on the GPU backends.
+    pub fn cpu_simd(self) -> Option<CpuSimd> {
+        #[cfg(feature = "cpu")]
+        if self.is_cpu() {
+            use diffusion_flex_kernels::SimdLevel;
+            let name = |level| match level {
+                SimdLevel::Avx512 => "avx512",
+                SimdLevel::Avx2 => "avx2",
+                SimdLevel::Baseline => "baseline",
+            };
+            return Some(CpuSimd {
+                kernels: name(diffusion_flex_kernels::simd_level()),
+                gemm: name(diffusion_flex_kernels::gemm_simd_level()),
+            });
+        }
+        None
+    }
+
     /// `--backend` if given; else, among the compiled backends, cuda when
     /// an NVIDIA driver is present, then wgpu, then cpu. Says which.
     pub fn resolve(flag: Option<BackendKind>) -> BackendKind {
@@ -61,6 +82,15 @@ impl BackendKind {
         );
         pick
     }
+}
+
+/// The vector instructions the CPU backend runs with ([`BackendKind::cpu_simd`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CpuSimd {
+    /// This project's kernels (`diffusion-flex-kernels`).
+    pub kernels: &'static str,
+    /// gemm's matrix products.
+    pub gemm: &'static str,
 }
 
 /// Work that runs on any autodiff backend (inference code uses

@@ -193,6 +193,9 @@ struct BenchResult {
     attention: String,
     /// Whose kernels ran: the CPU kernels of this project, or burn's own.
     kernels: &'static str,
+    /// On the CPU backend, the vector instructions of those kernels and of
+    /// gemm's matrix products.
+    simd: Option<crate::backend::CpuSimd>,
     params: usize,
     train_ms_per_step_b128: Option<f64>,
     train_ms_per_step_b32: f64,
@@ -347,6 +350,13 @@ fn report(result: &BenchResult) {
             cpu.flags.join(" ")
         );
     }
+    if let Some(simd) = &result.simd {
+        say!(
+            "simd         {} (our kernels), {} (gemm)",
+            simd.kernels,
+            simd.gemm
+        );
+    }
     let spread = |s: &Summary, scale: f64, unit: &str| {
         let digits = if unit == "s" { 2 } else { 1 };
         format!(
@@ -454,6 +464,7 @@ impl Task for BenchTask {
             } else {
                 "burn"
             },
+            simd: self.backend.cpu_simd(),
             params: burn::module::Module::num_params(&model),
             train_ms_per_step_b128: b128.map(|t| t * 1e3),
             train_ms_per_step_b32: detail.train_b32_s.median * 1e3,

@@ -1,7 +1,11 @@
 //! Attention without the score matrix: softmax(q·kᵀ·s)·v computed block by
 //! block of queries (FlashAttention's forward and backward, Dao 2022/2023),
 //! with the matmuls on the `gemm` crate (the one Flex uses) and the softmax
-//! on the vectorised row loops of this module's parent.
+//! on the vectorised row loops of this module's parent. For the queries of
+//! [`block_forward`] (64 side by side in memory), the scores' product is
+//! this module's own AVX-512/AVX2 kernel with the column max folded in
+//! ([`Block::fused_softmax`]): with d = 8 or 16, gemm's packing and set-up
+//! cost as much as its multiply-adds.
 //!
 //! A [batch, 784, 784] score matrix is 2.5 MB per image; written out (and,
 //! for training, kept until the backward pass) it costs memory bandwidth
@@ -119,20 +123,255 @@ impl Block<'_> {
         let st = grown(&mut scratch.st, len * rows);
         let ot = grown(&mut scratch.ot, d * rows);
         // Scores in base-2 units for `softmax_columns`.
-        matmul(
-            st,
-            len,
-            rows,
-            d,
-            self.k,
-            self.q_t,
-            scale * std::f32::consts::LOG2_E,
-            false,
-        );
+        let alpha = scale * std::f32::consts::LOG2_E;
         let (mut maxes, mut sums) = ([0f32; BLOCK], [0f32; BLOCK]);
-        softmax_columns(st, &mut maxes[..rows], &mut sums[..rows]);
+        if !self.fused_softmax(alpha, st, &mut maxes, &mut sums) {
+            matmul(st, len, rows, d, self.k, self.q_t, alpha, false);
+            softmax_columns(st, &mut maxes[..rows], &mut sums[..rows]);
+        }
         matmul(ot, d, rows, len, self.v_t, View::rows(st, rows), 1.0, false);
         (ot, maxes, sums)
+    }
+}
+
+impl Block<'_> {
+    /// Where the CPU has AVX2 (or AVX-512) and the block has 64 queries
+    /// side by side in memory (qᵀ with unit column stride, as
+    /// [`block_forward`] holds them): sᵀ = α·k·qᵀ by [`scores_avx512`] or
+    /// [`scores_avx2`], each column's max taken as the scores are written,
+    /// then the exp pass of [`softmax_columns`] on that tier. The same bits as gemm's product and
+    /// `softmax_columns` (tested). Returns false, touching nothing, where
+    /// it does not apply.
+    fn fused_softmax(
+        &self,
+        alpha: f32,
+        st: &mut [f32],
+        maxes: &mut [f32; BLOCK],
+        sums: &mut [f32; BLOCK],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.rows == BLOCK && self.q_t.cs == 1 && self.len > 0 {
+            match crate::simd_level() {
+                crate::SimdLevel::Avx512 => {
+                    // SAFETY: the CPU has AVX-512F (checked by simd_level).
+                    unsafe { fused_softmax_avx512(self, alpha, st, maxes, sums) };
+                    return true;
+                }
+                crate::SimdLevel::Avx2 => {
+                    // SAFETY: the CPU has AVX2 and FMA (checked by simd_level).
+                    unsafe { fused_softmax_avx2(self, alpha, st, maxes, sums) };
+                    return true;
+                }
+                crate::SimdLevel::Baseline => {}
+            }
+        }
+        let _ = (alpha, st, maxes, sums);
+        false
+    }
+}
+
+/// [`Block::fused_softmax`] with AVX2: [`scores_avx2`], then
+/// [`exp_columns_avx2`] on each 16 columns.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fused_softmax_avx2(
+    block: &Block,
+    alpha: f32,
+    st: &mut [f32],
+    maxes: &mut [f32; BLOCK],
+    sums: &mut [f32; BLOCK],
+) {
+    // SAFETY: the caller's.
+    unsafe { scores_avx2(block, alpha, st, maxes) };
+    for c0 in (0..BLOCK).step_by(COLS) {
+        let m: &[f32; COLS] = maxes[c0..c0 + COLS].try_into().unwrap();
+        let s: &mut [f32; COLS] = (&mut sums[c0..c0 + COLS]).try_into().unwrap();
+        // SAFETY: the caller's.
+        unsafe { exp_columns_avx2(&mut st[..block.len * BLOCK], BLOCK, c0, m, s) };
+    }
+}
+
+/// [`Block::fused_softmax`] with AVX-512: [`scores_avx512`], then
+/// [`exp_rows_avx512`].
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fused_softmax_avx512(
+    block: &Block,
+    alpha: f32,
+    st: &mut [f32],
+    maxes: &mut [f32; BLOCK],
+    sums: &mut [f32; BLOCK],
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        scores_avx512(block, alpha, st, maxes);
+        exp_rows_avx512(&mut st[..block.len * BLOCK], maxes, sums);
+    }
+}
+
+/// [`scores_avx2`] with AVX-512: four keys by all 64 queries a tile (16
+/// sums in registers), the same operations per score, so the same bits.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_avx512(block: &Block, alpha: f32, st: &mut [f32], maxes: &mut [f32; BLOCK]) {
+    use std::arch::x86_64::*;
+    let Block { k, q_t, len, d, .. } = *block;
+    assert!(block.rows == BLOCK && q_t.cs == 1 && st.len() >= len * BLOCK);
+    k.check(len, d);
+    q_t.check(d, BLOCK);
+    let (kp, qp, sp) = (k.data.as_ptr(), q_t.data.as_ptr(), st.as_mut_ptr());
+    let a = _mm512_set1_ps(alpha);
+    // One tile: keys l0 .. l0 + N, all 64 queries.
+    #[inline(always)]
+    unsafe fn tile<const N: usize>(
+        (kp, qp, sp): (*const f32, *const f32, *mut f32),
+        (k, q_t): (View, View),
+        d: usize,
+        l0: usize,
+        a: __m512,
+        m: &mut [__m512; 4],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; N];
+        for j in 0..d {
+            // SAFETY: j < d, 64 columns of qᵀ (checked by the caller).
+            let q = unsafe { qp.add(j * q_t.rs) };
+            // SAFETY: as above.
+            let qv = unsafe {
+                [
+                    _mm512_loadu_ps(q),
+                    _mm512_loadu_ps(q.add(16)),
+                    _mm512_loadu_ps(q.add(32)),
+                    _mm512_loadu_ps(q.add(48)),
+                ]
+            };
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: key l0 + i < len, j < d (checked by the caller).
+                let kv = _mm512_set1_ps(unsafe { *kp.add((l0 + i) * k.rs + j * k.cs) });
+                for h in 0..4 {
+                    acc[h] = _mm512_fmadd_ps(kv, qv[h], acc[h]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for h in 0..4 {
+                let y = _mm512_mul_ps(acc[h], a);
+                // SAFETY: row l0 + i < len of sᵀ [len, 64], columns 16h .. 16h + 16.
+                unsafe { _mm512_storeu_ps(sp.add((l0 + i) * BLOCK + 16 * h), y) };
+                // y > m ? y : m, as `softmax_columns` (a NaN score is passed over).
+                m[h] = _mm512_max_ps(y, m[h]);
+            }
+        }
+    }
+    let mut m = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+    let mut l0 = 0;
+    while l0 + 4 <= len {
+        // SAFETY: l0 + 4 ≤ len (the loop's condition).
+        unsafe { tile::<4>((kp, qp, sp), (k, q_t), d, l0, a, &mut m) };
+        l0 += 4;
+    }
+    while l0 < len {
+        // SAFETY: l0 < len.
+        unsafe { tile::<1>((kp, qp, sp), (k, q_t), d, l0, a, &mut m) };
+        l0 += 1;
+    }
+    for (h, m) in m.iter().enumerate() {
+        // SAFETY: 16h + 16 ≤ 64 = maxes.len().
+        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr().add(16 * h), finite_or_zero_avx512(*m)) };
+    }
+}
+
+/// sᵀ [len, 64] = α · k [len, d] · qᵀ [d, 64] into `st`, and the max of
+/// each column (0 where it is not finite, as [`softmax_columns`] takes
+/// it) into `maxes`, with AVX2: four keys by sixteen queries a tile,
+/// the d products of each score summed in order by fused multiply-adds
+/// from zero and then scaled by α, as gemm's microkernel does, so the
+/// same bits. For d = 8 or 16, gemm spent as long packing and setting up
+/// this product as multiplying, and the max was a pass of its own.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(block: &Block, alpha: f32, st: &mut [f32], maxes: &mut [f32; BLOCK]) {
+    use std::arch::x86_64::*;
+    let Block { k, q_t, len, d, .. } = *block;
+    assert!(block.rows == BLOCK && q_t.cs == 1 && st.len() >= len * BLOCK);
+    k.check(len, d);
+    q_t.check(d, BLOCK);
+    let (kp, qp, sp) = (k.data.as_ptr(), q_t.data.as_ptr(), st.as_mut_ptr());
+    let a = _mm256_set1_ps(alpha);
+    // One tile: keys l0 .. l0 + N, queries c0 .. c0 + 16.
+    #[inline(always)]
+    unsafe fn tile<const N: usize>(
+        (kp, qp, sp): (*const f32, *const f32, *mut f32),
+        (k, q_t): (View, View),
+        d: usize,
+        l0: usize,
+        c0: usize,
+        a: __m256,
+        m: &mut [__m256; 2],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        for j in 0..d {
+            // SAFETY: j < d and c0 + 16 ≤ 64 columns of qᵀ (checked by the caller).
+            let q = unsafe { qp.add(j * q_t.rs + c0) };
+            // SAFETY: as above.
+            let (qa, qb) = unsafe { (_mm256_loadu_ps(q), _mm256_loadu_ps(q.add(8))) };
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: key l0 + i < len, j < d (checked by the caller).
+                let kv = _mm256_set1_ps(unsafe { *kp.add((l0 + i) * k.rs + j * k.cs) });
+                acc[0] = _mm256_fmadd_ps(kv, qa, acc[0]);
+                acc[1] = _mm256_fmadd_ps(kv, qb, acc[1]);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            let (ya, yb) = (_mm256_mul_ps(acc[0], a), _mm256_mul_ps(acc[1], a));
+            // SAFETY: row l0 + i < len of sᵀ [len, 64], columns c0 .. c0 + 16.
+            unsafe {
+                let at = sp.add((l0 + i) * BLOCK + c0);
+                _mm256_storeu_ps(at, ya);
+                _mm256_storeu_ps(at.add(8), yb);
+            }
+            // y > m ? y : m, as `softmax_columns` (a NaN score is passed over).
+            m[0] = _mm256_max_ps(ya, m[0]);
+            m[1] = _mm256_max_ps(yb, m[1]);
+        }
+    }
+    let zero = _mm256_setzero_ps();
+    for c0 in (0..BLOCK).step_by(16) {
+        let mut m = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+        let mut l0 = 0;
+        while l0 + 4 <= len {
+            // SAFETY: l0 + 4 ≤ len (the loop's condition), c0 + 16 ≤ 64.
+            unsafe { tile::<4>((kp, qp, sp), (k, q_t), d, l0, c0, a, &mut m) };
+            l0 += 4;
+        }
+        while l0 < len {
+            // SAFETY: l0 < len, c0 + 16 ≤ 64.
+            unsafe { tile::<1>((kp, qp, sp), (k, q_t), d, l0, c0, a, &mut m) };
+            l0 += 1;
+        }
+        for (h, m) in m.iter().enumerate() {
+            // A column without a finite max (all −∞, or a +∞) takes 0.
+            let abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0), *m);
+            let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(abs, _mm256_set1_ps(f32::INFINITY));
+            // SAFETY: c0 + 8h + 8 ≤ 64 = maxes.len().
+            unsafe {
+                _mm256_storeu_ps(
+                    maxes.as_mut_ptr().add(c0 + 8 * h),
+                    _mm256_blendv_ps(zero, *m, finite),
+                )
+            };
+        }
     }
 }
 
@@ -569,22 +808,55 @@ unsafe fn softmax_rows_avx512(st: &mut [f32], maxes: &mut [f32; 64], sums: &mut 
             *m = _mm512_max_ps(x, *m);
         }
     }
-    let zero = _mm512_setzero_ps();
-    let mut mv = [zero; 4];
-    for (h, mv) in mv.iter_mut().enumerate() {
+    for h in 0..4 {
         let m = _mm512_max_ps(m2[1][h], m2[0][h]);
-        // A column without a finite max (all −∞, or a +∞) takes 0.
-        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(m), _mm512_set1_ps(f32::INFINITY));
-        *mv = _mm512_mask_blend_ps(finite, zero, m);
         // SAFETY: `maxes` holds 64 floats.
-        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr().add(16 * h), *mv) };
+        unsafe { _mm512_storeu_ps(maxes.as_mut_ptr().add(16 * h), finite_or_zero_avx512(m)) };
     }
+    // SAFETY: the caller's.
+    unsafe { exp_rows_avx512(st, maxes, sums) };
+}
+
+/// m where it is finite, else 0: the max [`softmax_columns`] takes for a
+/// column without a finite max (all −∞, or a +∞).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn finite_or_zero_avx512(m: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(m), _mm512_set1_ps(f32::INFINITY));
+    _mm512_mask_blend_ps(finite, _mm512_setzero_ps(), m)
+}
+
+/// The exp pass of [`softmax_rows_avx512`], given the 64 columns' maxima:
+/// x ← 2^(x − m) row by row, all 64 columns at once, each column's sum in
+/// `sums`.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp_rows_avx512(st: &mut [f32], maxes: &[f32; 64], sums: &mut [f32; 64]) {
+    use std::arch::x86_64::*;
+    assert!(st.len().is_multiple_of(64));
+    let len = st.len() / 64;
+    let base = st.as_mut_ptr();
+    let zero = _mm512_setzero_ps();
+    let m = maxes.as_ptr();
+    // SAFETY: `maxes` holds 64 floats.
+    let mv = unsafe {
+        [
+            _mm512_loadu_ps(m),
+            _mm512_loadu_ps(m.add(16)),
+            _mm512_loadu_ps(m.add(32)),
+            _mm512_loadu_ps(m.add(48)),
+        ]
+    };
     let (lo, hi) = (_mm512_set1_ps(EXP2_MIN), _mm512_set1_ps(EXP2_MAX));
     let one = _mm512_set1_ps(1.0);
     let mut sum = [zero; 4];
     for row in 0..len {
         for (h, (sum, &mv)) in sum.iter_mut().zip(&mv).enumerate() {
-            // SAFETY: as above.
+            // SAFETY: row < len and 16h + 16 ≤ 64: inside `st`.
             let at = unsafe { base.add(row * 64 + 16 * h) };
             // SAFETY: as above.
             let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(at) }, mv);
@@ -746,6 +1018,130 @@ mod tests {
             assert_eq!(bits(&maxes), bits(&max_ref), "{len}x{rows}: maxima");
             assert_eq!(bits(&sums), bits(&sum_ref), "{len}x{rows}: sums");
             assert_eq!(bits(&st), bits(&expected), "{len}x{rows}: probabilities");
+        }
+    }
+
+    /// A block's scores and softmax by the fused AVX2 kernels (wherever the
+    /// CPU has AVX2 and FMA) and AVX-512 ones (where it has AVX-512F)
+    /// against gemm's product and `softmax_columns` held to the same tier:
+    /// the same bits for the scores, maxima, sums and probabilities. Keys and queries in the layout `block_forward`
+    /// holds them ([d, len], channel-major), the U-Net's lengths and widths
+    /// and odd ones (key counts not a multiple of the 4-key tile; 64, the
+    /// fewest a block of 64 queries has), a key
+    /// with infinite entries (infinite and NaN scores, columns whose max
+    /// is taken as 0) and scores far apart (exps clamped).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn fused_scores_have_the_bits_of_gemm_and_the_column_softmax() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut seed = 11u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (len, d, spread) in [
+            (784, 16, 4.0),
+            (784, 8, 4.0),
+            (196, 32, 4.0),
+            (70, 3, 60.0),
+            (67, 5, 4.0),
+            (64, 4, 4.0),
+        ] {
+            let (mut k_t, q_t): (Vec<f32>, Vec<f32>) = (
+                (0..d * len).map(|_| spread * next()).collect(),
+                (0..d * (len + 64)).map(|_| spread * next()).collect(),
+            );
+            if len > 10 && d >= 4 {
+                // Key 9: infinite scores, and NaN where q's entries 2 and 3 share a sign.
+                k_t[2 * len + 9] = f32::INFINITY;
+                k_t[3 * len + 9] = f32::NEG_INFINITY;
+            }
+            let block = Block {
+                k: View {
+                    data: &k_t,
+                    rs: 1,
+                    cs: len,
+                },
+                q_t: View {
+                    data: &q_t,
+                    rs: len + 64,
+                    cs: 1,
+                },
+                v_t: View::rows(&[], 0),
+                len,
+                rows: BLOCK,
+                d,
+            };
+            let alpha = (d as f32).sqrt().recip() * std::f32::consts::LOG2_E;
+            let mut want = vec![0f32; len * BLOCK];
+            matmul(&mut want, len, BLOCK, d, block.k, block.q_t, alpha, false);
+            let want_scores = want.clone();
+            let (mut want_max, mut want_sum) = ([0f32; BLOCK], [0f32; BLOCK]);
+            for c0 in (0..BLOCK).step_by(COLS) {
+                // The AVX2 tier of softmax_columns, written out: its max
+                // (exact, so any order) and exp_columns_avx2.
+                let mut m = [f32::NEG_INFINITY; COLS];
+                for row in want.chunks_exact(BLOCK) {
+                    for (m, &x) in m.iter_mut().zip(&row[c0..c0 + COLS]) {
+                        *m = if x > *m { x } else { *m };
+                    }
+                }
+                let m = m.map(|m| if m.is_finite() { m } else { 0.0 });
+                let mut s = [0f32; COLS];
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { exp_columns_avx2(&mut want, BLOCK, c0, &m, &mut s) };
+                want_max[c0..c0 + COLS].copy_from_slice(&m);
+                want_sum[c0..c0 + COLS].copy_from_slice(&s);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let mut scores = vec![0f32; len * BLOCK];
+            let mut maxes = [0f32; BLOCK];
+            // SAFETY: as above.
+            unsafe { scores_avx2(&block, alpha, &mut scores, &mut maxes) };
+            assert_eq!(bits(&scores), bits(&want_scores), "len {len}, d {d}: scores");
+            assert_eq!(bits(&maxes), bits(&want_max), "len {len}, d {d}: maxima");
+            let (mut st, mut maxes, mut sums) = (vec![0f32; len * BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+            // SAFETY: as above.
+            unsafe { fused_softmax_avx2(&block, alpha, &mut st, &mut maxes, &mut sums) };
+            assert_eq!(bits(&maxes), bits(&want_max), "len {len}, d {d}: maxima");
+            assert_eq!(bits(&sums), bits(&want_sum), "len {len}, d {d}: sums");
+            assert_eq!(bits(&st), bits(&want), "len {len}, d {d}: probabilities");
+            // AVX-512: the same scores and maxima, and the probabilities and
+            // sums of its own exp pass (`softmax_rows_avx512`'s).
+            if std::is_x86_feature_detected!("avx512f") {
+                let mut scores = vec![0f32; len * BLOCK];
+                let mut maxes = [0f32; BLOCK];
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                unsafe { scores_avx512(&block, alpha, &mut scores, &mut maxes) };
+                assert_eq!(
+                    bits(&scores),
+                    bits(&want_scores),
+                    "len {len}, d {d}: AVX-512 scores"
+                );
+                assert_eq!(bits(&maxes), bits(&want_max), "len {len}, d {d}: AVX-512 maxima");
+                let (mut want, mut want_max, mut want_sum) =
+                    (want_scores.clone(), [0f32; BLOCK], [0f32; BLOCK]);
+                // SAFETY: as above.
+                unsafe { softmax_rows_avx512(&mut want, &mut want_max, &mut want_sum) };
+                let (mut st, mut maxes, mut sums) = (vec![0f32; len * BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+                // SAFETY: as above.
+                unsafe { fused_softmax_avx512(&block, alpha, &mut st, &mut maxes, &mut sums) };
+                assert_eq!(bits(&maxes), bits(&want_max), "len {len}, d {d}: AVX-512 maxima");
+                assert_eq!(bits(&sums), bits(&want_sum), "len {len}, d {d}: AVX-512 sums");
+                assert_eq!(bits(&st), bits(&want), "len {len}, d {d}: AVX-512 probabilities");
+            }
+            if len > 10 && d >= 4 {
+                let (nan, inf) = (
+                    want_scores.iter().filter(|x| x.is_nan()).count(),
+                    want_scores.iter().filter(|x| x.is_infinite()).count(),
+                );
+                assert!(
+                    nan > 0 && inf > 0,
+                    "len {len}, d {d}: {nan} NaN and {inf} infinite scores"
+                );
+            }
         }
     }
 }

@@ -55,7 +55,10 @@
 //! and AVX-512F, and [`simd_level`] picks the widest the CPU has at run
 //! time (`DIFFUSION_SIMD=avx2` or `baseline` caps it); the matrix products
 //! run on `gemm`, whose own run-time dispatch includes its AVX-512
-//! microkernels (feature `x86-v4`, enabled here).
+//! microkernels with the feature `avx512-gemm` (the default; gemm's
+//! `x86-v4`). [`gemm_simd_level`] says which gemm takes. To measure a CPU
+//! without AVX-512 on one that has it, build without `avx512-gemm` and
+//! run with `DIFFUSION_SIMD=avx2`.
 //!
 //! Invariants: results are deterministic (parallel partial sums are
 //! combined in a fixed order; one machine always takes the same path, so
@@ -158,6 +161,26 @@ pub fn simd_level() -> SimdLevel {
         };
         detected.min(cap)
     })
+}
+
+/// The vector instructions of gemm's matrix products on this CPU: AVX-512
+/// where the CPU has AVX-512F and this crate was built with the
+/// `avx512-gemm` feature (the default), else AVX2 + FMA where the CPU has
+/// FMA, else baseline. `DIFFUSION_SIMD` does not reach gemm, whose
+/// dispatch is its own; build without `avx512-gemm` to keep it to AVX2.
+pub fn gemm_simd_level() -> SimdLevel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(feature = "avx512-gemm") && std::is_x86_feature_detected!("avx512f") {
+            SimdLevel::Avx512
+        } else if std::is_x86_feature_detected!("fma") {
+            SimdLevel::Avx2
+        } else {
+            SimdLevel::Baseline
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    SimdLevel::Baseline
 }
 
 pub(crate) use vectorised;

@@ -27,7 +27,7 @@ impl<'a> View<'a> {
             cs: cols,
         }
     }
-    fn check(&self, rows: usize, cols: usize) {
+    pub(crate) fn check(&self, rows: usize, cols: usize) {
         if rows > 0 && cols > 0 {
             assert!(
                 (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len(),
