@@ -808,8 +808,8 @@ unsafe fn softmax_rows_avx512(st: &mut [f32], maxes: &mut [f32; 64], sums: &mut 
             *m = _mm512_max_ps(x, *m);
         }
     }
-    for h in 0..4 {
-        let m = _mm512_max_ps(m2[1][h], m2[0][h]);
+    for (h, (&odd, &even)) in m2[1].iter().zip(&m2[0]).enumerate() {
+        let m = _mm512_max_ps(odd, even);
         // SAFETY: `maxes` holds 64 floats.
         unsafe { _mm512_storeu_ps(maxes.as_mut_ptr().add(16 * h), finite_or_zero_avx512(m)) };
     }
