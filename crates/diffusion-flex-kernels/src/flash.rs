@@ -132,16 +132,14 @@ impl Block<'_> {
         matmul(ot, d, rows, len, self.v_t, View::rows(st, rows), 1.0, false);
         (ot, maxes, sums)
     }
-}
 
-impl Block<'_> {
     /// Where the CPU has AVX2 (or AVX-512) and the block has 64 queries
     /// side by side in memory (qᵀ with unit column stride, as
     /// [`block_forward`] holds them): sᵀ = α·k·qᵀ by [`scores_avx512`] or
     /// [`scores_avx2`], each column's max taken as the scores are written,
-    /// then the exp pass of [`softmax_columns`] on that tier. The same bits as gemm's product and
-    /// `softmax_columns` (tested). Returns false, touching nothing, where
-    /// it does not apply.
+    /// then the exp pass of [`softmax_columns`] on that tier. The same
+    /// bits as gemm's product and `softmax_columns` (tested). Returns
+    /// false, touching nothing, where it does not apply.
     fn fused_softmax(
         &self,
         alpha: f32,
@@ -165,6 +163,7 @@ impl Block<'_> {
                 crate::SimdLevel::Baseline => {}
             }
         }
+        // (Unused on other architectures.)
         let _ = (alpha, st, maxes, sums);
         false
     }
