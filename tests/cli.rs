@@ -615,7 +615,8 @@ fn a_distilled_run_samples_alone_and_resumes_bit_for_bit() {
 
 #[test]
 fn bench_reports_the_spread_of_its_repeats_and_the_cpu() {
-    let text = ok(bin().args([
+    // The tiny model's bench, training at batch 32 only, no 1,000-digit runs.
+    let tiny = [
         "bench",
         "--backend",
         "cpu",
@@ -623,13 +624,10 @@ fn bench_reports_the_spread_of_its_repeats_and_the_cpu() {
         "tiny",
         "--warmup",
         "0",
-        "--repeats",
-        "3",
-        "--sample-repeats",
-        "2",
         "--skip-128",
         "--skip-1000",
-    ]));
+    ];
+    let text = ok(bin().args(tiny).args(["--repeats", "3", "--sample-repeats", "2"]));
     let json = text
         .lines()
         .rfind(|l| l.starts_with('{'))
@@ -685,20 +683,11 @@ fn bench_reports_the_spread_of_its_repeats_and_the_cpu() {
         "{json}"
     );
     // DIFFUSION_SIMD=baseline holds this project's kernels to SSE2.
-    let capped = ok(bin().env("DIFFUSION_SIMD", "baseline").args([
-        "bench",
-        "--backend",
-        "cpu",
-        "--model",
-        "tiny",
-        "--warmup",
-        "0",
+    let capped = ok(bin().env("DIFFUSION_SIMD", "baseline").args(tiny).args([
         "--repeats",
         "1",
         "--sample-repeats",
         "1",
-        "--skip-128",
-        "--skip-1000",
     ]));
     assert!(capped.contains("simd         baseline (our kernels)"), "{capped}");
     // Zero repeats is refused by name.

@@ -1577,11 +1577,7 @@ mod tests {
     fn depthwise_kernels_have_the_bits_of_the_portable_loop() {
         let avx512 = std::is_x86_feature_detected!("avx512f");
         let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
-        let mut seed = 12345u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut next = crate::test_util::uniform(12345u32);
         for (h, w, k, p) in [
             (28, 28, 7, 3),
             (14, 14, 7, 3),

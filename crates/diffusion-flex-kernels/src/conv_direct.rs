@@ -186,11 +186,7 @@ mod tests {
             eprintln!("skipped: this CPU runs the gemm path instead (no AVX-512F)");
             return;
         }
-        let mut seed = 12345u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = crate::test_util::uniform(12345u32);
         for (cin, cout, [h, w], [kh, kw], [ph, pw]) in [
             (24, 8, [28, 28], [3, 3], [1, 1]),
             (8, 3, [28, 28], [3, 3], [1, 1]),

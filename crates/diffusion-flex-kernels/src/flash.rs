@@ -345,7 +345,6 @@ unsafe fn scores_avx2(block: &Block, alpha: f32, st: &mut [f32], maxes: &mut [f3
             m[1] = _mm256_max_ps(yb, m[1]);
         }
     }
-    let zero = _mm256_setzero_ps();
     for c0 in (0..BLOCK).step_by(16) {
         let mut m = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
         let mut l0 = 0;
@@ -360,16 +359,8 @@ unsafe fn scores_avx2(block: &Block, alpha: f32, st: &mut [f32], maxes: &mut [f3
             l0 += 1;
         }
         for (h, m) in m.iter().enumerate() {
-            // A column without a finite max (all −∞, or a +∞) takes 0.
-            let abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0), *m);
-            let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(abs, _mm256_set1_ps(f32::INFINITY));
             // SAFETY: c0 + 8h + 8 ≤ 64 = maxes.len().
-            unsafe {
-                _mm256_storeu_ps(
-                    maxes.as_mut_ptr().add(c0 + 8 * h),
-                    _mm256_blendv_ps(zero, *m, finite),
-                )
-            };
+            unsafe { _mm256_storeu_ps(maxes.as_mut_ptr().add(c0 + 8 * h), finite_or_zero_avx2(*m)) };
         }
     }
 }
@@ -826,6 +817,16 @@ fn finite_or_zero_avx512(m: std::arch::x86_64::__m512) -> std::arch::x86_64::__m
     _mm512_mask_blend_ps(finite, _mm512_setzero_ps(), m)
 }
 
+/// [`finite_or_zero_avx512`] with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn finite_or_zero_avx2(m: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0), m);
+    let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(abs, _mm256_set1_ps(f32::INFINITY));
+    _mm256_blendv_ps(_mm256_setzero_ps(), m, finite)
+}
+
 /// The exp pass of [`softmax_rows_avx512`], given the 64 columns' maxima:
 /// x ← 2^(x − m) row by row, all 64 columns at once, each column's sum in
 /// `sums`.
@@ -962,11 +963,7 @@ mod tests {
     /// (clamped to e^−87.3) and a column of −∞ (max taken as 0).
     #[test]
     fn column_softmax_has_the_bits_of_the_scalar_exp() {
-        let mut seed = 7u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = crate::test_util::uniform(7u32);
         let fma = crate::simd_level() != crate::SimdLevel::Baseline;
         for (len, rows) in [(784, 64), (196, 64), (49, 49), (9, 9), (130, 37)] {
             let mut st: Vec<f32> = (0..len * rows).map(|_| 24.0 * next()).collect();
@@ -1035,11 +1032,7 @@ mod tests {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             return;
         }
-        let mut seed = 11u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut next = crate::test_util::uniform(11u32);
         for (len, d, spread) in [
             (784, 16, 4.0),
             (784, 8, 4.0),

@@ -608,6 +608,15 @@ mod test_util {
         (out, (y * w).sum().backward())
     }
 
+    /// A reproducible stream of values in [−0.5, 0.5) (a 32-bit linear
+    /// congruential generator, its top 24 bits), for the kernels' tests.
+    pub fn uniform(mut seed: u32) -> impl FnMut() -> f32 {
+        move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        }
+    }
+
     /// max |a − b|.
     pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
