@@ -73,9 +73,25 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                 .for_each(|(block, (o, lse))| {
                     with_scratch(|scratch: &mut Scratch| {
                         let (start, rows) = (block * BLOCK, lse.len());
+                        // A whole block's qᵀ [d, 64] is copied so that its
+                        // queries lie side by side, which lets
+                        // `Block::fused_softmax` make the scores (same bits
+                        // as gemm's, which reads qᵀ strided in place).
+                        let mut q_copy = std::mem::take(&mut scratch.q_t);
+                        let q_t = if rows == BLOCK {
+                            let q_t = grown(&mut q_copy, d * BLOCK);
+                            for (i, q_row) in q[start * d..][..BLOCK * d].chunks_exact(d).enumerate() {
+                                for (j, &x) in q_row.iter().enumerate() {
+                                    q_t[j * BLOCK + i] = x;
+                                }
+                            }
+                            View::rows(q_t, BLOCK)
+                        } else {
+                            View::transposed(&q[start * d..], d)
+                        };
                         let block = Block {
                             k: View::rows(k, d),
-                            q_t: View::transposed(&q[start * d..], d),
+                            q_t,
                             v_t: View::transposed(v, d),
                             len,
                             rows,
@@ -90,6 +106,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                             // The max is in base-2 units (`softmax_columns`).
                             lse[i] = maxes[i] * std::f32::consts::LN_2 + sums[i].ln();
                         }
+                        scratch.q_t = q_copy;
                     })
                 });
         });
@@ -379,11 +396,12 @@ struct BackwardScratch {
 }
 
 /// One task's buffers for [`Block::attend`]: the score block sᵀ and the
-/// unnormalised outputs oᵀ.
+/// unnormalised outputs oᵀ; for [`forward`], a block's queries qᵀ.
 #[derive(Default)]
 struct Scratch {
     st: Vec<f32>,
     ot: Vec<f32>,
+    q_t: Vec<f32>,
 }
 
 /// The weights of one attention block, as slices: `w_qkv` [d, 3d] and
@@ -580,32 +598,60 @@ pub fn backward(
                 let mut start = 0;
                 while start < len {
                     let rows = BLOCK.min(len - start);
-                    let (p, dp, dq_t) = (&mut p[..rows * len], &mut dp[..rows * len], &mut dq_t[..d * rows]);
-                    let q_blk = View::rows(&q[start * d..], d);
-                    let do_blk = View::rows(&d_o[start * d..], d);
+                    let (p, dp) = (&mut p[..rows * len], &mut dp[..rows * len]);
+                    let (q_blk, do_blk) = (&q[start * d..][..rows * d], &d_o[start * d..][..rows * d]);
+                    let blk = (rows, len, d);
                     // P = exp(q·kᵀ·scale − lse), recomputed in base 2 as the
                     // forward pass made it: 2^(q·kᵀ·scale·log₂ e − lse·log₂ e).
                     let log2e = std::f32::consts::LOG2_E;
-                    matmul(p, rows, len, d, q_blk, View::rows(k_t, len), scale * log2e, false);
-                    for (i, row) in p.chunks_exact_mut(len).enumerate() {
-                        exp2_shifted(row, lse[start + i] * log2e);
+                    let mut shift = [0f32; BLOCK];
+                    for (s, &l) in shift.iter_mut().zip(&lse[start..start + rows]) {
+                        *s = l * log2e;
+                    }
+                    let shift = &shift[..rows];
+                    if !rows_by_keys::<false>(p, (q_blk, k_t), blk, scale * log2e, shift, &[]) {
+                        let (q_blk, k_t) = (View::rows(q_blk, d), View::rows(k_t, len));
+                        matmul(p, rows, len, d, q_blk, k_t, scale * log2e, false);
+                        for (row, &s) in p.chunks_exact_mut(len).zip(shift) {
+                            exp2_shifted(row, s);
+                        }
                     }
                     // dvᵀ += dOᵀ·P
-                    let do_t = View::transposed(&d_o[start * d..], d);
+                    let do_t = View::transposed(do_blk, d);
                     matmul(dv_t, d, len, rows, do_t, View::rows(p, len), 1.0, start > 0);
-                    // dP = dO·vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ o)), in dp.
-                    matmul(dp, rows, len, d, do_blk, View::rows(v_t, len), 1.0, false);
-                    for i in 0..rows {
+                    // dP = dO·vᵀ; dS = P ⊙ (dP − δ), δ = rowsum(dO ⊙ o), in dp.
+                    let mut delta = [0f32; BLOCK];
+                    for (i, delta) in delta[..rows].iter_mut().enumerate() {
                         let r = start + i;
-                        let delta = dot(&d_o[r * d..][..d], &o[r * d..][..d]);
-                        softmax_grad_row(&mut dp[i * len..][..len], &p[i * len..][..len], delta);
+                        *delta = dot(&d_o[r * d..][..d], &o[r * d..][..d]);
                     }
-                    // dqᵀ = scale·kᵀ·dSᵀ; dkᵀ += scale·qᵀ·dS
-                    let ds_t = View::transposed(dp, len);
-                    matmul(dq_t, d, rows, len, View::rows(k_t, len), ds_t, scale, false);
-                    for (j, row) in dq_t.chunks_exact(rows).enumerate() {
-                        for (i, &g) in row.iter().enumerate() {
-                            dq[(start + i) * d + j] = g;
+                    let delta = &delta[..rows];
+                    if !rows_by_keys::<true>(dp, (do_blk, v_t), blk, 1.0, delta, p) {
+                        matmul(
+                            dp,
+                            rows,
+                            len,
+                            d,
+                            View::rows(do_blk, d),
+                            View::rows(v_t, len),
+                            1.0,
+                            false,
+                        );
+                        for (i, &delta) in delta.iter().enumerate() {
+                            softmax_grad_row(&mut dp[i * len..][..len], &p[i * len..][..len], delta);
+                        }
+                    }
+                    // dq = scale·dS·k (by dot products where d ≤ 8), else
+                    // dqᵀ = scale·kᵀ·dSᵀ; then dkᵀ += scale·qᵀ·dS
+                    let dq_blk = &mut dq[start * d..][..rows * d];
+                    if !ds_times_k(dq_blk, dp, k_t, (rows, len, d), scale) {
+                        let dq_t = &mut dq_t[..d * rows];
+                        let ds_t = View::transposed(dp, len);
+                        matmul(dq_t, d, rows, len, View::rows(k_t, len), ds_t, scale, false);
+                        for (j, row) in dq_t.chunks_exact(rows).enumerate() {
+                            for (i, &g) in row.iter().enumerate() {
+                                dq_blk[i * d + j] = g;
+                            }
                         }
                     }
                     let q_t = View::transposed(&q[start * d..], d);
@@ -621,6 +667,496 @@ pub fn backward(
             })
         });
     (dq, dk, dv)
+}
+
+/// out [rows, len] = f(α · a [rows, d] · b_t [d, len]) for [`backward`],
+/// finished entry by entry as it leaves the registers, with AVX-512 or
+/// AVX2: with `GRAD` false, 2^(y − c_i), the probabilities P of the block
+/// from q and kᵀ (c = lse·log₂ e); with `GRAD` true, p_il · (y − c_i), dS
+/// from dO, vᵀ and P (c = δ = rowsum(dO ⊙ o)). The same bits as gemm's
+/// product followed by [`exp2_shifted`] or [`softmax_grad_row`] (tested):
+/// each entry's d products summed in order by fused multiply-adds from
+/// zero, then scaled by α. For d = 8 to 64, gemm spent a fifth of these
+/// products packing and setting up, and the pass after it read [rows, len]
+/// again. Returns false, touching nothing, on other CPUs.
+fn rows_by_keys<const GRAD: bool>(
+    out: &mut [f32],
+    (a, b_t): (&[f32], &[f32]),
+    (rows, len, d): (usize, usize, usize),
+    alpha: f32,
+    c: &[f32],
+    p: &[f32],
+) -> bool {
+    assert!(out.len() == rows * len && a.len() == rows * d && b_t.len() == d * len && c.len() == rows);
+    assert!(!GRAD || p.len() == rows * len);
+    #[cfg(target_arch = "x86_64")]
+    match crate::simd_level() {
+        crate::SimdLevel::Avx512 => {
+            // SAFETY: the CPU has AVX-512F (checked by simd_level); sizes asserted above.
+            unsafe { rows_by_keys_avx512::<GRAD>(out, (a, b_t), (rows, len, d), alpha, c, p) };
+            return true;
+        }
+        crate::SimdLevel::Avx2 => {
+            // SAFETY: the CPU has AVX2 and FMA (checked by simd_level); sizes asserted above.
+            unsafe { rows_by_keys_avx2::<GRAD>(out, (a, b_t), (rows, len, d), alpha, c, p) };
+            return true;
+        }
+        crate::SimdLevel::Baseline => {}
+    }
+    // (Unused on other architectures.)
+    let _ = (out, a, b_t, rows, len, d, alpha, c, p);
+    false
+}
+
+/// [`rows_by_keys`] with AVX-512: tiles of 4 rows by 64 positions (16 sums
+/// in registers), then by 16, the last 16 masked.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the sizes are [`rows_by_keys`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_by_keys_avx512<const GRAD: bool>(
+    out: &mut [f32],
+    (a, b_t): (&[f32], &[f32]),
+    (rows, len, d): (usize, usize, usize),
+    alpha: f32,
+    c: &[f32],
+    p: &[f32],
+) {
+    use std::arch::x86_64::*;
+    type Ptrs = (*mut f32, *const f32, *const f32, *const f32, *const f32);
+    // Rows i0 .. i0 + I, positions l0 .. l0 + 16·V, the last vector's lanes in `last`.
+    #[inline(always)]
+    unsafe fn tile<const GRAD: bool, const I: usize, const V: usize>(
+        (op, ap, bp, cp, pp): Ptrs,
+        (len, d): (usize, usize),
+        (i0, l0): (usize, usize),
+        last: __mmask16,
+        alpha: __m512,
+    ) {
+        let mask = |v: usize| if v + 1 == V { last } else { 0xffff };
+        let mut acc = [[_mm512_setzero_ps(); V]; I];
+        for j in 0..d {
+            let mut bv = [_mm512_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                // SAFETY: row j < d of bᵀ; the lanes of mask(v) are positions < len.
+                *bv = unsafe { _mm512_maskz_loadu_ps(mask(v), bp.add(j * len + l0 + 16 * v)) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row i0 + i < rows of a [rows, d], j < d.
+                let av = _mm512_set1_ps(unsafe { *ap.add((i0 + i) * d + j) });
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(av, bv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            // SAFETY: i0 + i < rows = c.len().
+            let ci = _mm512_set1_ps(unsafe { *cp.add(i0 + i) });
+            for (v, &acc) in acc.iter().enumerate() {
+                let at = (i0 + i) * len + l0 + 16 * v;
+                let y = _mm512_sub_ps(_mm512_mul_ps(acc, alpha), ci);
+                let y = if GRAD {
+                    // SAFETY: entry (i0 + i, l0 + 16v ..) of p [rows, len], lanes of mask(v).
+                    _mm512_mul_ps(unsafe { _mm512_maskz_loadu_ps(mask(v), pp.add(at)) }, y)
+                } else {
+                    exp2_avx512(y)
+                };
+                // SAFETY: as above, of out [rows, len].
+                unsafe { _mm512_mask_storeu_ps(op.add(at), mask(v), y) };
+            }
+        }
+    }
+    let ptrs: Ptrs = (out.as_mut_ptr(), a.as_ptr(), b_t.as_ptr(), c.as_ptr(), p.as_ptr());
+    let alpha = _mm512_set1_ps(alpha);
+    let whole = len / 64 * 64;
+    let mut i0 = 0;
+    while i0 < rows {
+        let four = rows - i0 >= 4;
+        let mut l0 = 0;
+        // SAFETY (all tiles): rows i0 .. i0 + I ≤ rows, positions inside len or masked.
+        while l0 < whole {
+            unsafe {
+                if four {
+                    tile::<GRAD, 4, 4>(ptrs, (len, d), (i0, l0), 0xffff, alpha)
+                } else {
+                    tile::<GRAD, 1, 4>(ptrs, (len, d), (i0, l0), 0xffff, alpha)
+                }
+            }
+            l0 += 64;
+        }
+        while l0 < len {
+            let n = (len - l0).min(16);
+            let last = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+            unsafe {
+                if four {
+                    tile::<GRAD, 4, 1>(ptrs, (len, d), (i0, l0), last, alpha)
+                } else {
+                    tile::<GRAD, 1, 1>(ptrs, (len, d), (i0, l0), last, alpha)
+                }
+            }
+            l0 += 16;
+        }
+        i0 += if four { 4 } else { 1 };
+    }
+}
+
+/// [`rows_by_keys`] with AVX2: tiles of 4 rows by 16 positions (8 sums in
+/// registers), then by 8, the last 8 masked.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; the sizes are [`rows_by_keys`]'s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_by_keys_avx2<const GRAD: bool>(
+    out: &mut [f32],
+    (a, b_t): (&[f32], &[f32]),
+    (rows, len, d): (usize, usize, usize),
+    alpha: f32,
+    c: &[f32],
+    p: &[f32],
+) {
+    use std::arch::x86_64::*;
+    type Ptrs = (*mut f32, *const f32, *const f32, *const f32, *const f32);
+    // Rows i0 .. i0 + I, positions l0 .. l0 + 8·V, the last vector's lanes in `last`.
+    #[inline(always)]
+    unsafe fn tile<const GRAD: bool, const I: usize, const V: usize>(
+        (op, ap, bp, cp, pp): Ptrs,
+        (len, d): (usize, usize),
+        (i0, l0): (usize, usize),
+        last: __m256i,
+        alpha: __m256,
+    ) {
+        let mask = |v: usize| if v + 1 == V { last } else { _mm256_set1_epi32(-1) };
+        let mut acc = [[_mm256_setzero_ps(); V]; I];
+        for j in 0..d {
+            let mut bv = [_mm256_setzero_ps(); V];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                // SAFETY: row j < d of bᵀ; the lanes of mask(v) are positions < len.
+                *bv = unsafe { _mm256_maskload_ps(bp.add(j * len + l0 + 8 * v), mask(v)) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row i0 + i < rows of a [rows, d], j < d.
+                let av = _mm256_set1_ps(unsafe { *ap.add((i0 + i) * d + j) });
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm256_fmadd_ps(av, bv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            // SAFETY: i0 + i < rows = c.len().
+            let ci = _mm256_set1_ps(unsafe { *cp.add(i0 + i) });
+            for (v, &acc) in acc.iter().enumerate() {
+                let at = (i0 + i) * len + l0 + 8 * v;
+                let y = _mm256_sub_ps(_mm256_mul_ps(acc, alpha), ci);
+                let y = if GRAD {
+                    // SAFETY: entry (i0 + i, l0 + 8v ..) of p [rows, len], lanes of mask(v).
+                    _mm256_mul_ps(unsafe { _mm256_maskload_ps(pp.add(at), mask(v)) }, y)
+                } else {
+                    exp2_avx2(y)
+                };
+                // SAFETY: as above, of out [rows, len].
+                unsafe { _mm256_maskstore_ps(op.add(at), mask(v), y) };
+            }
+        }
+    }
+    let ptrs: Ptrs = (out.as_mut_ptr(), a.as_ptr(), b_t.as_ptr(), c.as_ptr(), p.as_ptr());
+    let alpha = _mm256_set1_ps(alpha);
+    let all = _mm256_set1_epi32(-1);
+    let whole = len / 16 * 16;
+    let mut i0 = 0;
+    while i0 < rows {
+        let four = rows - i0 >= 4;
+        let mut l0 = 0;
+        // SAFETY (all tiles): rows i0 .. i0 + I ≤ rows, positions inside len or masked.
+        while l0 < whole {
+            unsafe {
+                if four {
+                    tile::<GRAD, 4, 2>(ptrs, (len, d), (i0, l0), all, alpha)
+                } else {
+                    tile::<GRAD, 1, 2>(ptrs, (len, d), (i0, l0), all, alpha)
+                }
+            }
+            l0 += 16;
+        }
+        while l0 < len {
+            let n = (len - l0).min(8) as i32;
+            let last = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            unsafe {
+                if four {
+                    tile::<GRAD, 4, 1>(ptrs, (len, d), (i0, l0), last, alpha)
+                } else {
+                    tile::<GRAD, 1, 1>(ptrs, (len, d), (i0, l0), last, alpha)
+                }
+            }
+            l0 += 8;
+        }
+        i0 += if four { 4 } else { 1 };
+    }
+}
+
+/// 2^x for 16 floats with AVX-512: [`exp_columns_avx512`]'s steps (the
+/// clamp, n by `roundscale`, the polynomial, e·2^n by `scalef`), the bits
+/// of `exp2::<true>`. Inlined into AVX-512 functions only.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp2_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // x.clamp(−125.5, 127), NaN kept (max/min return their second operand on NaN).
+    let x = _mm512_min_ps(
+        _mm512_set1_ps(EXP2_MAX),
+        _mm512_max_ps(_mm512_set1_ps(EXP2_MIN), x),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+    let r = _mm512_sub_ps(x, n);
+    let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+    for &coef in &EXP2_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coef));
+    }
+    _mm512_scalef_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0)), n)
+}
+
+/// 2^x for 8 floats with AVX2: [`exp_columns_avx2`]'s steps, the bits of
+/// `exp2::<true>`. Inlined into AVX2 functions only.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp2_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let round = _mm256_set1_ps(EXP_ROUND);
+    // x.clamp(−125.5, 127), NaN kept (max/min return their second operand on NaN).
+    let x = _mm256_min_ps(
+        _mm256_set1_ps(EXP2_MAX),
+        _mm256_max_ps(_mm256_set1_ps(EXP2_MIN), x),
+    );
+    let t = _mm256_add_ps(x, round);
+    let r = _mm256_sub_ps(x, _mm256_sub_ps(t, round));
+    let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+    for &coef in &EXP2_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(coef));
+    }
+    let e = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
+    let scale = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
+    _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale))
+}
+
+/// dq [rows, d] = scale · dS [rows, len] · k [len, d] for [`backward`],
+/// where d ≤ 8 and the CPU has AVX2 or AVX-512 (`k_t` is kᵀ [d, len]);
+/// returns false, touching nothing, elsewhere.
+///
+/// The other products of the backward pass have len as the wide dimension
+/// of their output; this one's output is only d wide. gemm computes it as
+/// dqᵀ = kᵀ·dSᵀ with the block's 64 queries as the wide dimension, but
+/// first gathers dS transposed, a [64, len] copy per block. With d = 8 the
+/// copy costs more than the 8 columns of products it feeds, so there each
+/// entry is instead a dot product of a row of dS and a row of kᵀ, both
+/// read in place ([`ds_times_k_avx512`], [`ds_times_k_avx2`]). From d = 16
+/// up gemm's way measured faster: the copy is shared by more columns, and
+/// the dot products each end in a horizontal sum.
+fn ds_times_k(
+    dq: &mut [f32],
+    ds: &[f32],
+    k_t: &[f32],
+    (rows, len, d): (usize, usize, usize),
+    scale: f32,
+) -> bool {
+    assert!(dq.len() == rows * d && ds.len() == rows * len && k_t.len() == len * d);
+    #[cfg(target_arch = "x86_64")]
+    if d <= 8 {
+        match crate::simd_level() {
+            crate::SimdLevel::Avx512 => {
+                // SAFETY: the CPU has AVX-512F (checked by simd_level); sizes asserted above.
+                unsafe { ds_times_k_avx512(dq, ds, k_t, (rows, len, d), scale) };
+                return true;
+            }
+            crate::SimdLevel::Avx2 => {
+                // SAFETY: the CPU has AVX2 and FMA (checked by simd_level); sizes asserted above.
+                unsafe { ds_times_k_avx2(dq, ds, k_t, (rows, len, d), scale) };
+                return true;
+            }
+            crate::SimdLevel::Baseline => {}
+        }
+    }
+    // (Unused on other architectures.)
+    let _ = (dq, ds, k_t, rows, len, d, scale);
+    false
+}
+
+/// [`ds_times_k`] with AVX-512: tiles of 4 rows of dS by 4 rows of kᵀ
+/// (16 sums in registers), 16 positions of len a step, the last step
+/// masked (zeros). Each entry is scale times the sum of its 16 lanes, the
+/// lanes summed as a tree: lane t + 8 onto lane t, then t + 4, t + 2,
+/// t + 1 (what the test's scalar reference does).
+///
+/// # Safety
+/// The CPU must have AVX-512F; dq holds rows·d floats, ds rows·len, k_t
+/// d·len.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn ds_times_k_avx512(
+    dq: &mut [f32],
+    ds: &[f32],
+    k_t: &[f32],
+    (rows, len, d): (usize, usize, usize),
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    let (dp, sp, kp) = (dq.as_mut_ptr(), ds.as_ptr(), k_t.as_ptr());
+    let tail: __mmask16 = (1u32 << (len % 16)).wrapping_sub(1) as __mmask16;
+    #[inline(always)]
+    unsafe fn tile<const I: usize, const J: usize>(
+        (dp, sp, kp): (*mut f32, *const f32, *const f32),
+        (len, d): (usize, usize),
+        (i0, j0): (usize, usize),
+        tail: __mmask16,
+        scale: f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); J]; I];
+        let mut kv = [_mm512_setzero_ps(); J];
+        let mut l = 0;
+        while l + 16 <= len {
+            for (j, kv) in kv.iter_mut().enumerate() {
+                // SAFETY: row j0 + j < d of kᵀ, positions l .. l + 16 ≤ len.
+                *kv = unsafe { _mm512_loadu_ps(kp.add((j0 + j) * len + l)) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row i0 + i < rows of dS, positions l .. l + 16 ≤ len.
+                let sv = unsafe { _mm512_loadu_ps(sp.add((i0 + i) * len + l)) };
+                for (acc, &kv) in acc.iter_mut().zip(&kv) {
+                    *acc = _mm512_fmadd_ps(sv, kv, *acc);
+                }
+            }
+            l += 16;
+        }
+        if tail != 0 {
+            for (j, kv) in kv.iter_mut().enumerate() {
+                // SAFETY: the lanes of `tail` are positions l .. len of row j0 + j.
+                *kv = unsafe { _mm512_maskz_loadu_ps(tail, kp.add((j0 + j) * len + l)) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above, row i0 + i of dS.
+                let sv = unsafe { _mm512_maskz_loadu_ps(tail, sp.add((i0 + i) * len + l)) };
+                for (acc, &kv) in acc.iter_mut().zip(&kv) {
+                    *acc = _mm512_fmadd_ps(sv, kv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, &acc) in acc.iter().enumerate() {
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+                let h8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
+                let h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
+                let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+                let h1 = _mm_add_ss(h2, _mm_movehdup_ps(h2));
+                // SAFETY: entry (i0 + i, j0 + j) of dq [rows, d].
+                unsafe { *dp.add((i0 + i) * d + j0 + j) = _mm_cvtss_f32(h1) * scale };
+            }
+        }
+    }
+    let ptrs = (dp, sp, kp);
+    let mut i0 = 0;
+    while i0 < rows {
+        let mut j0 = 0;
+        while j0 < d {
+            // SAFETY: i0 < rows, j0 < d; the tile's rows and columns stay inside (conditions).
+            unsafe {
+                match (rows - i0 >= 4, d - j0 >= 4) {
+                    (true, true) => tile::<4, 4>(ptrs, (len, d), (i0, j0), tail, scale),
+                    (true, false) => tile::<4, 1>(ptrs, (len, d), (i0, j0), tail, scale),
+                    (false, true) => tile::<1, 4>(ptrs, (len, d), (i0, j0), tail, scale),
+                    (false, false) => tile::<1, 1>(ptrs, (len, d), (i0, j0), tail, scale),
+                }
+            }
+            j0 += if d - j0 >= 4 { 4 } else { 1 };
+        }
+        i0 += if rows - i0 >= 4 { 4 } else { 1 };
+    }
+}
+
+/// [`ds_times_k_avx512`] with AVX2: tiles of 4 rows of dS by 2 rows of kᵀ,
+/// 8 positions a step, the 8 lanes summed as a tree (t + 4, t + 2, t + 1).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; dq holds rows·d floats, ds rows·len,
+/// k_t d·len.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn ds_times_k_avx2(
+    dq: &mut [f32],
+    ds: &[f32],
+    k_t: &[f32],
+    (rows, len, d): (usize, usize, usize),
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    let (dp, sp, kp) = (dq.as_mut_ptr(), ds.as_ptr(), k_t.as_ptr());
+    let rest = (len % 8) as i32;
+    let tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rest), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    #[inline(always)]
+    unsafe fn tile<const I: usize, const J: usize>(
+        (dp, sp, kp): (*mut f32, *const f32, *const f32),
+        (len, d): (usize, usize),
+        (i0, j0): (usize, usize),
+        tail: __m256i,
+        scale: f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); J]; I];
+        let mut kv = [_mm256_setzero_ps(); J];
+        let mut l = 0;
+        while l + 8 <= len {
+            for (j, kv) in kv.iter_mut().enumerate() {
+                // SAFETY: row j0 + j < d of kᵀ, positions l .. l + 8 ≤ len.
+                *kv = unsafe { _mm256_loadu_ps(kp.add((j0 + j) * len + l)) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row i0 + i < rows of dS, positions l .. l + 8 ≤ len.
+                let sv = unsafe { _mm256_loadu_ps(sp.add((i0 + i) * len + l)) };
+                for (acc, &kv) in acc.iter_mut().zip(&kv) {
+                    *acc = _mm256_fmadd_ps(sv, kv, *acc);
+                }
+            }
+            l += 8;
+        }
+        if l < len {
+            for (j, kv) in kv.iter_mut().enumerate() {
+                // SAFETY: the lanes of `tail` are positions l .. len of row j0 + j.
+                *kv = unsafe { _mm256_maskload_ps(kp.add((j0 + j) * len + l), tail) };
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: as above, row i0 + i of dS.
+                let sv = unsafe { _mm256_maskload_ps(sp.add((i0 + i) * len + l), tail) };
+                for (acc, &kv) in acc.iter_mut().zip(&kv) {
+                    *acc = _mm256_fmadd_ps(sv, kv, *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (j, &acc) in acc.iter().enumerate() {
+                let h4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+                let h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+                let h1 = _mm_add_ss(h2, _mm_movehdup_ps(h2));
+                // SAFETY: entry (i0 + i, j0 + j) of dq [rows, d].
+                unsafe { *dp.add((i0 + i) * d + j0 + j) = _mm_cvtss_f32(h1) * scale };
+            }
+        }
+    }
+    let ptrs = (dp, sp, kp);
+    let mut i0 = 0;
+    while i0 < rows {
+        let mut j0 = 0;
+        while j0 < d {
+            // SAFETY: i0 < rows, j0 < d; the tile's rows and columns stay inside (conditions).
+            unsafe {
+                match (rows - i0 >= 4, d - j0 >= 2) {
+                    (true, true) => tile::<4, 2>(ptrs, (len, d), (i0, j0), tail, scale),
+                    (true, false) => tile::<4, 1>(ptrs, (len, d), (i0, j0), tail, scale),
+                    (false, true) => tile::<1, 2>(ptrs, (len, d), (i0, j0), tail, scale),
+                    (false, false) => tile::<1, 1>(ptrs, (len, d), (i0, j0), tail, scale),
+                }
+            }
+            j0 += if d - j0 >= 2 { 2 } else { 1 };
+        }
+        i0 += if rows - i0 >= 4 { 4 } else { 1 };
+    }
 }
 
 /// Columns of the transposed score block handled at once by
@@ -730,11 +1266,12 @@ vectorised! {
 
 /// The exp pass of [`softmax_columns`] over columns c0 .. c0 + 16 of `st`
 /// ([_, rows] row-major) with AVX-512: x ← 2^(x − m) and s += x, row by
-/// row, with the same bits as the portable loop with FMA (`exp2::<true>`):
-/// the same clamp, reduction and polynomial, n by `roundscale` (what
-/// adding 1.5·2^23 does) and e·2^n by `scalef` (what adding n to the
-/// exponent field does; the clamp keeps every result normal). 15 vector
-/// operations per 16 values (19 with the natural-base exp).
+/// row ([`exp2_avx512`]), with the same bits as the portable loop with
+/// FMA (`exp2::<true>`): the same clamp, reduction and polynomial, n by
+/// `roundscale` (what adding 1.5·2^23 does) and e·2^n by `scalef` (what
+/// adding n to the exponent field does; the clamp keeps every result
+/// normal). 15 vector operations per 16 values (19 with the natural-base
+/// exp).
 ///
 /// # Safety
 /// The CPU must have AVX-512F.
@@ -744,24 +1281,13 @@ unsafe fn exp_columns_avx512(st: &mut [f32], rows: usize, c0: usize, m: &[f32; C
     use std::arch::x86_64::*;
     assert!(COLS == 16 && c0 + COLS <= rows && st.len().is_multiple_of(rows));
     let mv = _mm512_loadu_ps(m.as_ptr());
-    let (lo, hi) = (_mm512_set1_ps(EXP2_MIN), _mm512_set1_ps(EXP2_MAX));
-    let one = _mm512_set1_ps(1.0);
     let mut sum = _mm512_setzero_ps();
     let base = st.as_mut_ptr();
     for row in 0..st.len() / rows {
         // SAFETY: columns c0 .. c0 + 16 ≤ rows of row `row` (asserted above).
         let at = unsafe { base.add(row * rows + c0) };
         // SAFETY: as above.
-        let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(at) }, mv);
-        // x.clamp(−125.5, 127), NaN kept (max/min return their second operand on NaN).
-        let x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-        let r = _mm512_sub_ps(x, n);
-        let mut p = _mm512_set1_ps(EXP2_POLY[0]);
-        for &coef in &EXP2_POLY[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coef));
-        }
-        let y = _mm512_scalef_ps(_mm512_fmadd_ps(p, r, one), n);
+        let y = unsafe { exp2_avx512(_mm512_sub_ps(_mm512_loadu_ps(at), mv)) };
         // SAFETY: as above.
         unsafe { _mm512_storeu_ps(at, y) };
         sum = _mm512_add_ps(sum, y);
@@ -851,24 +1377,13 @@ unsafe fn exp_rows_avx512(st: &mut [f32], maxes: &[f32; 64], sums: &mut [f32; 64
             _mm512_loadu_ps(m.add(48)),
         ]
     };
-    let (lo, hi) = (_mm512_set1_ps(EXP2_MIN), _mm512_set1_ps(EXP2_MAX));
-    let one = _mm512_set1_ps(1.0);
     let mut sum = [zero; 4];
     for row in 0..len {
         for (h, (sum, &mv)) in sum.iter_mut().zip(&mv).enumerate() {
             // SAFETY: row < len and 16h + 16 ≤ 64: inside `st`.
             let at = unsafe { base.add(row * 64 + 16 * h) };
             // SAFETY: as above.
-            let x = _mm512_sub_ps(unsafe { _mm512_loadu_ps(at) }, mv);
-            // x.clamp(−125.5, 127), NaN kept (max/min return their second operand on NaN).
-            let x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-            let r = _mm512_sub_ps(x, n);
-            let mut p = _mm512_set1_ps(EXP2_POLY[0]);
-            for &coef in &EXP2_POLY[1..] {
-                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(coef));
-            }
-            let y = _mm512_scalef_ps(_mm512_fmadd_ps(p, r, one), n);
+            let y = unsafe { exp2_avx512(_mm512_sub_ps(_mm512_loadu_ps(at), mv)) };
             // SAFETY: as above.
             unsafe { _mm512_storeu_ps(at, y) };
             *sum = _mm512_add_ps(*sum, y);
@@ -1133,6 +1648,323 @@ mod tests {
                     nan > 0 && inf > 0,
                     "len {len}, d {d}: {nan} NaN and {inf} infinite scores"
                 );
+            }
+        }
+    }
+
+    /// [`forward`] (whose whole blocks of 64 queries take the fused scores
+    /// on a copied qᵀ) against the same attention through gemm and
+    /// [`softmax_columns`] on qᵀ read in place, as `forward` made it
+    /// before: the same bits of o and the log-sum-exp, for the U-Net's
+    /// lengths (784 and 196: whole blocks and a partial last one) and 49
+    /// (one partial block), with d = 16 and 8, on whichever tier runs.
+    #[test]
+    fn forward_has_the_bits_of_the_gemm_path() {
+        let mut next = crate::test_util::uniform(11u32);
+        for (batch, len, d) in [(2, 784, 16), (3, 196, 8), (2, 49, 16)] {
+            let dims = Dims { batch, len, d };
+            let n = batch * len * d;
+            let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                (0..n).map(|_| 3.0 * next()).collect(),
+                (0..n).map(|_| 3.0 * next()).collect(),
+                (0..n).map(|_| next()).collect(),
+            );
+            let (o, lse) = forward(&q, &k, &v, dims);
+            let alpha = dims.scale() * std::f32::consts::LOG2_E;
+            let (mut want_o, mut want_lse) = (vec![0f32; n], vec![0f32; batch * len]);
+            for b in 0..batch {
+                let seq = b * len * d..(b + 1) * len * d;
+                let (q, k, v) = (&q[seq.clone()], &k[seq.clone()], &v[seq]);
+                for start in (0..len).step_by(BLOCK) {
+                    let rows = BLOCK.min(len - start);
+                    let mut st = vec![0f32; len * rows];
+                    matmul(
+                        &mut st,
+                        len,
+                        rows,
+                        d,
+                        View::rows(k, d),
+                        View::transposed(&q[start * d..], d),
+                        alpha,
+                        false,
+                    );
+                    let (mut maxes, mut sums) = (vec![0f32; rows], vec![0f32; rows]);
+                    softmax_columns(&mut st, &mut maxes, &mut sums);
+                    let mut ot = vec![0f32; d * rows];
+                    matmul(
+                        &mut ot,
+                        d,
+                        rows,
+                        len,
+                        View::transposed(v, d),
+                        View::rows(&st, rows),
+                        1.0,
+                        false,
+                    );
+                    for i in 0..rows {
+                        let r = b * len + start + i;
+                        for j in 0..d {
+                            want_o[r * d + j] = ot[j * rows + i] * (1.0 / sums[i]);
+                        }
+                        want_lse[r] = maxes[i] * std::f32::consts::LN_2 + sums[i].ln();
+                    }
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&o), bits(&want_o), "batch {batch}, len {len}, d {d}: o");
+            assert_eq!(
+                bits(&lse),
+                bits(&want_lse),
+                "batch {batch}, len {len}, d {d}: lse"
+            );
+        }
+    }
+
+    /// [`ds_times_k`]'s dot products against a scalar reference with the
+    /// same order of operations (lane t of W sums positions t, t + W, … by
+    /// fused multiply-adds from zero, zeros past the end; the lanes then
+    /// summed as a tree, W/2 apart first): the same bits, for W = 16
+    /// (AVX-512) and W = 8 (AVX2) wherever the CPU has them. Then against
+    /// gemm's product, within 1e-5 of the sum of the terms' magnitudes:
+    /// the dispatching function where it applies (d ≤ 8, AVX2 or AVX-512;
+    /// checked that it does exactly there), elsewhere the reference with
+    /// W = 1. Shapes: the U-Net's blocks (64 or a partial 16 or 4 queries,
+    /// len 784, 196, 49, d 8 to 64), and tails in every dimension.
+    #[test]
+    fn ds_times_k_has_the_bits_of_its_scalar_reference() {
+        let mut next = crate::test_util::uniform(5u32);
+        let reference =
+            |ds: &[f32], k_t: &[f32], (rows, len, d): (usize, usize, usize), scale: f32, w: usize| {
+                let mut dq = vec![0f32; rows * d];
+                for i in 0..rows {
+                    for j in 0..d {
+                        let mut lanes = vec![0f32; w];
+                        for l0 in (0..len.div_ceil(w) * w).step_by(w) {
+                            for (t, lane) in lanes.iter_mut().enumerate() {
+                                let l = l0 + t;
+                                let (a, b) = if l < len {
+                                    (ds[i * len + l], k_t[j * len + l])
+                                } else {
+                                    (0.0, 0.0)
+                                };
+                                *lane = a.mul_add(b, *lane);
+                            }
+                        }
+                        let mut n = w;
+                        while n > 1 {
+                            n /= 2;
+                            for t in 0..n {
+                                lanes[t] += lanes[t + n];
+                            }
+                        }
+                        dq[i * d + j] = lanes[0] * scale;
+                    }
+                }
+                dq
+            };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for dims @ (rows, len, d) in [
+            (64, 784, 16),
+            (16, 784, 8),
+            (64, 196, 32),
+            (4, 196, 64),
+            (64, 49, 64),
+            (3, 9, 5),
+            (6, 23, 7),
+            (1, 1, 1),
+        ] {
+            let ds: Vec<f32> = (0..rows * len).map(|_| next()).collect();
+            let k: Vec<f32> = (0..len * d).map(|_| next()).collect();
+            let mut k_t = vec![0f32; d * len];
+            for l in 0..len {
+                for j in 0..d {
+                    k_t[j * len + l] = k[l * d + j];
+                }
+            }
+            let scale = 0.25;
+            let mut ours = vec![0f32; rows * d];
+            let taken = ds_times_k(&mut ours, &ds, &k_t, dims, scale);
+            let simd = cfg!(target_arch = "x86_64") && crate::simd_level() != crate::SimdLevel::Baseline;
+            assert_eq!(taken, d <= 8 && simd, "{dims:?}: taken");
+            if !taken {
+                ours.copy_from_slice(&reference(&ds, &k_t, dims, scale, 1));
+            }
+            let mut gemm = vec![0f32; rows * d];
+            matmul(
+                &mut gemm,
+                rows,
+                d,
+                len,
+                View::rows(&ds, len),
+                View::rows(&k, d),
+                scale,
+                false,
+            );
+            for i in 0..rows {
+                for j in 0..d {
+                    let mass: f32 = (0..len).map(|l| (ds[i * len + l] * k[l * d + j]).abs()).sum();
+                    let (a, b) = (ours[i * d + j], gemm[i * d + j]);
+                    assert!(
+                        (a - b).abs() <= 1e-5 * mass * scale,
+                        "{dims:?} ({i}, {j}): {a} against gemm's {b}"
+                    );
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    let mut dq = vec![0f32; rows * d];
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above); sizes as documented.
+                    unsafe { ds_times_k_avx2(&mut dq, &ds, &k_t, dims, scale) };
+                    assert_eq!(
+                        bits(&dq),
+                        bits(&reference(&ds, &k_t, dims, scale, 8)),
+                        "{dims:?}: AVX2"
+                    );
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    let mut dq = vec![0f32; rows * d];
+                    // SAFETY: the CPU has AVX-512F (checked just above); sizes as documented.
+                    unsafe { ds_times_k_avx512(&mut dq, &ds, &k_t, dims, scale) };
+                    assert_eq!(
+                        bits(&dq),
+                        bits(&reference(&ds, &k_t, dims, scale, 16)),
+                        "{dims:?}: AVX-512"
+                    );
+                }
+            }
+        }
+    }
+
+    /// [`rows_by_keys`] against what [`backward`] did before it: gemm's
+    /// product, then [`exp2_shifted`] (P) or [`softmax_grad_row`] (dS) row
+    /// by row (its exp with fused multiply-adds, as on these tiers). The
+    /// same bits, on each tier the CPU has (AVX-512, AVX2) and
+    /// through the dispatching function, for the U-Net's blocks (64 queries
+    /// or a partial 16 or 4; len 784, 196, 49; d 8 to 64) and tails in
+    /// every dimension, with shifts that push some exps below the clamp at
+    /// 2^−125.5 and infinite and NaN products.
+    #[test]
+    fn rows_by_keys_has_the_bits_of_gemm_and_the_row_passes() {
+        let mut next = crate::test_util::uniform(9u32);
+        let same_bits = |got: &[f32], want: &[f32], what: String| {
+            let differ: Vec<usize> = (0..want.len())
+                .filter(|&i| got[i].to_bits() != want[i].to_bits())
+                .collect();
+            if let Some(&i) = differ.first() {
+                panic!(
+                    "{what}: {} entries differ, first at {i}: {} against {}",
+                    differ.len(),
+                    got[i],
+                    want[i]
+                );
+            }
+        };
+        for (rows, len, d) in [
+            (64, 784, 16),
+            (16, 784, 8),
+            (64, 196, 32),
+            (4, 196, 32),
+            (64, 49, 64),
+            (3, 9, 5),
+            (5, 70, 3),
+            (1, 1, 1),
+        ] {
+            let blk = (rows, len, d);
+            let a: Vec<f32> = (0..rows * d).map(|_| 6.0 * next()).collect();
+            let mut b_t: Vec<f32> = (0..d * len).map(|_| 6.0 * next()).collect();
+            if len > 10 && d >= 3 {
+                // Position 9: infinite products, NaN where a's entries 1 and 2 share a sign.
+                b_t[len + 9] = f32::INFINITY;
+                b_t[2 * len + 9] = f32::NEG_INFINITY;
+            }
+            let c: Vec<f32> = (0..rows)
+                .map(|i| if i % 3 == 0 { 200.0 } else { 8.0 * next() })
+                .collect();
+            let p: Vec<f32> = (0..rows * len).map(|_| next() + 0.5).collect();
+            let alpha = 0.3;
+            // P: gemm, then 2^(y − c_i).
+            let mut want_p = vec![0f32; rows * len];
+            matmul(
+                &mut want_p,
+                rows,
+                len,
+                d,
+                View::rows(&a, d),
+                View::rows(&b_t, len),
+                alpha,
+                false,
+            );
+            for (row, &c) in want_p.chunks_exact_mut(len).zip(&c) {
+                // `exp2_shifted` on the AVX2 and AVX-512 tiers.
+                row.iter_mut().for_each(|x| *x = exp2::<true>(*x - c));
+            }
+            // dS: gemm with α = 1, then p ⊙ (y − c_i).
+            let mut want_ds = vec![0f32; rows * len];
+            matmul(
+                &mut want_ds,
+                rows,
+                len,
+                d,
+                View::rows(&a, d),
+                View::rows(&b_t, len),
+                1.0,
+                false,
+            );
+            for (i, row) in want_ds.chunks_exact_mut(len).enumerate() {
+                softmax_grad_row(row, &p[i * len..][..len], c[i]);
+            }
+            let run = |tier: &str, f: &dyn Fn(&mut [f32], bool)| {
+                let mut got = vec![0f32; rows * len];
+                f(&mut got, false);
+                same_bits(&got, &want_p, format!("{blk:?} {tier}: P"));
+                f(&mut got, true);
+                same_bits(&got, &want_ds, format!("{blk:?} {tier}: dS"));
+            };
+            let simd = cfg!(target_arch = "x86_64") && crate::simd_level() != crate::SimdLevel::Baseline;
+            let mut out = vec![0f32; rows * len];
+            assert_eq!(
+                rows_by_keys::<false>(&mut out, (&a, &b_t), blk, alpha, &c, &[]),
+                simd
+            );
+            if simd {
+                run("dispatched", &|out, grad| {
+                    if grad {
+                        rows_by_keys::<true>(out, (&a, &b_t), blk, 1.0, &c, &p);
+                    } else {
+                        rows_by_keys::<false>(out, (&a, &b_t), blk, alpha, &c, &[]);
+                    }
+                });
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above); sizes as documented.
+                    run("AVX2", &|out, grad| unsafe {
+                        if grad {
+                            rows_by_keys_avx2::<true>(out, (&a, &b_t), blk, 1.0, &c, &p);
+                        } else {
+                            rows_by_keys_avx2::<false>(out, (&a, &b_t), blk, alpha, &c, &[]);
+                        }
+                    });
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above); sizes as documented.
+                    run("AVX-512", &|out, grad| unsafe {
+                        if grad {
+                            rows_by_keys_avx512::<true>(out, (&a, &b_t), blk, 1.0, &c, &p);
+                        } else {
+                            rows_by_keys_avx512::<false>(out, (&a, &b_t), blk, alpha, &c, &[]);
+                        }
+                    });
+                }
+            }
+            if len > 10 && d >= 3 {
+                let (nan, tiny) = (
+                    want_ds.iter().filter(|x| x.is_nan()).count(),
+                    want_p.iter().filter(|&&x| x > 0.0 && x < 1e-37).count(),
+                );
+                assert!(nan > 0 && tiny > 0, "{blk:?}: {nan} NaN, {tiny} clamped exps");
             }
         }
     }
