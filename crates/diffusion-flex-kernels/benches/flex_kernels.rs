@@ -74,24 +74,28 @@ fn forward_backward(c: &mut Criterion) {
 }
 
 fn attention(c: &mut Criterion) {
-    // One 28x28 attention of the stem block: 784 tokens of width 16.
+    // The two 28x28 attentions: the stem block's (784 tokens of width 16)
+    // and the last up block's (width 8, where the backward's dq is made by
+    // dot products instead of gemm).
     let device = Default::default();
-    let mut group = c.benchmark_group("attention_784x16_forward_backward_b32");
-    group.sample_size(10);
-    let make =
-        || Tensor::<AB, 3>::random([32, 784, 16], Distribution::Normal(0.0, 1.0), &device).require_grad();
-    let (q, k, v) = (make(), make(), make());
-    for ours in [false, true] {
-        let name = use_kernels(ours);
-        group.bench_function(BenchmarkId::from_parameter(name), |b| {
-            b.iter(|| {
-                kernels::attention(q.clone(), k.clone(), v.clone())
-                    .sum()
-                    .backward()
-            })
-        });
+    for d in [16, 8] {
+        let mut group = c.benchmark_group(format!("attention_784x{d}_forward_backward_b32"));
+        group.sample_size(10);
+        let make =
+            || Tensor::<AB, 3>::random([32, 784, d], Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let (q, k, v) = (make(), make(), make());
+        for ours in [false, true] {
+            let name = use_kernels(ours);
+            group.bench_function(BenchmarkId::from_parameter(name), |b| {
+                b.iter(|| {
+                    kernels::attention(q.clone(), k.clone(), v.clone())
+                        .sum()
+                        .backward()
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn conv3x3(c: &mut Criterion) {
