@@ -676,9 +676,10 @@ pub fn backward(
 /// from dO, vᵀ and P (c = δ = rowsum(dO ⊙ o)). The same bits as gemm's
 /// product followed by [`exp2_shifted`] or [`softmax_grad_row`] (tested):
 /// each entry's d products summed in order by fused multiply-adds from
-/// zero, then scaled by α. For d = 8 to 64, gemm spent a fifth of these
-/// products packing and setting up, and the pass after it read [rows, len]
-/// again. Returns false, touching nothing, on other CPUs.
+/// zero, then scaled by α. gemm wrote [rows, len] and the pass after it
+/// read and wrote it again; here each entry is written once, and the
+/// product (d = 8 to 64 multiply-adds per entry) skips gemm's packing and
+/// set-up. Returns false, touching nothing, on other CPUs.
 fn rows_by_keys<const GRAD: bool>(
     out: &mut [f32],
     (a, b_t): (&[f32], &[f32]),
