@@ -125,6 +125,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         label_dropout: 0.1,
         ..Objective::default()
     };
+    // Half the batch on each of two threads (the same gradient): this net's
+    // small convolutions leave cores idle inside each kernel, so on a 2-core
+    // Xeon it trains 1.5x faster than with one shard (46-50 against 32 img/s).
     config.shards = 2;
     let mut trainer = Trainer::new(net, &schedule, config, &device);
     let epochs = (steps as usize).div_ceil(loader.batches_per_epoch());
