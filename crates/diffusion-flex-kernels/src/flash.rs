@@ -152,9 +152,10 @@ impl Block<'_> {
 
     /// Where the CPU has AVX2 (or AVX-512) and the block has 64 queries
     /// side by side in memory (qᵀ with unit column stride, as
-    /// [`block_forward`] holds them): sᵀ = α·k·qᵀ by [`scores_avx512`] or
-    /// [`scores_avx2`], each column's max taken as the scores are written,
-    /// then the exp pass of [`softmax_columns`] on that tier. The same
+    /// [`block_forward`] holds them and [`forward`] copies them):
+    /// sᵀ = α·k·qᵀ by [`scores_avx512`] or [`scores_avx2`], each column's
+    /// max taken as the scores are written, then the exp pass of
+    /// [`softmax_columns`] on that tier. The same
     /// bits as gemm's product and `softmax_columns` (tested). Returns
     /// false, touching nothing, where it does not apply.
     fn fused_softmax(
@@ -544,6 +545,11 @@ fn add_residual(x: &[f32], projected: &[f32], weights: &BlockWeights, dims: Dims
 }
 
 /// Gradients (dq, dk, dv) of Σ dO ⊙ o with respect to q, k and v.
+///
+/// One task per sequence, a block of 64 queries at a time: P recomputed
+/// and dS made by [`rows_by_keys`] (gemm and a row pass without AVX2),
+/// dvᵀ and dkᵀ accumulated by gemm with len as the wide dimension, dq by
+/// [`ds_times_k`] where d ≤ 8, else by gemm as dqᵀ = kᵀ·dSᵀ.
 pub fn backward(
     q: &[f32],
     k: &[f32],
