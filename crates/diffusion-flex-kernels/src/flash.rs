@@ -80,11 +80,7 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> (Vec<f32>, Vec<f3
                         let mut q_copy = std::mem::take(&mut scratch.q_t);
                         let q_t = if rows == BLOCK {
                             let q_t = grown(&mut q_copy, d * BLOCK);
-                            for (i, q_row) in q[start * d..][..BLOCK * d].chunks_exact(d).enumerate() {
-                                for (j, &x) in q_row.iter().enumerate() {
-                                    q_t[j * BLOCK + i] = x;
-                                }
-                            }
+                            transpose_into(&q[start * d..][..BLOCK * d], d, q_t);
                             View::rows(q_t, BLOCK)
                         } else {
                             View::transposed(&q[start * d..], d)
@@ -549,7 +545,7 @@ fn add_residual(x: &[f32], projected: &[f32], weights: &BlockWeights, dims: Dims
 /// One task per sequence, a block of 64 queries at a time: P recomputed
 /// and dS made by [`rows_by_keys`] (gemm and a row pass without AVX2),
 /// dvᵀ and dkᵀ accumulated by gemm with len as the wide dimension, dq by
-/// [`ds_times_k`] where d ≤ 8, else by gemm as dqᵀ = kᵀ·dSᵀ.
+/// [`ds_times_k`] (dot products where d ≤ 8, else gemm as dqᵀ = kᵀ·dSᵀ).
 pub fn backward(
     q: &[f32],
     k: &[f32],
@@ -593,13 +589,9 @@ pub fn backward(
                 // (given k and v row-major it copies them into its panels
                 // for every block of queries).
                 let k_t = grown(&mut scratch.k_t, d * len);
+                transpose_into(k, d, k_t);
                 let v_t = grown(&mut scratch.v_t, d * len);
-                for (l, (k_row, v_row)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
-                    for j in 0..d {
-                        k_t[j * len + l] = k_row[j];
-                        v_t[j * len + l] = v_row[j];
-                    }
-                }
+                transpose_into(v, d, v_t);
                 let (k_t, v_t) = (&*k_t, &*v_t);
                 let mut start = 0;
                 while start < len {
@@ -615,13 +607,7 @@ pub fn backward(
                         *s = l * log2e;
                     }
                     let shift = &shift[..rows];
-                    if !rows_by_keys::<false>(p, (q_blk, k_t), blk, scale * log2e, shift, &[]) {
-                        let (q_blk, k_t) = (View::rows(q_blk, d), View::rows(k_t, len));
-                        matmul(p, rows, len, d, q_blk, k_t, scale * log2e, false);
-                        for (row, &s) in p.chunks_exact_mut(len).zip(shift) {
-                            exp2_shifted(row, s);
-                        }
-                    }
+                    rows_by_keys::<false>(p, (q_blk, k_t), blk, scale * log2e, shift, &[]);
                     // dvᵀ += dOᵀ·P
                     let do_t = View::transposed(do_blk, d);
                     matmul(dv_t, d, len, rows, do_t, View::rows(p, len), 1.0, start > 0);
@@ -632,44 +618,16 @@ pub fn backward(
                         *delta = dot(&d_o[r * d..][..d], &o[r * d..][..d]);
                     }
                     let delta = &delta[..rows];
-                    if !rows_by_keys::<true>(dp, (do_blk, v_t), blk, 1.0, delta, p) {
-                        matmul(
-                            dp,
-                            rows,
-                            len,
-                            d,
-                            View::rows(do_blk, d),
-                            View::rows(v_t, len),
-                            1.0,
-                            false,
-                        );
-                        for (i, &delta) in delta.iter().enumerate() {
-                            softmax_grad_row(&mut dp[i * len..][..len], &p[i * len..][..len], delta);
-                        }
-                    }
+                    rows_by_keys::<true>(dp, (do_blk, v_t), blk, 1.0, delta, p);
                     // dq = scale·dS·k (by dot products where d ≤ 8), else
                     // dqᵀ = scale·kᵀ·dSᵀ; then dkᵀ += scale·qᵀ·dS
-                    let dq_blk = &mut dq[start * d..][..rows * d];
-                    if !ds_times_k(dq_blk, dp, k_t, (rows, len, d), scale) {
-                        let dq_t = &mut dq_t[..d * rows];
-                        let ds_t = View::transposed(dp, len);
-                        matmul(dq_t, d, rows, len, View::rows(k_t, len), ds_t, scale, false);
-                        for (j, row) in dq_t.chunks_exact(rows).enumerate() {
-                            for (i, &g) in row.iter().enumerate() {
-                                dq_blk[i * d + j] = g;
-                            }
-                        }
-                    }
+                    ds_times_k(&mut dq[start * d..][..rows * d], dp, k_t, blk, scale, dq_t);
                     let q_t = View::transposed(&q[start * d..], d);
                     matmul(dk_t, d, len, rows, q_t, View::rows(dp, len), scale, start > 0);
                     start += rows;
                 }
-                for (j, (dk_row, dv_row)) in dk_t.chunks_exact(len).zip(dv_t.chunks_exact(len)).enumerate() {
-                    for (l, (&gk, &gv)) in dk_row.iter().zip(dv_row).enumerate() {
-                        dk[l * d + j] = gk;
-                        dv[l * d + j] = gv;
-                    }
-                }
+                transpose_into(dk_t, len, dk);
+                transpose_into(dv_t, len, dv);
             })
         });
     (dq, dk, dv)
@@ -685,7 +643,8 @@ pub fn backward(
 /// zero, then scaled by α. gemm wrote [rows, len] and the pass after it
 /// read and wrote it again; here each entry is written once, and the
 /// product (d = 8 to 64 multiply-adds per entry) skips gemm's packing and
-/// set-up. Returns false, touching nothing, on other CPUs.
+/// set-up. Without AVX2: gemm's product and the row pass. Returns whether
+/// the vector kernel ran.
 fn rows_by_keys<const GRAD: bool>(
     out: &mut [f32],
     (a, b_t): (&[f32], &[f32]),
@@ -710,8 +669,23 @@ fn rows_by_keys<const GRAD: bool>(
         }
         crate::SimdLevel::Baseline => {}
     }
-    // (Unused on other architectures.)
-    let _ = (out, a, b_t, rows, len, d, alpha, c, p);
+    matmul(
+        out,
+        rows,
+        len,
+        d,
+        View::rows(a, d),
+        View::rows(b_t, len),
+        alpha,
+        false,
+    );
+    for (i, (row, &c)) in out.chunks_exact_mut(len).zip(c).enumerate() {
+        if GRAD {
+            softmax_grad_row(row, &p[i * len..][..len], c);
+        } else {
+            exp2_shifted(row, c);
+        }
+    }
     false
 }
 
@@ -946,9 +920,11 @@ unsafe fn exp2_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), scale))
 }
 
-/// dq [rows, d] = scale · dS [rows, len] · k [len, d] for [`backward`],
-/// where d ≤ 8 and the CPU has AVX2 or AVX-512 (`k_t` is kᵀ [d, len]);
-/// returns false, touching nothing, elsewhere.
+/// dq [rows, d] = scale · dS [rows, len] · k [len, d] for [`backward`]
+/// (`k_t` is kᵀ [d, len]): by dot products where d ≤ 8 and the CPU has
+/// AVX2 or AVX-512, else by gemm as dqᵀ = scale · kᵀ · dSᵀ into `dq_t`
+/// (scratch of d·rows floats) and transposed. Returns whether the dot
+/// products ran.
 ///
 /// The other products of the backward pass have len as the wide dimension
 /// of their output; this one's output is only d wide. gemm computes it as
@@ -965,6 +941,7 @@ fn ds_times_k(
     k_t: &[f32],
     (rows, len, d): (usize, usize, usize),
     scale: f32,
+    dq_t: &mut [f32],
 ) -> bool {
     assert!(dq.len() == rows * d && ds.len() == rows * len && k_t.len() == len * d);
     #[cfg(target_arch = "x86_64")]
@@ -983,9 +960,30 @@ fn ds_times_k(
             crate::SimdLevel::Baseline => {}
         }
     }
-    // (Unused on other architectures.)
-    let _ = (dq, ds, k_t, rows, len, d, scale);
+    let dq_t = &mut dq_t[..d * rows];
+    matmul(
+        dq_t,
+        d,
+        rows,
+        len,
+        View::rows(k_t, len),
+        View::transposed(ds, len),
+        scale,
+        false,
+    );
+    transpose_into(dq_t, rows, dq);
     false
+}
+
+/// dst [cols, rows] = srcᵀ, for src [rows, cols] row-major (rows =
+/// src.len() / cols).
+fn transpose_into(src: &[f32], cols: usize, dst: &mut [f32]) {
+    let rows = src.len() / cols;
+    for (i, row) in src.chunks_exact(cols).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            dst[j * rows + i] = x;
+        }
+    }
 }
 
 /// [`ds_times_k`] with AVX-512: tiles of 4 rows of dS by 4 rows of kᵀ
@@ -1783,14 +1781,10 @@ mod tests {
             let ds: Vec<f32> = (0..rows * len).map(|_| next()).collect();
             let k: Vec<f32> = (0..len * d).map(|_| next()).collect();
             let mut k_t = vec![0f32; d * len];
-            for l in 0..len {
-                for j in 0..d {
-                    k_t[j * len + l] = k[l * d + j];
-                }
-            }
+            transpose_into(&k, d, &mut k_t);
             let scale = 0.25;
             let mut ours = vec![0f32; rows * d];
-            let taken = ds_times_k(&mut ours, &ds, &k_t, dims, scale);
+            let taken = ds_times_k(&mut ours, &ds, &k_t, dims, scale, &mut vec![0f32; d * rows]);
             let simd = cfg!(target_arch = "x86_64") && crate::simd_level() != crate::SimdLevel::Baseline;
             assert_eq!(taken, d <= 8 && simd, "{dims:?}: taken");
             if !taken {
