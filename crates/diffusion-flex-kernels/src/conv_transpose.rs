@@ -169,6 +169,15 @@ pub(crate) fn forward(
     let (xs, ws) = (f32s(x), f32s(weight));
     let bs = bias.map(f32s);
     let (hw, taps) = (h * w, cout * kh * kw);
+    // Each tap column j's input columns lo..hi, those with 0 ≤ x·s₁ + j − p
+    // < wo, found once so that the col2im below tests no value on its own.
+    let spans: Vec<(usize, usize)> = (0..kw)
+        .map(|j| {
+            let lo = p[1].saturating_sub(j).div_ceil(s[1]);
+            let hi = (wo + p[1]).saturating_sub(j).div_ceil(s[1]).min(w);
+            (lo.min(hi), hi)
+        })
+        .collect();
     let (out, _) = par_new_chunks(b * cout * ho * wo, cout * ho * wo, |bi, out| {
         with_scratch(|cols: &mut Vec<f32>| {
             let cols = grown(cols, taps * hw);
@@ -178,17 +187,19 @@ pub(crate) fn forward(
             for (co, plane) in out.chunks_exact_mut(ho * wo).enumerate() {
                 plane.fill(bs.map_or(0.0, |bs| bs[co]));
                 for i in 0..kh {
-                    for j in 0..kw {
+                    for (j, &(lo, hi)) in spans.iter().enumerate() {
+                        if lo == hi {
+                            continue;
+                        }
                         let col = &cols[((co * kh + i) * kw + j) * hw..][..hw];
                         for y in 0..h {
                             let Some(oy) = (y * s[0] + i).checked_sub(p[0]).filter(|&oy| oy < ho) else {
                                 continue;
                             };
-                            let row = &mut plane[oy * wo..][..wo];
-                            for (x, &v) in col[y * w..][..w].iter().enumerate() {
-                                if let Some(ox) = (x * s[1] + j).checked_sub(p[1]).filter(|&ox| ox < wo) {
-                                    row[ox] += v;
-                                }
+                            // Input columns lo..hi land s₁ apart from lo·s₁ + j − p on.
+                            let row = &mut plane[oy * wo + lo * s[1] + j - p[1]..(oy + 1) * wo];
+                            for (o, &v) in row.iter_mut().step_by(s[1]).zip(&col[y * w + lo..y * w + hi]) {
+                                *o += v;
                             }
                         }
                     }
@@ -270,7 +281,9 @@ mod tests {
         let device = Default::default();
         // The U-Net's up convs (3→7 stride 3, 7→14 and 14→28 stride 2 with
         // output padding 1), then odd shapes: no padding, unequal strides,
-        // a 2x4 kernel, padding that crops past a whole input row.
+        // a 2x4 kernel, padding that crops past a whole input row, and a
+        // one-column input whose padding leaves taps j = 0 and 1 no output
+        // column (wo = 1, only j = 2 reaches it).
         let cases = [
             ([128, 64], [3, 3], [3, 3], [1, 1], [0, 0], [3, 3]),
             ([64, 32], [3, 3], [2, 2], [1, 1], [1, 1], [7, 7]),
@@ -278,6 +291,7 @@ mod tests {
             ([5, 3], [3, 3], [1, 1], [0, 0], [0, 0], [4, 6]),
             ([4, 6], [2, 4], [2, 3], [1, 2], [1, 0], [5, 3]),
             ([3, 2], [3, 3], [1, 1], [2, 2], [0, 0], [6, 5]),
+            ([2, 3], [3, 5], [1, 2], [1, 2], [0, 0], [4, 1]),
         ];
         for (channels, kernel, stride, padding, padding_out, [h, w]) in cases {
             let conv = ConvTranspose2dConfig::new(channels, kernel)
