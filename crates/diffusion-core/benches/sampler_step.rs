@@ -3,6 +3,9 @@
 //!
 //!     cargo bench -p diffusion-core
 
+// `criterion_group!` defines a public function it gives no doc comment.
+#![allow(missing_docs)]
+
 use burn::backend::Flex;
 use burn::tensor::{Distribution, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};

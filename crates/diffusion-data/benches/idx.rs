@@ -4,6 +4,9 @@
 //!
 //! `cargo bench -p diffusion-data --bench idx`
 
+// `criterion_group!` defines a public function it gives no doc comment.
+#![allow(missing_docs)]
+
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

@@ -3,6 +3,9 @@
 //!
 //! `cargo bench -p diffusion-data --bench loader`
 
+// `criterion_group!` defines a public function it gives no doc comment.
+#![allow(missing_docs)]
+
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -3,6 +3,9 @@
 //!
 //!     cargo bench -p diffusion-flex-kernels --features unet
 
+// `criterion_group!` defines a public function it gives no doc comment.
+#![allow(missing_docs)]
+
 use burn::backend::{Autodiff, Flex};
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::PaddingConfig2d;

@@ -233,10 +233,10 @@ fn forward_saving(x: &[f32], gn: &[f32], weights: &BlockWeights, dims: Dims) -> 
 struct BlockGrads {
     /// ∂gn [batch, d, len].
     gn: Vec<f32>,
-    /// ∂Wqkv [d, 3d] and ∂bqkv [3d].
+    /// ∂Wqkv [d, 3d] and ∂bqkv \[3d\].
     w_qkv: Vec<f32>,
     b_qkv: Vec<f32>,
-    /// ∂Wo [d, d] and ∂bo [d].
+    /// ∂Wo [d, d] and ∂bo \[d\].
     w_out: Vec<f32>,
     b_out: Vec<f32>,
 }

@@ -1019,7 +1019,7 @@ fn is_depthwise(x: &FlexTensor, weight: &FlexTensor, options: &ConvOptions<2>) -
         && options.dilation == [1, 1]
 }
 
-/// Σ over batch, height and width, per channel: [B, C, H, W] → [C].
+/// Σ over batch, height and width, per channel: [B, C, H, W] → \[C\].
 pub(crate) fn channel_sums(grad: &FlexTensor) -> FlexTensor {
     let [b, c, h, w] = dims4(grad);
     let g = grad.as_slice::<f32>().expect("contiguous f32 gradient");
@@ -1308,7 +1308,7 @@ vectorised! {
     }
 }
 
-/// out[k] = src[idx[k]], 16 at a time with AVX-512's gather (the
+/// out\[k\] = src\[idx\[k\]\], 16 at a time with AVX-512's gather (the
 /// portable loop compiles to one bounds-checked scalar load per value).
 ///
 /// # Safety
@@ -1339,7 +1339,7 @@ unsafe fn gather_avx512(out: &mut [f32], src: &[f32], idx: &[u32]) {
     }
 }
 
-/// out[k] = src[idx[k]], 8 at a time with AVX2's gather, the last
+/// out\[k\] = src\[idx\[k\]\], 8 at a time with AVX2's gather, the last
 /// values one by one.
 ///
 /// # Safety
@@ -1366,7 +1366,7 @@ unsafe fn gather_avx2(out: &mut [f32], src: &[f32], idx: &[u32]) {
     }
 }
 
-/// out[k] = src[idx[k]], with the CPU's gather instruction (AVX-512 or
+/// out\[k\] = src\[idx\[k\]\], with the CPU's gather instruction (AVX-512 or
 /// AVX2; on the baseline tier one value at a time).
 ///
 /// # Safety
@@ -1386,7 +1386,7 @@ pub(crate) unsafe fn gather_into(out: &mut [f32], src: &[f32], idx: &[u32]) {
 }
 
 vectorised! {
-    /// out[k] = src[idx[k]].
+    /// out\[k\] = src\[idx\[k\]\].
     fn gather(out: &mut [f32], src: &[f32], idx: &[u32]) -> () {
         for (o, &i) in out.iter_mut().zip(idx) {
             *o = src[i as usize];
@@ -1520,7 +1520,7 @@ fn depthwise_weight_grad(
 }
 
 vectorised! {
-    /// acc[i·kw + j] += g · padded[i·r + j ..][..g.len()] for every tap.
+    /// `acc[i·kw + j] += g · padded[i·r + j ..][..g.len()]` for every tap.
     fn depthwise_tap_sums(g: &[f32], padded: &[f32], geometry: [usize; 3], acc: &mut [f32]) -> () {
         let [kh, kw, r] = geometry;
         for i in 0..kh {

@@ -10,7 +10,7 @@
 //! U = G·g·Gᵀ the transformed 3x3 filter g (once per conv call), the
 //! output block is Aᵀ·(Σ over input channels U ⊙ V)·A; the sum over input
 //! channels is, for each of the 36 positions ξ of the 6x6 transform, one
-//! matrix product M[ξ] [cout, tiles] = U[ξ] [cout, cin] · V[ξ] [cin, tiles]
+//! matrix product M\[ξ\] [cout, tiles] = U\[ξ\] [cout, cin] · V\[ξ\] [cin, tiles]
 //! over the tiles of a group of images.
 //!
 //! The matrices come from the interpolation points 0, −1, 1, ½, −2 and ∞
@@ -86,7 +86,7 @@ pub(crate) struct Winograd {
     th: usize,
     tw: usize,
     /// U [cout, 36, cin]: position ξ = 6·i + j of every transformed
-    /// filter (U[ξ] is the [cout, cin] matrix at stride 36·cin).
+    /// filter (U\[ξ\] is the [cout, cin] matrix at stride 36·cin).
     u: Vec<f32>,
     /// The six columns c of the tiles' patches, row by row of the padded
     /// plane, the rows sorted by their remainder mod 4: at ((4·c + py mod
@@ -310,7 +310,7 @@ fn at_times<const FMA: bool>([x0, x1, x2, x3, x4, x5]: [f32; P]) -> [f32; M] {
 /// AVX-512 vector, two AVX2 ones.
 const L: usize = 16;
 
-/// dst[to[j] + i] = f(src[at[·] + i])[j] for every i < len: one pass over
+/// dst\[to\[j\] + i\] = f(src[at[·] + i])\[j\] for every i < len: one pass over
 /// the values, six inputs and `J` outputs at a time, [`L`] values a step
 /// in fixed-size arrays, which the compiler turns into vectors (an index
 /// loop over six slices stayed scalar, and arrays of six slices built per

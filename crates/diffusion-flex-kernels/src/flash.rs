@@ -402,7 +402,7 @@ struct Scratch {
 }
 
 /// The weights of one attention block, as slices: `w_qkv` [d, 3d] and
-/// `w_out` [d, d] (burn's Linear layout, [in, out]), biases [3d] and [d].
+/// `w_out` [d, d] (burn's Linear layout, [in, out]), biases \[3d\] and \[d\].
 pub struct BlockWeights<'a> {
     pub w_qkv: &'a [f32],
     pub b_qkv: Option<&'a [f32]>,

@@ -108,7 +108,7 @@ impl Backward<Flex, 3> for GroupNormBackward {
     }
 }
 
-/// y = (x − mean)·rstd·γ[c] + β[c] over each (sample, group); returns y and
+/// y = (x − mean)·rstd·γ\[c\] + β\[c\] over each (sample, group); returns y and
 /// the statistics.
 fn group_norm_forward(
     x: &FlexTensor,
@@ -182,7 +182,7 @@ fn stats(x: &[f32], epsilon: f64) -> (f32, f32) {
 }
 
 /// With x̂ = (x − mean)·rstd and the group means ⟨·⟩:
-/// ∂x = rstd·(γ·dy − ⟨γ·dy⟩ − x̂·⟨γ·dy·x̂⟩), ∂γ[c] = Σ dy·x̂, ∂β[c] = Σ dy.
+/// ∂x = rstd·(γ·dy − ⟨γ·dy⟩ − x̂·⟨γ·dy·x̂⟩), ∂γ\[c\] = Σ dy·x̂, ∂β\[c\] = Σ dy.
 fn group_norm_backward(st: &GroupNormState, grad: &FlexTensor) -> (FlexTensor, Vec<f32>, Vec<f32>) {
     let shape = st.x.layout().shape().clone();
     let (b, c) = (shape[0], shape[1]);

@@ -4,6 +4,9 @@
 //!
 //!     cargo bench -p diffusion-model
 
+// `criterion_group!` defines a public function it gives no doc comment.
+#![allow(missing_docs)]
+
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};

@@ -690,9 +690,13 @@ mod cluster {
     }
 }
 
-/// The hook [`Fit::on_replica_error`] installs.
+/// What `Fit::on_replica_error` is given: called with the replica's
+/// index and its error.
+type ReplicaErrorFn = dyn Fn(usize, &FitError) + Send + Sync;
+
+/// The hook `Fit::on_replica_error` installs.
 #[derive(Clone, Default)]
-pub(crate) struct ReplicaErrorHook(Option<Arc<dyn Fn(usize, &FitError) + Send + Sync>>);
+pub(crate) struct ReplicaErrorHook(Option<Arc<ReplicaErrorFn>>);
 
 impl std::fmt::Debug for ReplicaErrorHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

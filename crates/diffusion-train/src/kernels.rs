@@ -69,7 +69,7 @@ impl AdamStep {
 /// p ← p − ((m·c) / (√v + e))·lr with `(c, e)` = [`AdamStep::factors`].
 ///
 /// # Shapes
-/// - every tensor: [n]
+/// - every tensor: `[n]`
 pub type AdamStepFn<B> =
     fn(Tensor<B, 1>, Tensor<B, 1>, Option<(Tensor<B, 1>, Tensor<B, 1>)>, &AdamStep) -> AdamOutput<B>;
 
@@ -81,7 +81,7 @@ pub type AdamOutput<B> = (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>);
 /// per element, with d and 1 − d (computed in f64) rounded to f32.
 ///
 /// # Shapes
-/// - `target`, `source`: [n]; returns [n]
+/// - `target`, `source`: `[n]`; returns `[n]`
 pub type BlendFn<B> = fn(Tensor<B, 1>, Tensor<B, 1>, f64) -> Tensor<B, 1>;
 
 /// The replaceable kernels of one backend type (the backend the optimizer

@@ -199,8 +199,8 @@ where
     };
     model.visit(&mut squares);
     let norm = squares.sum.map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt());
-    if !(norm > max_norm) {
-        // Within the bound, or not finite (the loss check reports that).
+    if norm.partial_cmp(&max_norm) != Some(std::cmp::Ordering::Greater) {
+        // Within the bound, or NaN (the loss check reports that).
         return (grads, norm);
     }
     let mut scale = Scale::<B::InnerBackend> {

@@ -203,6 +203,9 @@ impl Task for TrainTask {
     }
 }
 
+/// One trainer of the U-Net per device.
+type Trainers<B> = Vec<Trainer<B, UNet<B>>>;
+
 /// One trainer per device, each from the same seeded initialisation and,
 /// on a resume, the same checkpoint (built in turn: the initialisation
 /// draws from the backend's generator). `None` when the run is already
@@ -216,7 +219,7 @@ fn build_trainers<B: AutodiffBackend>(
     cpu: bool,
     resume: bool,
     run_dir: &Path,
-) -> Result<Option<Vec<Trainer<B, UNet<B>>>>> {
+) -> Result<Option<Trainers<B>>> {
     // Every replica starts from the same weights: the same seeded
     // initialisation, or the same checkpoint. Built here in turn (the
     // initialisation draws from the backend's generator).

@@ -166,7 +166,8 @@ impl SamplerConfig {
     /// The clip range and η checked; returns η where the kind has one.
     fn check_parameters(&self) -> Result<Option<f64>, CoreError> {
         if let Clip::Range(lo, hi) = self.clip {
-            if !(lo < hi) {
+            // Unordered bounds (a NaN) fail as well as lo ≥ hi.
+            if lo.partial_cmp(&hi) != Some(std::cmp::Ordering::Less) {
                 return Err(CoreError::InvalidSampler(format!(
                     "clip range must have lo < hi, got [{lo}, {hi}]"
                 )));
@@ -209,7 +210,7 @@ impl SamplerConfig {
 #[derive(Debug, Clone)]
 pub(crate) struct Steps {
     timesteps: Vec<usize>,
-    /// ᾱ(t[i]) for each timestep.
+    /// ᾱ(t\[i\]) for each timestep.
     alpha_bar: Vec<f64>,
     clip: Clip,
 }
@@ -224,7 +225,7 @@ impl Steps {
         }
     }
 
-    /// (ᾱ at t[i], ᾱ at t[i+1]).
+    /// (ᾱ at t\[i\], ᾱ at t\[i+1\]).
     pub(crate) fn alpha_bars(&self, i: usize) -> (f64, f64) {
         (self.alpha_bar[i], self.alpha_bar[i + 1])
     }

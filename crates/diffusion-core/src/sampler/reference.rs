@@ -1,7 +1,7 @@
 //! The reference notebook's sampler, kept exactly (SPEC.md, "Sampling, as
 //! the reference does it").
 //!
-//! With a = ᾱ(t[i]), a' = ᾱ(t[i+1]):
+//! With a = ᾱ(t\[i\]), a' = ᾱ(t\[i+1\]):
 //! β = clip((1 − a/a')·(1 − a')/(1 − a), 0, 0.999),
 //! x ← (x − β·ε̂/√(1 − a))/√(1 − β), then x += √β·√η·z when η > 0.
 //!
