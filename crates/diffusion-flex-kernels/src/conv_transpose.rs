@@ -282,8 +282,8 @@ mod tests {
         // The U-Net's up convs (3→7 stride 3, 7→14 and 14→28 stride 2 with
         // output padding 1), then odd shapes: no padding, unequal strides,
         // a 2x4 kernel, padding that crops past a whole input row, and a
-        // one-column input whose padding leaves taps j = 0 and 1 no output
-        // column (wo = 1, only j = 2 reaches it).
+        // one-column input under a 3x5 kernel whose padding leaves every
+        // tap column but j = 2 without an output column (wo = 1).
         let cases = [
             ([128, 64], [3, 3], [3, 3], [1, 1], [0, 0], [3, 3]),
             ([64, 32], [3, 3], [2, 2], [1, 1], [1, 1], [7, 7]),
