@@ -1404,8 +1404,9 @@ const GRID_MULTIPLE: usize = 16;
 const IM2COL_POSITIONS: usize = 64;
 
 /// Output columns (images × positions) one task of [`Ungrouped::run_im2col`]
-/// aims for: enough for gemm's widest tiles.
-const IM2COL_COLUMNS: usize = 256;
+/// (and of the transposed conv's product) aims for: enough for gemm's
+/// widest tiles.
+pub(crate) const IM2COL_COLUMNS: usize = 256;
 
 /// The size of the groups `items` are split into for parallel tasks,
 /// near `want` (at least 1) but in a number of groups that is a multiple
