@@ -169,19 +169,10 @@ pub(crate) fn forward(
     if cin_w != cin {
         return None;
     }
-    let (s, p) = (opts.stride, opts.padding);
     let (xs, ws) = (f32s(x), f32s(weight));
     let bs = bias.map(f32s);
     let (hw, taps) = (h * w, cout * kh * kw);
-    // Each tap column j's input columns lo..hi, those with 0 ≤ x·s₁ + j − p
-    // < wo, found once so that the col2im below tests no value on its own.
-    let spans: Vec<(usize, usize)> = (0..kw)
-        .map(|j| {
-            let lo = p[1].saturating_sub(j).div_ceil(s[1]);
-            let hi = (wo + p[1]).saturating_sub(j).div_ceil(s[1]).min(w);
-            (lo.min(hi), hi)
-        })
-        .collect();
+    let col2im = Col2im::new([h, w], [ho, wo], [kh, kw], opts);
     // Images per task: on small planes one product for several images, so
     // that gemm gets enough columns for its widest tiles (9 per image at
     // 3x3 filled 9 of 16 lanes).
@@ -209,31 +200,77 @@ pub(crate) fn forward(
             matmul(cols, taps, n, cin, View::transposed(ws, taps), xb, 1.0, false);
             for (g, image) in out.chunks_exact_mut(per_image).enumerate() {
                 for (co, plane) in image.chunks_exact_mut(ho * wo).enumerate() {
-                    plane.fill(bs.map_or(0.0, |bs| bs[co]));
-                    for i in 0..kh {
-                        for (j, &(lo, hi)) in spans.iter().enumerate() {
-                            if lo == hi {
-                                continue;
-                            }
-                            let col = &cols[((co * kh + i) * kw + j) * n + g * hw..][..hw];
-                            for y in 0..h {
-                                let Some(oy) = (y * s[0] + i).checked_sub(p[0]).filter(|&oy| oy < ho) else {
-                                    continue;
-                                };
-                                // Input columns lo..hi land s₁ apart from lo·s₁ + j − p on.
-                                let row = &mut plane[oy * wo + lo * s[1] + j - p[1]..(oy + 1) * wo];
-                                for (o, &v) in row.iter_mut().step_by(s[1]).zip(&col[y * w + lo..y * w + hi])
-                                {
-                                    *o += v;
-                                }
-                            }
-                        }
-                    }
+                    let bias = bs.map_or(0.0, |bs| bs[co]);
+                    col2im.add(plane, bias, |i, j| {
+                        &cols[((co * kh + i) * kw + j) * n + g * hw..][..hw]
+                    });
                 }
             }
         })
     });
     Some(FlexTensor::from_data(TensorData::new(out, [b, cout, ho, wo])))
+}
+
+/// The col2im of a transposed conv, one output plane at a time.
+struct Col2im {
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    kh: usize,
+    opts: Options,
+    /// Each tap column j's input columns lo..hi, those with
+    /// 0 ≤ x·s₁ + j − p₁ < wo, found once so that [`Col2im::add`] tests no
+    /// value on its own.
+    spans: Vec<(usize, usize)>,
+}
+
+impl Col2im {
+    fn new([h, w]: [usize; 2], [ho, wo]: [usize; 2], [kh, kw]: [usize; 2], opts: Options) -> Self {
+        let (s, p) = (opts.stride[1], opts.padding[1]);
+        let spans = (0..kw)
+            .map(|j| {
+                let lo = p.saturating_sub(j).div_ceil(s);
+                let hi = (wo + p).saturating_sub(j).div_ceil(s).min(w);
+                (lo.min(hi), hi)
+            })
+            .collect();
+        Col2im {
+            h,
+            w,
+            ho,
+            wo,
+            kh,
+            opts,
+            spans,
+        }
+    }
+
+    /// `plane` [ho, wo] = `bias`, then tap (i, j)'s values `tap(i, j)`
+    /// [h, w] added at (y·s₀ + i − p₀, x·s₁ + j − p₁), taps in (i, j) order.
+    fn add<'c>(&self, plane: &mut [f32], bias: f32, tap: impl Fn(usize, usize) -> &'c [f32]) {
+        let Col2im { h, w, ho, wo, .. } = *self;
+        let (s, p) = (self.opts.stride, self.opts.padding);
+        plane.fill(bias);
+        for i in 0..self.kh {
+            for (j, &(lo, hi)) in self.spans.iter().enumerate() {
+                if lo == hi {
+                    continue;
+                }
+                let col = tap(i, j);
+                for y in 0..h {
+                    let Some(oy) = (y * s[0] + i).checked_sub(p[0]).filter(|&oy| oy < ho) else {
+                        continue;
+                    };
+                    // Input columns lo..hi land s₁ apart from lo·s₁ + j − p₁ on.
+                    let row = &mut plane[oy * wo + lo * s[1] + j - p[1]..(oy + 1) * wo];
+                    for (o, &v) in row.iter_mut().step_by(s[1]).zip(&col[y * w + lo..y * w + hi]) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
